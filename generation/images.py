@@ -1,0 +1,108 @@
+"""Reading image files from disk: the one place that turns a path into pixels.
+
+Everything the user hands us (archive images, masks, sketches) passes through here, so every
+failure becomes an `InputError` whose message says what is wrong and what to do about it.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+# Beyond this many pixels per side we refuse to decode: a sketch or archive image that large is a
+# mistake (or a decompression bomb), and decoding it would take gigabytes.
+MAX_SIDE = 8192
+
+
+class InputError(ValueError):
+    """A problem with something the user supplied. The message is one line saying what to do."""
+
+
+def open_image(path: str | Path) -> Image.Image:
+    """Open and fully decode an image file, turning every failure into an `InputError`."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such file; check the path")
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder, expected an image file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(path)
+            width, height = image.size
+            if max(width, height) > MAX_SIDE:
+                raise InputError(
+                    f"{path}: {width}x{height} pixels is over the {MAX_SIDE}-pixel limit per side; "
+                    "downscale the image first"
+                )
+            image.load()
+    except InputError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise InputError(f"{path}: too many pixels to decode safely; downscale the image first")
+    except UnidentifiedImageError:
+        raise InputError(f"{path}: not an image PIL can read (PNG, JPEG, TIFF, BMP, ...)")
+    except (OSError, SyntaxError, ValueError) as error:
+        # PIL reports truncated or corrupt data as OSError ("image file is truncated", ...).
+        raise InputError(f"{path}: corrupt or truncated image ({error}); re-export the file")
+    return image
+
+
+def to_float_channels(image: Image.Image) -> tuple[np.ndarray, np.ndarray | None]:
+    """Pixels as float32 in [0, 1], shape (H, W, C) with C in {1, 3}, plus alpha (H, W) or None.
+
+    Handles 1-bit, 8-bit, 16-bit and 32-bit integer/float grayscale, palette and colour modes.
+    """
+    alpha = None
+    if image.mode == "P":
+        image = image.convert("RGBA") if "transparency" in image.info else image.convert("RGB")
+    if image.mode in ("RGBA", "LA", "PA"):
+        alpha = np.asarray(image.getchannel("A"), dtype=np.float32) / 255.0
+        image = image.convert("RGB" if image.mode == "RGBA" else "L")
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        values = np.asarray(image, dtype=np.float32)
+        if image.mode.startswith("I;16"):
+            scale = 65535.0
+        else:
+            low, high = float(values.min()), float(values.max())
+            values, scale = values - low, max(high - low, 1e-6)
+        return (values / scale)[..., None], alpha
+    if image.mode not in ("L", "RGB"):
+        image = image.convert("RGB")
+    values = np.asarray(image, dtype=np.float32) / 255.0
+    if values.ndim == 2:
+        values = values[..., None]
+    return values, alpha
+
+
+def load_rgb(path: str | Path) -> np.ndarray:
+    """An image file as uint8 RGB, shape (H, W, 3). 16-bit and grayscale inputs are converted."""
+    values, _ = to_float_channels(open_image(path))
+    if values.shape[2] == 1:
+        values = np.repeat(values, 3, axis=2)
+    return np.clip(np.rint(values * 255.0), 0, 255).astype(np.uint8)
+
+
+def load_mask(path: str | Path) -> np.ndarray:
+    """A class-index label map as uint8 (H, W); 0 is background/void."""
+    image = open_image(path)
+    if image.mode not in ("L", "P", "I", "I;16", "1"):
+        raise InputError(f"{path}: a mask must be a single-channel class-index image, got mode {image.mode}")
+    mask = np.asarray(image)
+    if mask.max(initial=0) > 255:
+        raise InputError(f"{path}: class indices above 255 are not supported")
+    return mask.astype(np.uint8)
+
+
+def find_images(root: str | Path) -> list[Path]:
+    """Every image file under `root` (recursively), sorted; `root` may also be a single file."""
+    root = Path(root)
+    if not root.exists():
+        raise InputError(f"{root}: no such file or folder")
+    if root.is_file():
+        return [root]
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
