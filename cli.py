@@ -29,6 +29,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="Sketch-based medical image retrieval with the Sketch2MedI generator.",
 )
+train_app = typer.Typer(no_args_is_help=True, help="Train the networks (each writes safetensors + JSON into a bundle folder).")
+app.add_typer(train_app, name="train")
 
 
 def progress_bar():

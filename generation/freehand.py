@@ -1,0 +1,509 @@
+"""Simulated free-hand sketches: what a clinician draws after looking at an image.
+
+The synthesized sketch (`generation.sketch.sketch_from_mask`) is a perfect trace of the
+segmentation. A person draws from memory of the image: the whole drawing is a little displaced,
+bent and rescaled, outlines are simplified and wobble, loops do not close exactly, the pen
+pressure varies, and now and then an object is left out, two neighbours are drawn as one, or
+something is added. `freehand_sketch` reproduces this in four stages:
+
+    instances (`mask_instances`)      -> object edits (drop / merge / add)
+    contour strokes (`contour_strokes`) -> stroke perturbations -> global deformation
+    rendering                          (`draw_strokes` at strength 0, else variable width/pressure)
+
+Every effect is scaled by `strength` in [0, 1]: probabilities are `strength * p` and magnitudes
+are `strength * m`, with `p` and `m` the fields of `HandParameters` (values at strength 1).
+Lengths are fractions of the sketch side `size = max(H, W)`. At strength 0 every effect is the
+identity and the strokes are drawn with `draw_strokes`, so the result is byte-identical to the
+synthesized sketch. Strength 1 is a sloppy but recognisable drawing. The random numbers are drawn
+in a fixed pattern before the strength is applied, so for one seed a higher strength makes
+largely the same choices, only larger and more often.
+Defaults (the `HandParameters` fields) at 256 px: wobble 2.6 px, elastic 7.7 px, shift 7.7 px std,
+rotation 5 degrees std, smoothing sigma 3.8 px, overshoot or gap up to 9 px.
+
+Object edits (on the instance masks, before contours are taken):
+  merge_p       probability that a small instance (under `small_area` of the image) is merged with a
+                neighbour closer than `merge_gap`: the pair is drawn as one outline (union closed
+                over the gap), the border between them is lost.
+  drop_p        probability that a small instance is left out (its borders shared with others stay).
+  extra_p       probability of one extra object: a small ellipse, radius `extra_radius` (range),
+                somewhere on the drawn anatomy.
+Stroke perturbations (per contour, along its arc length):
+  simplify      polygon simplification tolerance (skimage `approximate_polygon`): small detail lost.
+  smooth        Gaussian smoothing of the outline along its length (sigma): a hand draws round curves.
+  wobble        displacement by a smooth random vector field of std `wobble` and correlation length
+                `wobble_length`: the outline drifts in and out of the true contour. A field over the
+                image rather than noise per contour, so a border shared by two regions (drawn by
+                both contours) moves as one line instead of splitting into two.
+  tremor        normal displacement by noise along each stroke, std `tremor`, correlation length
+                `tremor_length`: small fast shakes of the pen.
+  split_p       probability of drawing a contour as 2 strokes (and `split_p / 2` for 3) instead of 1.
+  end_offset    arc length each stroke end runs past (overshoot) or stops short of (gap) where it
+                should meet the next; drawn uniformly from [-0.6, 1] * end_offset.
+  end_drift     sideways drift (std) accumulated by each stroke's end, so ends miss each other.
+Global deformation (of all points together):
+  elastic       amplitude of a smooth displacement field (sum of low-frequency sine waves).
+  rotation      std of the rotation in degrees, about the image centre.
+  scale         std of the relative scale change.
+  shift         std of the translation along each axis.
+Rendering (4x supersampled discs, averaged down; paper stays exactly 255):
+  width_var     std of the log stroke width per stroke (mean width `line_width(size)`).
+  width_wave    relative variation of width along a stroke.
+  pressure_var  how much lighter (grey instead of black) a stroke can be, per stroke and along it.
+  taper         how much width and pressure fade over the first and last `taper_length` of a stroke.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+from scipy import ndimage
+from skimage.measure import approximate_polygon
+
+from generation.images import InputError, find_images, load_mask
+from generation.sketch import PAPER, contour_strokes, draw_strokes, line_width, mask_instances
+
+
+@dataclass(frozen=True)
+class HandParameters:
+    """Effect sizes at strength 1; lengths as fractions of the sketch side. See the module docstring."""
+
+    merge_p: float = 0.1
+    merge_gap: float = 0.03
+    drop_p: float = 0.1
+    small_area: float = 0.08
+    extra_p: float = 0.25
+    extra_radius: tuple[float, float] = (0.025, 0.06)
+    simplify: float = 0.004
+    smooth: float = 0.015
+    wobble: float = 0.01
+    wobble_length: float = 0.06
+    tremor: float = 0.0015
+    tremor_length: float = 0.006
+    split_p: float = 0.6
+    end_offset: float = 0.035
+    end_drift: float = 0.012
+    elastic: float = 0.03
+    rotation: float = 5.0
+    scale: float = 0.06
+    shift: float = 0.03
+    width_var: float = 0.3
+    width_wave: float = 0.3
+    pressure_var: float = 0.4
+    taper: float = 0.6
+    taper_length: float = 0.03
+
+
+HAND = HandParameters()
+PointMap = Callable[[np.ndarray], np.ndarray]  # (N, 2) (x, y) points -> moved points
+SUPERSAMPLE = 4
+MAX_MASK_VALUES = 128  # more distinct values than this is a grayscale picture, not a label map
+
+
+@dataclass
+class Stroke:
+    """One pen stroke: (x, y) points and, for rendering, width (px) and pressure (0-1) per point."""
+
+    points: np.ndarray
+    width: np.ndarray | None = None
+    pressure: np.ndarray | None = None
+
+
+def freehand_sketch(
+    mask: np.ndarray, strength: float, rng: np.random.Generator | int, hand: HandParameters = HAND
+) -> np.ndarray:
+    """A simulated free-hand sketch of a class-index mask (H, W): uint8 (H, W), black on white.
+
+    Strength 0 gives exactly `sketch_from_mask(mask)`; strength 1 a sloppy but recognisable drawing.
+    """
+    if not 0.0 <= strength <= 1.0:
+        raise ValueError(f"strength must be in [0, 1], got {strength}")
+    rng = np.random.default_rng(rng)
+    # Independent streams per stage, so one stage's random choices do not shift another's.
+    streams = rng.integers(0, 2**63, 5)
+    object_rng, field_rng, stroke_rng, global_rng, render_rng = (np.random.default_rng(s) for s in streams)
+    height, width = mask.shape
+    size = max(height, width)
+    instances = [m for _, m in mask_instances(mask)]
+    if not instances:
+        return np.full(mask.shape, PAPER, dtype=np.uint8)
+    instances = edit_objects(instances, strength, object_rng, hand)
+    contours = [c for instance in instances for c in contour_strokes(instance)]
+    if strength == 0.0:
+        return draw_strokes(contours, height, width)
+    wobble = smooth_field(height, width, strength * hand.wobble * size, hand.wobble_length * size, field_rng)
+    # One generator per contour: how one contour's noise is drawn never shifts another's choices.
+    contour_rngs = [np.random.default_rng(s) for s in stroke_rng.integers(0, 2**63, len(contours))]
+    strokes = [s for c, r in zip(contours, contour_rngs) for s in perturb_contour(c, size, strength, r, wobble, hand)]
+    deform = global_deformation(height, width, strength, global_rng, hand)
+    for stroke in strokes:
+        stroke.points = deform(stroke.points)
+    set_width_and_pressure(strokes, size, strength, render_rng, hand)
+    return render_strokes(strokes, height, width)
+
+
+# ---------------------------------------------------------------------------------------------
+# Object edits
+
+
+def edit_objects(
+    instances: list[np.ndarray], strength: float, rng: np.random.Generator, hand: HandParameters = HAND
+) -> list[np.ndarray]:
+    """Merge neighbours, drop instances and add one extra blob, each with probability ~ strength."""
+    if strength == 0.0:
+        return instances
+    height, width = instances[0].shape
+    size = max(height, width)
+    # Random numbers are drawn up front in a fixed pattern, so a seed makes the same choices at
+    # every strength and only the thresholds move: more strength never undoes an edit.
+    n = len(instances)
+    merge_draws, drop_draws = rng.random(n), rng.random(n)
+    extra_draw, extra_shape = rng.random(), rng.random(5)
+
+    areas = [int(m.sum()) for m in instances]
+    gap = max(1, round(hand.merge_gap * size))
+    structure = _disk(gap)
+    merged: list[np.ndarray] = []
+    used = [False] * n
+    for i in range(n):
+        if used[i]:
+            continue
+        instance = instances[i]
+        if merge_draws[i] < strength * hand.merge_p:
+            # Merging two large regions would erase a main border of the anatomy: one must be small.
+            near = ndimage.binary_dilation(instance, structure)
+            small = hand.small_area * height * width
+            partner = next(
+                (
+                    j
+                    for j in range(i + 1, n)
+                    if not used[j] and min(areas[i], areas[j]) < small and (near & instances[j]).any()
+                ),
+                None,
+            )
+            if partner is not None:
+                used[partner] = True
+                union = instance | instances[partner]
+                # Close over the gap so the pair becomes one region with one outline.
+                instance = ndimage.binary_closing(np.pad(union, gap), structure)[gap:-gap, gap:-gap] | union
+        merged.append(instance)
+
+    # Only small objects get forgotten; never all of them.
+    areas = [m.sum() for m in merged]
+    largest = int(np.argmax(areas))
+    small = hand.small_area * height * width
+    kept = [
+        m
+        for k, m in enumerate(merged)
+        if k == largest or areas[k] >= small or drop_draws[k] >= strength * hand.drop_p
+    ]
+
+    if extra_draw < strength * hand.extra_p:
+        ys, xs = np.nonzero(np.logical_or.reduce(kept))
+        pick = int(extra_shape[0] * len(xs))
+        low, high = hand.extra_radius
+        ry, rx = (low + (high - low) * extra_shape[1:3]) * size
+        angle = math.pi * extra_shape[3]
+        yy, xx = np.mgrid[:height, :width]
+        dy, dx = yy - ys[pick], xx - xs[pick]
+        u = dx * math.cos(angle) + dy * math.sin(angle)
+        v = -dx * math.sin(angle) + dy * math.cos(angle)
+        kept.append((u / rx) ** 2 + (v / ry) ** 2 <= 1.0)
+    return kept
+
+
+def _disk(radius: int) -> np.ndarray:
+    yy, xx = np.mgrid[-radius : radius + 1, -radius : radius + 1]
+    return xx**2 + yy**2 <= radius**2
+
+
+# ---------------------------------------------------------------------------------------------
+# Strokes along arc length
+
+
+def resample(points: np.ndarray, closed: bool, step: float = 1.0) -> np.ndarray:
+    """Points evenly spaced by about `step` along the polyline (closed: without repeating the start)."""
+    ring = np.vstack([points, points[:1]]) if closed else points
+    lengths = np.hypot(*np.diff(ring, axis=0).T)
+    arc = np.concatenate([[0.0], np.cumsum(lengths)])
+    total = arc[-1]
+    if total <= 1e-9:
+        return points[:1].astype(np.float64)
+    count = max(3 if closed else 2, round(total / step) + (0 if closed else 1))
+    t = np.linspace(0.0, total, count, endpoint=not closed)
+    return np.stack([np.interp(t, arc, ring[:, 0]), np.interp(t, arc, ring[:, 1])], axis=1)
+
+
+def smooth_noise(count: int, correlation: float, closed: bool, rng: np.random.Generator) -> np.ndarray:
+    """Gaussian-filtered white noise of unit std, correlated over `correlation` samples."""
+    noise = rng.standard_normal(count)
+    if correlation > 0.5 and count > 1:
+        noise = ndimage.gaussian_filter1d(noise, min(correlation, count), mode="wrap" if closed else "nearest")
+    spread = noise.std()
+    return noise / spread if spread > 1e-9 else np.zeros(count)
+
+
+def smooth_field(height: int, width: int, amplitude: float, correlation: float, rng: np.random.Generator) -> PointMap:
+    """A smooth random 2-D displacement field, std `amplitude`, as a function (N, 2) -> (N, 2).
+
+    Built on a coarse grid (a quarter of the correlation length) with a margin, so points pushed
+    slightly outside the image still get smooth values; sampled bilinearly.
+    """
+    cell = max(1.0, correlation / 4)
+    margin = 8
+    shape = (int(height / cell) + 2 * margin + 1, int(width / cell) + 2 * margin + 1)
+    noise = rng.standard_normal((2, *shape))
+    field = np.stack([ndimage.gaussian_filter(n, correlation / cell, mode="wrap") for n in noise])
+    field *= amplitude / np.maximum(field.std(axis=(1, 2), keepdims=True), 1e-9)
+
+    def displace(points: np.ndarray) -> np.ndarray:
+        grid = np.stack([points[:, 1] / cell + margin, points[:, 0] / cell + margin])
+        offsets = [ndimage.map_coordinates(f, grid, order=1, mode="nearest") for f in field]
+        return points + np.stack(offsets, axis=1)
+
+    return displace
+
+
+def normals(points: np.ndarray, closed: bool) -> np.ndarray:
+    """Unit normals of an evenly spaced polyline (N, 2)."""
+    if len(points) < 2:
+        return np.zeros_like(points)
+    if closed:
+        tangent = np.roll(points, -1, axis=0) - np.roll(points, 1, axis=0)
+    else:
+        tangent = np.gradient(points, axis=0)
+    tangent /= np.maximum(np.hypot(*tangent.T), 1e-9)[:, None]
+    return np.stack([-tangent[:, 1], tangent[:, 0]], axis=1)
+
+
+def arc_piece(points: np.ndarray, closed: bool, start: float, stop: float) -> np.ndarray:
+    """The polyline between arc positions start < stop (in samples of an evenly spaced polyline).
+
+    Closed polylines wrap around; open ones continue straight along their end tangents.
+    """
+    count = len(points)
+    t = np.linspace(start, stop, max(2, int(math.ceil(stop - start)) + 1))
+    if closed:
+        ring = np.vstack([points, points[:1]])
+        t = np.mod(t, count)
+        index = np.minimum(t.astype(int), count - 1)
+        frac = (t - index)[:, None]
+        return ring[index] * (1 - frac) + ring[index + 1] * frac
+    inside = np.clip(t, 0, count - 1)
+    index = np.minimum(inside.astype(int), max(count - 2, 0))
+    frac = (inside - index)[:, None]
+    upper = np.minimum(index + 1, count - 1)
+    piece = points[index] * (1 - frac) + points[upper] * frac
+    if count >= 2:  # extrapolate overshoots past the ends
+        head, tail = points[0] - points[1], points[-1] - points[-2]
+        head /= max(np.hypot(*head), 1e-9)
+        tail /= max(np.hypot(*tail), 1e-9)
+        piece += np.minimum(t, 0)[:, None] * -head + np.maximum(t - (count - 1), 0)[:, None] * tail
+    return piece
+
+
+def perturb_contour(
+    contour: np.ndarray,
+    size: int,
+    strength: float,
+    rng: np.random.Generator,
+    wobble: PointMap | None = None,
+    hand: HandParameters = HAND,
+) -> list[Stroke]:
+    """One contour (from `contour_strokes`) as one or more hand-drawn strokes.
+
+    `wobble` displaces points, (N, 2) -> (N, 2): a `smooth_field` shared by all contours.
+    """
+    closed = len(contour) > 3 and np.allclose(contour[0], contour[-1])
+    # Fixed-size draws first: the seed then makes the same choices at every strength.
+    choice = rng.random(8)
+    offsets = rng.uniform(-0.6, 1.0, size=(3, 2))
+    drifts = rng.standard_normal((3, 2))
+    if strength == 0.0:
+        return [Stroke(contour)]
+    s = strength
+    points = contour[:-1] if closed else contour
+    simplified = approximate_polygon(np.vstack([points, points[:1]]) if closed else points, s * hand.simplify * size)
+    if closed:
+        simplified = simplified[:-1]
+    points = resample(simplified if len(simplified) >= (3 if closed else 2) else points, closed)
+    count = len(points)
+    if count < 3:
+        return [Stroke(points)]
+    mode = "wrap" if closed else "nearest"
+    sigma = min(s * hand.smooth * size, count / 6)
+    if sigma > 0.3:
+        points = ndimage.gaussian_filter1d(points, sigma, axis=0, mode=mode)
+    if wobble is not None:
+        points = wobble(points)
+
+    # How many strokes and where they start: a loop can start anywhere.
+    pieces = 1 + int(choice[0] < s * hand.split_p) + int(choice[1] < s * hand.split_p / 2)
+    pieces = min(pieces, max(1, count // 12))
+    span = count if closed else count - 1
+    start = choice[2] * count if closed else 0.0
+    jitter = np.zeros(pieces + 1)
+    jitter[1:pieces] = (choice[3 : 2 + pieces] - 0.5) * 0.5  # interior cuts only
+    cuts = start + span * (np.arange(pieces + 1) + jitter) / pieces
+    reach = min(s * hand.end_offset * size, 0.15 * span)
+    strokes = []
+    for k in range(pieces):
+        # Positive offset: overshoot past the meeting point; negative: stop short of it.
+        begin, end = cuts[k] - reach * offsets[k, 0], cuts[k + 1] + reach * offsets[k, 1]
+        if end - begin < 2:
+            continue
+        piece = arc_piece(points, closed, begin, end)
+        ramp = np.linspace(0.0, 1.0, len(piece))[:, None] ** 2
+        piece = piece + ramp * drifts[k] * s * hand.end_drift * size
+        tremor = s * hand.tremor * size * smooth_noise(len(piece), hand.tremor_length * size, False, rng)
+        strokes.append(Stroke(piece + tremor[:, None] * normals(piece, False)))
+    return strokes
+
+
+# ---------------------------------------------------------------------------------------------
+# Global deformation
+
+
+def global_deformation(
+    height: int, width: int, strength: float, rng: np.random.Generator, hand: HandParameters = HAND
+) -> PointMap:
+    """A smooth elastic warp followed by rotation, scale and shift about the centre; (N, 2) -> (N, 2)."""
+    size = max(height, width)
+    waves = 4
+    directions = rng.uniform(0, 2 * math.pi, waves)
+    frequencies = rng.uniform(0.5, 1.5, waves) * 2 * math.pi / size
+    phases = rng.uniform(0, 2 * math.pi, waves)
+    amplitudes = rng.standard_normal((waves, 2)) / math.sqrt(waves)
+    angle, zoom, dx, dy = rng.standard_normal(4)
+    wave_vectors = np.stack([np.cos(directions), np.sin(directions)], axis=1) * frequencies[:, None]
+    centre = np.array([(width - 1) / 2, (height - 1) / 2])
+    theta = math.radians(strength * hand.rotation * angle)
+    rotation = np.array([[math.cos(theta), -math.sin(theta)], [math.sin(theta), math.cos(theta)]])
+    factor = 1.0 + strength * hand.scale * float(np.clip(zoom, -2, 2))
+    shift = strength * hand.shift * size * np.array([dx, dy])
+
+    def deform(points: np.ndarray) -> np.ndarray:
+        phase = points @ wave_vectors.T + phases  # (N, waves)
+        warped = points + strength * hand.elastic * size * (np.sin(phase) @ amplitudes)
+        return centre + shift + factor * (warped - centre) @ rotation.T
+
+    return deform
+
+
+# ---------------------------------------------------------------------------------------------
+# Rendering
+
+
+def set_width_and_pressure(
+    strokes: list[Stroke], size: int, strength: float, rng: np.random.Generator, hand: HandParameters = HAND
+) -> None:
+    """Per-point width (px) and pressure (0-1): per-stroke level, slow variation, tapered ends."""
+    base = line_width(size)
+    taper_length = max(2.0, hand.taper_length * size)
+    s = strength
+    for stroke, seed in zip(strokes, rng.integers(0, 2**63, len(strokes))):
+        stroke_rng = np.random.default_rng(seed)  # per stroke, so stroke lengths do not shift the stream
+        count = len(stroke.points)
+        level_width, level_pressure = stroke_rng.standard_normal(), stroke_rng.random()
+        wave_width = smooth_noise(count, 0.08 * size, False, stroke_rng)
+        wave_pressure = smooth_noise(count, 0.08 * size, False, stroke_rng)
+        steps = np.hypot(*np.diff(stroke.points, axis=0).T)
+        arc = np.concatenate([[0.0], np.cumsum(steps)])
+        to_end = np.minimum(arc, arc[-1] - arc)
+        fade = 1.0 - s * hand.taper * np.clip(1.0 - to_end / taper_length, 0.0, 1.0)
+        width = base * math.exp(s * hand.width_var * level_width) * (1.0 + s * hand.width_wave * np.tanh(wave_width))
+        stroke.width = np.maximum(width * (0.5 + 0.5 * fade), 0.75)
+        pressure = 1.0 - s * hand.pressure_var * (0.6 * level_pressure + 0.4 * np.abs(np.tanh(wave_pressure)))
+        stroke.pressure = np.clip(pressure * fade, 0.3, 1.0)
+
+
+def render_strokes(strokes: list[Stroke], height: int, width: int, supersample: int = SUPERSAMPLE) -> np.ndarray:
+    """Anti-aliased strokes of varying width and pressure; uint8 (height, width), paper exactly 255.
+
+    Each stroke is a chain of discs on a supersampled canvas; strokes combine by darkest ink, so a
+    light stroke crossing a dark one does not lighten it. Untouched pixels stay at 255.
+    """
+    f = supersample
+    darkness = np.zeros((height * f, width * f), dtype=np.uint8)
+    for stroke in strokes:
+        points, widths, pressure = stroke.points, stroke.width, stroke.pressure
+        if widths is None or pressure is None:
+            widths = np.full(len(points), float(line_width(max(height, width))))
+            pressure = np.ones(len(points))
+        # Densify so consecutive discs overlap smoothly: spacing a fraction of the thinnest width.
+        steps = np.hypot(*np.diff(points, axis=0).T) if len(points) > 1 else np.zeros(0)
+        arc = np.concatenate([[0.0], np.cumsum(steps)])
+        spacing = max(0.15, 0.3 * float(widths.min()))
+        t = np.linspace(0.0, arc[-1], max(1, int(arc[-1] / spacing) + 1))
+        xs, ys = (np.interp(t, arc, points[:, i]) for i in range(2))
+        radii, inks = np.interp(t, arc, widths) * f / 2, np.interp(t, arc, pressure) * 255
+        cx, cy = (xs + 0.5) * f - 0.5, (ys + 0.5) * f - 0.5
+        # Draw the stroke on its own patch (its bounding box) and merge by maximum darkness.
+        left = max(0, int(np.floor((cx - radii).min())) - 1)
+        top = max(0, int(np.floor((cy - radii).min())) - 1)
+        right = min(width * f, int(np.ceil((cx + radii).max())) + 2)
+        bottom = min(height * f, int(np.ceil((cy + radii).max())) + 2)
+        if right <= left or bottom <= top:
+            continue
+        patch = Image.new("L", (right - left, bottom - top), 0)
+        draw = ImageDraw.Draw(patch)
+        for x, y, r, ink in zip(cx - left, cy - top, radii, inks):
+            draw.ellipse((x - r, y - r, x + r, y + r), fill=int(round(ink)))
+        region = darkness[top:bottom, left:right]
+        np.maximum(region, np.asarray(patch), out=region)
+    mean = darkness.reshape(height, f, width, f).mean(axis=(1, 3))
+    # Round darkness up: any touched pixel shows some ink, untouched ones stay exactly 255.
+    return (PAPER - np.ceil(mean)).astype(np.uint8)
+
+
+# ---------------------------------------------------------------------------------------------
+# Files
+
+
+def file_seed(seed: int, name: str) -> int:
+    """A per-file seed from the run seed and the file's relative name, independent of file order."""
+    digest = hashlib.blake2b(f"{seed}\0{name}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+def freehand_sketches_from_folder(source: Path, out: Path, strength: float, seed: int) -> int:
+    """Write `out/NAME.png`, a simulated free-hand sketch, for every mask under `source`.
+
+    `source` is one mask file, a folder of masks, or a dataset folder with `masks/`. Relative
+    names are mirrored; each file's randomness depends only on (seed, relative name).
+    Returns the number of sketches written.
+    """
+    source, out = Path(source), Path(out)
+    if not (0.0 <= strength <= 1.0):  # also rejects NaN
+        raise InputError(f"strength {strength} is outside [0, 1]; use 0 (synthesized) to 1 (sloppiest)")
+    if not source.exists():
+        raise InputError(f"{source}: no such file or folder; pass a mask file, a folder of masks or a dataset folder")
+    root = source
+    if source.is_dir():
+        if (source / "masks").is_dir():
+            root = source / "masks"
+        elif (source / "images").is_dir():
+            raise InputError(f"{source}: dataset folder has no masks/; free-hand sketches are drawn from masks")
+    paths = find_images(root)
+    if not paths:
+        raise InputError(f"{root}: no mask images found; pass a mask PNG or a folder of class-index mask PNGs")
+    count = 0
+    for path in paths:
+        name = Path(path.name) if root.is_file() else path.relative_to(root)
+        mask = load_mask(path)
+        if len(np.unique(mask)) > MAX_MASK_VALUES:
+            raise InputError(
+                f"{path}: {len(np.unique(mask))} distinct values looks like a grayscale picture, "
+                "not a class-index mask; pass segmentation masks"
+            )
+        sketch = freehand_sketch(mask, strength, file_seed(seed, name.as_posix()))
+        target = out / name.with_suffix(".png")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(sketch).save(target)
+        count += 1
+    return count

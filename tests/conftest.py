@@ -1,0 +1,17 @@
+from pathlib import Path
+
+import pytest
+import torch
+
+# The CI machine has 2 cores; one thread per test process keeps timings predictable.
+torch.set_num_threads(1)
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+VOCALFOLDS = SHARED_DATA / "vocalfolds256"
+
+
+@pytest.fixture
+def vocalfolds() -> Path:
+    if not (VOCALFOLDS / "images").is_dir():
+        pytest.skip("../shared/data/vocalfolds256 is not present (fresh clone)")
+    return VOCALFOLDS

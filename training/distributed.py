@@ -1,0 +1,64 @@
+"""Single-process or torchrun (DistributedDataParallel) execution, with the same training code.
+
+Under `torchrun --nproc_per_node N`, the environment names RANK/WORLD_SIZE and we join a process
+group (gloo on CPU, nccl on GPU); otherwise everything is a no-op and rank 0 of 1.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Distributed:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+    def all_reduce_mean(self, value: torch.Tensor) -> torch.Tensor:
+        if self.enabled:
+            value = value.clone()
+            dist.all_reduce(value)
+            value /= self.world_size
+        return value
+
+    def shard(self, count: int) -> range:
+        """Indices of a dataset of `count` items that this rank handles (disjoint, covering)."""
+        return range(self.rank, count, self.world_size)
+
+
+def init_distributed(device: torch.device | None = None) -> Distributed:
+    """Join the torchrun process group if there is one (idempotent)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return Distributed()
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        use_nccl = device is not None and device.type == "cuda"
+        if use_nccl:
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend="nccl" if use_nccl else "gloo")
+    return Distributed(rank, world_size, local_rank)
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """`auto` is the GPU when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
