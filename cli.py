@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import click
 import typer
 from typer.core import TyperGroup
 
@@ -14,7 +13,7 @@ from generation.images import InputError
 class UserErrorGroup(TyperGroup):
     """Turns the library's `InputError`s into one line on stderr and exit code 2, no traceback."""
 
-    def invoke(self, ctx: click.Context):
+    def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except InputError as error:
@@ -84,6 +83,109 @@ def normalize(
     out.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(canonical).save(out)
     typer.echo(f"wrote {out}")
+
+
+@train_app.command("moco")
+def train_moco_command(
+    data: Path = typer.Option(..., "--data", help="Dataset folder (images/ or a plain archive of images)."),
+    out: Path = typer.Option(..., "--out", help="Bundle folder for moco.safetensors/.json, checkpoints, metrics."),
+    preset: str = typer.Option("cpu", "--preset", help="tiny (tests), cpu (small archive, < 1 h CPU), paper (ResNet-50, 224 px)."),
+    size: int = typer.Option(None, "--size", min=16, max=512, help="Training crop size in pixels (default: preset's)."),
+    epochs: int = typer.Option(None, "--epochs", min=1, help="Epochs (default: preset's)."),
+    steps: int = typer.Option(None, "--steps", min=1, help="Optimiser steps; overrides --epochs."),
+    batch: int = typer.Option(None, "--batch", min=2, help="Global batch size (summed over torchrun processes)."),
+    queue: int = typer.Option(None, "--queue", min=1, help="Queue length K (shrunk to fit small archives)."),
+    lr: float = typer.Option(None, "--lr", min=0.0, help="SGD learning rate (cosine-decayed)."),
+    split: str = typer.Option(None, "--split", help="Only this split of split.csv (default: train if present, else all)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1, ..."),
+    resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue from OUT/moco_checkpoint if there is one."),
+    seed: int = typer.Option(None, "--seed", help="Seed (weights, batches, augmentations)."),
+):
+    """Train C, the domain feature network (MoCo v2); works under torchrun for DDP."""
+    from training.train_moco import configure_moco, default_split, train_moco
+
+    config = configure_moco(preset, size, epochs, steps, batch, queue, lr, seed)
+    split = split if split is not None else default_split(data)
+    with progress_bar() as progress:
+        task = progress.add_task(f"moco ({preset})", total=None)
+
+        def on_step(step: int, total: int) -> None:
+            progress.update(task, completed=step, total=total)
+
+        result = train_moco(
+            data, out, config, split=split, device=device, resume=resume, on_step=on_step, on_note=progress.console.print
+        )
+    metrics = result["metrics"]
+    summary = f"loss {metrics['loss']:.3f}, acc1 {metrics['acc1']:.1f}%" if metrics else "no steps logged"
+    typer.echo(f"trained C for {result['step']} steps ({summary}); wrote {out}/moco.safetensors")
+
+
+@train_app.command("synthesizer")
+def train_synthesizer_command(
+    data: Path = typer.Option(..., "--data", help="Dataset folder with images/ and masks/ (split.csv optional)."),
+    out: Path = typer.Option(..., "--out", help="Bundle folder for synthesizer.safetensors/.json and metrics."),
+    size: int = typer.Option(128, "--size", min=32, max=1024, help="Square input side, a multiple of 32."),
+    preset: str = typer.Option("cpu", "--preset", help="tiny | cpu (narrow ResNet-18) | paper (ResNet-101)."),
+    split: str = typer.Option("train", "--split", help="Training split of split.csv ('all' = every image)."),
+    val_split: str = typer.Option("val", "--val-split", help="Split for per-epoch DICE and best-model selection ('none' = off)."),
+    epochs: int = typer.Option(60, "--epochs", min=1),
+    batch: int = typer.Option(8, "--batch", min=1, help="Images per step and process."),
+    lr: float = typer.Option(1e-3, "--lr", min=0.0, help="AdamW peak learning rate."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
+    resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run in --out."),
+    init_from: Path | None = typer.Option(None, "--init-from", help="Bundle with a trained C (moco.*) to initialise the backbone."),
+    seed: int = typer.Option(0, "--seed"),
+):
+    """Train the sketch synthesizer S (SOLOv2) on images with class-index masks."""
+    from training.train_synthesizer import SynthesizerTraining, train_synthesizer
+
+    options = SynthesizerTraining(
+        data=str(data), out=str(out), size=size, preset=preset, split=None if split == "all" else split,
+        val_split=None if val_split == "none" else val_split, epochs=epochs, batch=batch, lr=lr, device=device,
+        resume=resume, init_from=str(init_from) if init_from else None, seed=seed,
+    )
+    with progress_bar() as progress:
+        task = progress.add_task("synthesizer", total=None)
+        report = train_synthesizer(
+            options, on_step=lambda step, total, loss: progress.update(task, completed=step, total=total, description=f"synthesizer loss {loss:.3f}"),
+            log=progress.console.print,
+        )
+    best = report["best_val_dice"]
+    typer.echo(f"synthesizer: {report['epochs']} epochs; " + (f"best val DICE {best:.2f}; " if best is not None else "") + f"wrote {out}/synthesizer.safetensors")
+
+
+@train_app.command("evaluate-synthesizer")
+def evaluate_synthesizer_command(
+    bundle: Path = typer.Option(..., "--bundle", help="Bundle folder with synthesizer.safetensors/.json."),
+    data: Path = typer.Option(..., "--data", help="Dataset folder with images/ and masks/."),
+    split: str = typer.Option("test", "--split", help="Split of split.csv to evaluate ('all' = every image)."),
+    device: str = typer.Option("auto", "--device"),
+):
+    """Mean DICE (x100, overall and per class) of the synthesizer's masks on a dataset split."""
+    import json
+
+    from training.train_synthesizer import evaluate_synthesizer
+
+    typer.echo(json.dumps(evaluate_synthesizer(bundle, data, None if split == "all" else split, device), indent=1))
+
+
+@app.command()
+def sketch(
+    source: Path = typer.Argument(..., help="An image file or a folder of images."),
+    out: Path = typer.Option(..., "--out", help="Folder for masks/NAME.png (class indices) and sketches/NAME.png."),
+    bundle: Path = typer.Option(Path("bundle"), "--bundle", help="Bundle folder with the trained synthesizer."),
+    size: int = typer.Option(256, "--size", min=32, max=1024, help="Side of the square outputs (images are centre-cropped)."),
+    threshold: float = typer.Option(0.35, "--threshold", min=0.0, max=1.0, help="Minimum instance confidence (the paper's delta)."),
+    device: str = typer.Option("auto", "--device"),
+):
+    """Synthesize sketches: segment each image with S and draw its instances' contours."""
+    from training.train_synthesizer import sketch_folder
+
+    with progress_bar() as progress:
+        task = progress.add_task("sketch", total=None)
+        count = sketch_folder(source, out, bundle, size=size, threshold=threshold, device=device,
+                              on_image=lambda done, total: progress.update(task, completed=done, total=total))
+    typer.echo(f"wrote {count} masks and sketches to {out}")
 
 
 if __name__ == "__main__":
