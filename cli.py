@@ -43,7 +43,7 @@ def phantom(
     out: Path = typer.Argument(..., help="Folder to write images/, masks/, classes.json, split.csv into."),
     n: int = typer.Option(2000, "--n", min=1, help="Number of images."),
     size: int = typer.Option(256, "--size", min=32, max=512, help="Image side in pixels (32-512)."),
-    seed: int = typer.Option(0, "--seed", help="Seed; the same seed gives the same images."),
+    seed: int = typer.Option(0, "--seed", min=0, help="Seed; the same seed gives the same images."),
 ):
     """Generate the procedural pharyngeal phantom dataset (images, exact masks, splits)."""
     from training.phantom import write_phantom_dataset
@@ -102,10 +102,15 @@ def train_moco_command(
     seed: int = typer.Option(None, "--seed", help="Seed (weights, batches, augmentations)."),
 ):
     """Train C, the domain feature network (MoCo v2); works under torchrun for DDP."""
+    import os
+
     from training.train_moco import configure_moco, default_split, train_moco
 
     config = configure_moco(preset, size, epochs, steps, batch, queue, lr, seed)
     split = split if split is not None else default_split(data)
+    if os.environ.get("RANK", "0") != "0":  # torchrun: only rank 0 talks
+        train_moco(data, out, config, split=split, device=device, resume=resume)
+        return
     with progress_bar() as progress:
         task = progress.add_task(f"moco ({preset})", total=None)
 
@@ -137,6 +142,8 @@ def train_synthesizer_command(
     seed: int = typer.Option(0, "--seed"),
 ):
     """Train the sketch synthesizer S (SOLOv2) on images with class-index masks."""
+    import os
+
     from training.train_synthesizer import SynthesizerTraining, train_synthesizer
 
     options = SynthesizerTraining(
@@ -144,6 +151,9 @@ def train_synthesizer_command(
         val_split=None if val_split == "none" else val_split, epochs=epochs, batch=batch, lr=lr, device=device,
         resume=resume, init_from=str(init_from) if init_from else None, seed=seed,
     )
+    if os.environ.get("RANK", "0") != "0":  # torchrun: only rank 0 reports
+        train_synthesizer(options, log=lambda _: None)
+        return
     with progress_bar() as progress:
         task = progress.add_task("synthesizer", total=None)
         report = train_synthesizer(
@@ -169,6 +179,55 @@ def evaluate_synthesizer_command(
     typer.echo(json.dumps(evaluate_synthesizer(bundle, data, None if split == "all" else split, device), indent=1))
 
 
+@train_app.command("generator")
+def train_generator_command(
+    data: Path = typer.Option(..., "--data", help="Dataset folder (images/ or a plain archive of images)."),
+    out: Path = typer.Option(..., "--out", help="Bundle folder for generator.safetensors/.json, checkpoint, samples/."),
+    preset: str = typer.Option("cpu", "--preset", help="tiny (tests, 32 px) | cpu (64 px, 2 CPU cores) | paper (256 px, config-f)."),
+    kimg: float = typer.Option(200.0, "--kimg", min=0.001, help="Stop after this many thousand real images shown to D."),
+    batch: int = typer.Option(16, "--batch", min=1, help="Global batch size (summed over torchrun processes)."),
+    split: str = typer.Option(None, "--split", help="Only this split of split.csv (default: every image)."),
+    gamma: float = typer.Option(None, "--gamma", min=0.0, help="R1 weight (default 0.0002 * resolution^2 / batch)."),
+    pl_weight: float = typer.Option(2.0, "--pl-weight", min=0.0, help="Path-length regularisation weight (0 = off)."),
+    mixing: float = typer.Option(0.9, "--mixing", min=0.0, max=1.0, help="Style-mixing probability (0 = off)."),
+    augment: str = typer.Option("color,translation,cutout", "--augment", help="DiffAugment policy ('' = off)."),
+    xflip: bool = typer.Option(False, "--xflip/--no-xflip", help="Mirror the training images left-right at random."),
+    snap_kimg: float = typer.Option(4.0, "--snap-kimg", min=0.001, help="Sample grid + checkpoint every this many kimg."),
+    fd_bundle: Path = typer.Option(None, "--fd-bundle", help="Bundle with C (moco.*) for FD_C at snapshots (default: --out)."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
+    threads: int = typer.Option(0, "--threads", min=0, help="CPU threads per process (0 = torch's default; 1 is fastest on a busy machine)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the checkpoint in --out."),
+    seed: int = typer.Option(0, "--seed"),
+):
+    """Train the StyleGAN2 generator G; works under torchrun for DDP."""
+    import os
+
+    import torch
+
+    from training.train_generator import TrainOptions, train_generator
+
+    if threads:
+        torch.set_num_threads(threads)
+    options = TrainOptions(kimg=kimg, batch=batch, gamma=gamma, pl_weight=pl_weight, mixing=mixing,
+                           augment=augment, xflip=xflip, snap_kimg=snap_kimg, seed=seed)
+    run = dict(data=data, out=out, preset=preset, options=options, split=split, device=device, resume=resume, fd_bundle=fd_bundle)
+    if os.environ.get("RANK", "0") != "0":  # torchrun: only rank 0 talks
+        train_generator(**run, log=lambda message: None)
+        return
+    with progress_bar() as progress:
+        task = progress.add_task(f"G ({preset})", total=round(kimg * 1000))  # counted in images
+
+        def on_step(done_kimg: float, stats: dict[str, float]) -> None:
+            losses = f"G {stats['g_loss']:.3f} D {stats['d_loss']:.3f}"
+            progress.update(task, completed=round(min(done_kimg, kimg) * 1000), description=f"G {done_kimg:.2f} kimg, {losses}")
+
+        result = train_generator(**run, on_step=on_step, log=progress.console.print)
+    if result.stopped_early:
+        typer.echo(f"stopped at {result.kimg:.2f} kimg; checkpoint in {out} (continue with --resume)")
+    else:
+        typer.echo(f"trained G to {result.kimg:.2f} kimg in {result.seconds / 60:.1f} min; wrote {out}/generator.safetensors")
+
+
 @app.command()
 def sketch(
     source: Path = typer.Argument(..., help="An image file or a folder of images."),
@@ -179,7 +238,7 @@ def sketch(
     device: str = typer.Option("auto", "--device"),
 ):
     """Synthesize sketches: segment each image with S and draw its instances' contours."""
-    from training.train_synthesizer import sketch_folder
+    from generation.solov2 import sketch_folder
 
     with progress_bar() as progress:
         task = progress.add_task("sketch", total=None)

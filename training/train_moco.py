@@ -1,0 +1,290 @@
+"""Training C (MoCo v2) on an image archive: single process or `torchrun` (DDP, gloo on CPU).
+
+    python cli.py train moco --data DIR --out BUNDLE [--preset cpu] ...
+    torchrun --nproc_per_node 2 cli.py train moco --data DIR --out BUNDLE --preset tiny
+
+Writes into BUNDLE:
+    moco_checkpoint.safetensors/.json   every `checkpoint_every` steps (model, optimiser, step, config)
+    moco_metrics.jsonl                  one JSON line per logged step (loss, acc1, lr, ...)
+    moco.safetensors/.json              final query encoder + config (`FeatureNetwork.from_bundle`)
+
+Resuming is exact: the batch order, the augmentations and the BN shuffles of a step are functions of
+(seed, step, rank) only, and the checkpoint holds every other piece of state (weights, key encoder,
+queue, SGD momentum), so an interrupted run continues as if it had never stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from generation.images import InputError
+from retrieval.moco import BUNDLE_NAME, MoCo, MocoConfig, config_from_dict, config_to_dict, info_nce_loss, moco_preset
+from training.augment import AugmentConfig, augment_batch
+from training.checkpoints import checkpoint_exists, load_checkpoint, save_checkpoint
+from training.data import ImageDataset
+from training.distributed import Distributed, init_distributed, pick_device
+
+CHECKPOINT_NAME = "moco_checkpoint"
+METRICS_FILE = "moco_metrics.jsonl"
+# Fields that may differ between the interrupted run and the resumed one without changing the result.
+RESUME_FREE_FIELDS = {"log_every", "checkpoint_every"}
+
+
+def configure_moco(
+    preset: str = "cpu",
+    image_size: int | None = None,
+    epochs: int | None = None,
+    steps: int | None = None,
+    batch_size: int | None = None,
+    queue_size: int | None = None,
+    lr: float | None = None,
+    seed: int | None = None,
+) -> MocoConfig:
+    """A preset with command-line overrides applied (None = keep the preset's value)."""
+    config = moco_preset(preset)
+    changes: dict[str, Any] = {}
+    if image_size is not None:
+        # Keep the preset's decode-size margin (e.g. 256 -> 224 crops) at the new size.
+        changes["image_size"] = image_size
+        changes["load_size"] = max(image_size, round(image_size * config.load_size / config.image_size))
+    if epochs is not None:
+        changes.update(epochs=epochs, steps=None)
+    if steps is not None:
+        changes["steps"] = steps
+    if batch_size is not None:
+        changes["batch_size"] = batch_size
+    if queue_size is not None:
+        changes["queue_size"] = queue_size
+    if lr is not None:
+        changes["lr"] = lr
+    if seed is not None:
+        changes["seed"] = seed
+    try:
+        return dataclasses.replace(config, **changes)
+    except ValueError as error:
+        raise InputError(f"invalid MoCo settings: {error}")
+
+
+def default_split(data: str | Path) -> str | None:
+    """`train` when the dataset has a split.csv with a train split, else None (every image)."""
+    return "train" if any(sample.split == "train" for sample in ImageDataset(data).samples) else None
+
+
+def cosine_lr(config: MocoConfig, step: int, total_steps: int) -> float:
+    """Cosine decay from config.lr to 0 over the run (per step, no warm-up, as MoCo v2)."""
+    return config.lr * 0.5 * (1.0 + math.cos(math.pi * step / max(1, total_steps)))
+
+
+def total_steps_for(config: MocoConfig, num_images: int) -> int:
+    return config.steps if config.steps is not None else config.epochs * (num_images // config.batch_size)
+
+
+def fit_to_archive(config: MocoConfig, num_images: int, world_size: int) -> tuple[MocoConfig, list[str]]:
+    """Check the batch against the archive and shrink a queue the archive cannot fill with distinct images."""
+    notes = []
+    if config.batch_size % world_size:
+        raise InputError(f"--batch {config.batch_size} must be divisible by the {world_size} processes")
+    if num_images < config.batch_size:
+        raise InputError(f"{num_images} images is fewer than one batch of {config.batch_size}; pass a smaller --batch")
+    local = config.batch_size // world_size
+    if config.backbone.norm == "batch" and local // max(1, config.bn_splits) < 2:
+        raise InputError(
+            f"batch {local} per process split {config.bn_splits} ways leaves BatchNorm under 2 images; use a larger --batch"
+        )
+    # A queue longer than the archive holds keys of the query's own image as "negatives".
+    limit = max(config.batch_size, (num_images - config.batch_size) // config.batch_size * config.batch_size)
+    if config.queue_size > limit:
+        notes.append(f"queue {config.queue_size} > what {num_images} images fill with distinct keys; using {limit}")
+        config = dataclasses.replace(config, queue_size=limit)
+    return config, notes
+
+
+def augment_config_for(config: MocoConfig) -> AugmentConfig:
+    return AugmentConfig(size=config.image_size)
+
+
+def _step_generator(*parts: int) -> torch.Generator:
+    seed = 0
+    for part in parts:
+        seed = (seed * 1_000_003 + part) % (2**62)
+    return torch.Generator().manual_seed(seed)
+
+
+def batch_indices(config: MocoConfig, num_images: int, step: int, rank: int, world_size: int) -> torch.Tensor:
+    """This rank's images at `step`: a fresh permutation per epoch (same on every rank), last partial batch dropped."""
+    steps_per_epoch = num_images // config.batch_size
+    epoch, within = divmod(step, steps_per_epoch)
+    permutation = torch.randperm(num_images, generator=_step_generator(config.seed, 1, epoch))
+    local = config.batch_size // world_size
+    start = within * config.batch_size + rank * local
+    return permutation[start : start + local]
+
+
+def _check_resumable(saved: MocoConfig, wanted: MocoConfig, out: Path) -> None:
+    differing = [
+        f.name
+        for f in dataclasses.fields(MocoConfig)
+        if f.name not in RESUME_FREE_FIELDS and getattr(saved, f.name) != getattr(wanted, f.name)
+    ]
+    if differing:
+        raise InputError(
+            f"{out}: the checkpoint was trained with different settings ({', '.join(differing)}); "
+            "re-run with the same options, or pass --no-resume to start over"
+        )
+
+
+def _trim_metrics(path: Path, last_step: int) -> None:
+    """Drop lines logged after the checkpoint we resume from (they will be logged again)."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def train_moco(
+    data: str | Path,
+    out: str | Path,
+    config: MocoConfig,
+    split: str | None = None,
+    device: str = "auto",
+    resume: bool = True,
+    on_step: Callable[[int, int], None] | None = None,
+    on_note: Callable[[str], None] | None = None,
+    stop_after: int | None = None,
+) -> dict[str, Any]:
+    """Train C and write the bundle; returns a summary. `stop_after` ends early (to test resuming)."""
+    out = Path(out)
+    torch_device = pick_device(device)
+    distributed: Distributed = init_distributed(torch_device)
+    if distributed.enabled and torch_device.type == "cuda":
+        torch_device = torch.device("cuda", distributed.local_rank)
+    note = (on_note or (lambda message: None)) if distributed.is_main else (lambda message: None)
+
+    dataset = ImageDataset(data, split)
+    config, notes = fit_to_archive(config, len(dataset), distributed.world_size)
+    for message in notes:
+        note(message)
+    total_steps = total_steps_for(config, len(dataset))
+    if total_steps < 1:
+        raise InputError("nothing to train: --steps/--epochs give 0 steps")
+    arrays, _ = dataset.arrays(config.load_size)
+    images = torch.from_numpy(arrays).permute(0, 3, 1, 2).contiguous()  # uint8 (N, 3, L, L), stays on the CPU
+
+    torch.manual_seed(config.seed)  # same initial weights on every rank and on every fresh start
+    moco = MoCo(config).to(torch_device)
+    optimizer = torch.optim.SGD(
+        moco.encoder_q.parameters(), lr=config.lr, momentum=config.sgd_momentum, weight_decay=config.weight_decay
+    )
+    step = 0
+    metrics_path = out / METRICS_FILE
+    if resume and checkpoint_exists(out, CHECKPOINT_NAME):
+        states, meta = load_checkpoint(out, CHECKPOINT_NAME)
+        _check_resumable(config_from_dict(meta["config"]), config, out)
+        moco.load_state_dict(states["model"])
+        optimizer.load_state_dict(states["optimizer"])
+        step = int(meta["step"])
+        note(f"resuming from step {step} of {total_steps}")
+        if distributed.is_main:
+            _trim_metrics(metrics_path, step)
+    elif distributed.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        metrics_path.unlink(missing_ok=True)
+        for suffix in (".safetensors", ".json"):  # a stale checkpoint must not be resumed later
+            (out / f"{CHECKPOINT_NAME}{suffix}").unlink(missing_ok=True)
+    distributed.barrier()
+
+    model: torch.nn.Module = moco
+    if distributed.enabled:
+        model = DistributedDataParallel(moco, device_ids=[torch_device.index] if torch_device.type == "cuda" else None)
+    moco.train()
+    augment = augment_config_for(config)
+
+    def save(step_done: int) -> None:
+        if distributed.is_main:
+            meta = {"config": config_to_dict(config), "step": step_done, "total_steps": total_steps}
+            save_checkpoint(out, CHECKPOINT_NAME, {"model": moco.state_dict(), "optimizer": optimizer.state_dict()}, meta)
+        distributed.barrier()
+
+    window: dict[str, float] = {"loss": 0.0, "acc1": 0.0, "count": 0.0}
+    window_start = time.perf_counter()
+    last_logged: dict[str, Any] = {}
+    end = total_steps if stop_after is None else min(total_steps, stop_after)
+    try:
+        while step < end:
+            index = batch_indices(config, len(images), step, distributed.rank, distributed.world_size)
+            batch = images[index].to(torch_device, non_blocking=True)
+            generator = _step_generator(config.seed, 2, step, distributed.rank)
+            view_q = augment_batch(batch, augment, generator)
+            view_k = augment_batch(batch, augment, generator)
+            lr = cosine_lr(config, step, total_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+
+            logits, _ = model(view_q, view_k, _step_generator(config.seed, 3, step))
+            loss = info_nce_loss(logits)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+
+            window["loss"] += float(loss.detach())
+            window["acc1"] += float((logits.detach().argmax(dim=1) == 0).float().mean())
+            window["count"] += 1
+            if step % config.log_every == 0 or step == total_steps:
+                averages = torch.tensor([window["loss"], window["acc1"]], dtype=torch.float64) / window["count"]
+                averages = distributed.all_reduce_mean(averages)
+                elapsed = time.perf_counter() - window_start
+                last_logged = {
+                    "step": step,
+                    "epoch": step * config.batch_size / len(images),
+                    "loss": round(float(averages[0]), 5),
+                    "acc1": round(100 * float(averages[1]), 3),  # % of queries whose own key wins
+                    "lr": lr,
+                    "images_per_s": round(window["count"] * config.batch_size / max(elapsed, 1e-9), 2),
+                }
+                if distributed.is_main:
+                    with metrics_path.open("a") as handle:
+                        handle.write(json.dumps(last_logged) + "\n")
+                window = {"loss": 0.0, "acc1": 0.0, "count": 0.0}
+                window_start = time.perf_counter()
+            if step % config.checkpoint_every == 0 and step < total_steps:
+                save(step)
+            if on_step is not None and distributed.is_main:
+                on_step(step, total_steps)
+    except KeyboardInterrupt:
+        save(step)  # Ctrl-C: keep everything done so far; a re-run resumes here
+        raise
+
+    save(step)
+    finished = step >= total_steps
+    if not last_logged and distributed.is_main:  # re-run of a finished training: report its last log
+        logged = read_metrics(out)
+        last_logged = logged[-1] if logged else {}
+    if finished and distributed.is_main:
+        meta = {
+            "config": config_to_dict(config),
+            "step": step,
+            "images": len(images),
+            "data": str(data),
+            "split": split,
+            "final_metrics": last_logged,
+        }
+        save_checkpoint(out, BUNDLE_NAME, {"model": moco.encoder_q.state_dict()}, meta)
+    distributed.barrier()
+    return {"step": step, "total_steps": total_steps, "finished": finished, "config": config, "metrics": last_logged}
+
+
+def read_metrics(out: str | Path) -> list[dict[str, Any]]:
+    path = Path(out) / METRICS_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
