@@ -14,6 +14,7 @@ touches the border gets an open contour, as a person would draw it.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -21,6 +22,14 @@ from skimage import measure
 
 PAPER = 255
 INK = 0
+
+
+class Instance(NamedTuple):
+    """One segmented object: dataset class index (1..), boolean mask (H, W), confidence."""
+
+    class_index: int
+    mask: np.ndarray
+    score: float = 1.0
 
 
 def line_width(size: int) -> int:

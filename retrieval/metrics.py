@@ -24,6 +24,7 @@ from typing import NamedTuple, Union
 import numpy as np
 import torch
 
+from generation.sketch import Instance
 
 # ---------------------------------------------------------------------------------------------
 # Fréchet distance
@@ -79,12 +80,6 @@ def fd_c_images(network, images_a: torch.Tensor, images_b: torch.Tensor, batch_s
 
 # ---------------------------------------------------------------------------------------------
 # DICE
-
-
-class Instance(NamedTuple):
-    class_index: int
-    mask: np.ndarray  # bool (H, W)
-    score: float = 1.0
 
 
 Segmentation = Union[np.ndarray, torch.Tensor, Sequence[Instance], Sequence[tuple]]

@@ -1,0 +1,553 @@
+"""The sketch synthesizer S: SOLOv2 instance segmentation (Wang et al. 2020), in plain torch.
+
+S segments a real image into instances; the contours of the instances it is confident about
+(score >= delta = 0.35, as in the paper) drawn on blank paper are the synthesized sketch.
+
+Blocks, named as in the SOLOv2 paper:
+- backbone (ResNet) + FPN giving P2..P6; the heads see five levels at strides 8, 8, 16, 32, 32
+  (P2 halved, P3, P4, P5, P6 resized to P5);
+- per level, the level features resized to an S x S grid feed two shared towers:
+  the category branch (sigmoid scores per class and cell, prior 0.01) and the kernel branch
+  (CoordConv input, predicts one dynamic 1x1 kernel of length E per cell);
+- the unified mask-feature branch: P2..P5 brought to 1/4 scale and summed (coordinates at P5),
+  then a 1x1 conv to E channels. The mask of cell k is sigmoid(kernel_k * mask features).
+Training: focal loss on categories + Dice loss (weight 3) on the masks of positive cells.
+Inference: point NMS on the category map, score threshold, maskness rescoring, Matrix NMS.
+
+Classes: `num_classes` counts foreground classes. Dataset class index k (1..num_classes) is
+category channel k - 1; 0 is background and has no channel.
+
+Sizes: the published grids and scale ranges are for ~800 px inputs. Scale ranges (object sizes in
+pixels) scale linearly with the input side. The grids keep the published cell counts from 256 px
+up and shrink in proportion below 256 px, so a level's grid never samples its stride-8 feature map
+more than 1.25x (at 128 px the stride-8 map is 16 px wide; grid 40 would only interpolate it).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, NamedTuple, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from generation.images import InputError
+from generation.resnet import ResNet, ResNetConfig, make_norm
+from generation.sketch import PAPER, Instance, mask_instances, sketch_from_instances
+
+PUBLISHED_SIZE = 800
+PUBLISHED_GRIDS = (40, 36, 24, 16, 12)
+PUBLISHED_RANGES = ((1, 96), (48, 192), (96, 384), (192, 768), (384, 2048))
+LEVEL_STRIDES = (8, 8, 16, 32, 32)
+MASK_STRIDE = 4  # the unified mask features are at 1/4 of the input
+
+
+def level_layout(size: int, grid_scale: float | None = None) -> tuple[tuple[int, ...], tuple[tuple[float, float], ...]]:
+    """Grids and scale ranges (sqrt of box area, pixels) for square inputs of `size` pixels."""
+    grid_scale = min(1.0, size / 256) if grid_scale is None else grid_scale
+    grids = tuple(max(2, round(g * grid_scale)) for g in PUBLISHED_GRIDS)
+    scale = size / PUBLISHED_SIZE
+    ranges = tuple((round(lo * scale, 2), round(hi * scale, 2)) for lo, hi in PUBLISHED_RANGES)
+    return grids, ranges
+
+
+@dataclass
+class SOLOv2Config:
+    num_classes: int = 1  # foreground classes (dataset indices 1..num_classes); 0 = background
+    size: int = 128  # square input side in pixels, a multiple of 32
+    backbone: ResNetConfig = field(default_factory=ResNetConfig)
+    fpn_channels: int = 256
+    head_channels: int = 512  # category and kernel towers
+    stacked_convs: int = 4  # convs per tower
+    mask_channels: int = 256  # E: unified mask-feature width = length of each dynamic 1x1 kernel
+    mask_branch_channels: int = 128  # inside the mask-feature branch
+    grid_scale: float | None = None  # grids = published grids x this; None: min(1, size / 256)
+    grids: tuple[int, ...] = ()  # derived from size and grid_scale when empty
+    scale_ranges: tuple[tuple[float, float], ...] = ()  # derived from size when empty
+    sigma: float = 0.2  # centre region: this fraction of the instance box (around its mass centre)
+    focal_gamma: float = 2.0
+    focal_alpha: float = 0.25
+    dice_weight: float = 3.0
+    score_threshold: float = 0.1  # candidates before Matrix NMS
+    mask_threshold: float = 0.5
+    update_threshold: float = 0.05  # scores after Matrix NMS decay below this are dropped
+    nms_pre: int = 500
+    nms_kernel: str = "gaussian"  # "gaussian" | "linear"
+    nms_sigma: float = 2.0
+    max_instances: int = 100
+    sketch_threshold: float = 0.35  # delta: instances drawn in the synthesized sketch / used for DICE
+
+    def __post_init__(self) -> None:
+        if isinstance(self.backbone, dict):
+            self.backbone = ResNetConfig(**self.backbone)
+        if self.size < 32 or self.size % 32:
+            raise InputError(f"synthesizer size {self.size} must be a multiple of 32 (e.g. 128 or 256)")
+        if self.num_classes < 1:
+            raise InputError("the synthesizer needs at least one foreground class")
+        if self.nms_kernel not in ("gaussian", "linear"):
+            raise ValueError(f"nms_kernel {self.nms_kernel!r}: use 'gaussian' or 'linear'")
+        grids, ranges = level_layout(self.size, self.grid_scale)
+        self.grids = tuple(int(g) for g in self.grids) or grids
+        self.scale_ranges = tuple((float(lo), float(hi)) for lo, hi in self.scale_ranges) or ranges
+        assert len(self.grids) == len(LEVEL_STRIDES) == len(self.scale_ranges)
+
+    @property
+    def level_cells(self) -> tuple[int, ...]:
+        return tuple(g * g for g in self.grids)
+
+    @property
+    def total_cells(self) -> int:
+        return sum(self.level_cells)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> SOLOv2Config:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+
+def solov2_preset(name: str, num_classes: int, size: int | None = None) -> SOLOv2Config:
+    """`tiny` (tests, 64 px), `cpu` (128 px, narrow ResNet-18), `paper` (256 px, ResNet-101)."""
+    if name == "tiny":
+        return SOLOv2Config(
+            num_classes=num_classes, size=size or 64, backbone=ResNetConfig(depth=18, width=8),
+            fpn_channels=16, head_channels=16, stacked_convs=1, mask_channels=16, mask_branch_channels=16,
+        )
+    if name == "cpu":
+        return SOLOv2Config(
+            num_classes=num_classes, size=size or 128, backbone=ResNetConfig(depth=18, width=32),
+            fpn_channels=64, head_channels=64, stacked_convs=2, mask_channels=64, mask_branch_channels=32,
+        )
+    if name == "paper":  # the published SOLOv2 widths; the Sketch2MedI paper used ResNet-101
+        return SOLOv2Config(num_classes=num_classes, size=size or 256, backbone=ResNetConfig(depth=101))
+    raise InputError(f"unknown synthesizer preset {name!r}; use tiny, cpu or paper")
+
+
+# ----------------------------------------------------------------------------------------------
+# Blocks
+
+
+def conv_norm_relu(in_channels: int, out_channels: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
+        make_norm("group", out_channels),
+        nn.ReLU(inplace=True),
+    )
+
+
+def coord_features(x: Tensor) -> Tensor:
+    """(N, 2, H, W): x then y, each in [-1, 1] (CoordConv)."""
+    n, _, h, w = x.shape
+    ys = torch.linspace(-1, 1, h, device=x.device, dtype=x.dtype)
+    xs = torch.linspace(-1, 1, w, device=x.device, dtype=x.dtype)
+    grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
+    return torch.stack([grid_x, grid_y]).expand(n, 2, h, w)
+
+
+class FPN(nn.Module):
+    """Feature pyramid: [C2..C5] -> [P2..P6]; P6 is P5 subsampled (no extra convs), as in SOLOv2."""
+
+    def __init__(self, in_channels: Sequence[int], channels: int):
+        super().__init__()
+        self.lateral = nn.ModuleList(nn.Conv2d(c, channels, 1) for c in in_channels)
+        self.output = nn.ModuleList(nn.Conv2d(channels, channels, 3, padding=1) for _ in in_channels)
+        for conv in [*self.lateral, *self.output]:
+            nn.init.xavier_uniform_(conv.weight)
+            nn.init.zeros_(conv.bias)
+
+    def forward(self, features: list[Tensor]) -> list[Tensor]:
+        laterals = [conv(f) for conv, f in zip(self.lateral, features)]
+        for i in range(len(laterals) - 1, 0, -1):
+            laterals[i - 1] = laterals[i - 1] + F.interpolate(laterals[i], size=laterals[i - 1].shape[-2:], mode="nearest")
+        outputs = [conv(f) for conv, f in zip(self.output, laterals)]
+        return outputs + [F.max_pool2d(outputs[-1], 1, stride=2)]
+
+
+class MaskFeatureBranch(nn.Module):
+    """Unified mask features at 1/4 scale from P2..P5; coordinates enter at P5 (the coarsest)."""
+
+    def __init__(self, in_channels: int, channels: int, out_channels: int):
+        super().__init__()
+        self.levels = nn.ModuleList()
+        for level in range(4):
+            layers: list[nn.Module] = [conv_norm_relu(in_channels + (2 if level == 3 else 0), channels)]
+            for step in range(level):
+                if step > 0:
+                    layers.append(conv_norm_relu(channels, channels))
+                layers.append(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False))
+            self.levels.append(nn.Sequential(*layers))
+        self.project = nn.Sequential(nn.Conv2d(channels, out_channels, 1, bias=False), make_norm("group", out_channels), nn.ReLU(inplace=True))
+
+    def forward(self, features: list[Tensor]) -> Tensor:
+        p5 = torch.cat([features[3], coord_features(features[3])], 1)
+        summed = sum(branch(f) for branch, f in zip(self.levels, [*features[:3], p5]))
+        return self.project(summed)
+
+
+class SOLOv2Output(NamedTuple):
+    categories: list[Tensor]  # per level (N, num_classes, S, S) logits
+    kernels: list[Tensor]  # per level (N, E, S, S) dynamic 1x1 kernels
+    mask_features: Tensor  # (N, E, H/4, W/4)
+
+
+class SOLOv2(nn.Module):
+    def __init__(self, config: SOLOv2Config):
+        super().__init__()
+        self.config = config
+        self.backbone = ResNet(config.backbone)
+        assert config.backbone.maxpool, "SOLOv2 needs C2..C5 at strides 4..32"
+        self.fpn = FPN(self.backbone.stage_channels, config.fpn_channels)
+        width = config.head_channels
+        self.kernel_tower = nn.Sequential(*[conv_norm_relu(config.fpn_channels + 2 if i == 0 else width, width) for i in range(config.stacked_convs)])
+        self.category_tower = nn.Sequential(*[conv_norm_relu(config.fpn_channels if i == 0 else width, width) for i in range(config.stacked_convs)])
+        self.kernel_out = nn.Conv2d(width, config.mask_channels, 3, padding=1)
+        self.category_out = nn.Conv2d(width, config.num_classes, 3, padding=1)
+        self.mask_features = MaskFeatureBranch(config.fpn_channels, config.mask_branch_channels, config.mask_channels)
+        for module in [self.kernel_tower, self.category_tower, self.kernel_out, self.category_out, self.mask_features]:
+            for conv in module.modules():
+                if isinstance(conv, nn.Conv2d):
+                    nn.init.normal_(conv.weight, std=0.01)
+                    if conv.bias is not None:
+                        nn.init.zeros_(conv.bias)
+        # Focal-loss prior: every cell starts at p = 0.01, so the many background cells do not
+        # swamp the first updates.
+        nn.init.constant_(self.category_out.bias, -math.log((1 - 0.01) / 0.01))
+
+    @staticmethod
+    def normalize(images: Tensor) -> Tensor:
+        """uint8-range RGB (N, 3, H, W) -> the project's image convention, float in [-1, 1].
+
+        The same convention as C, so a trunk trained as C can initialise S (`--init-from`).
+        """
+        return images.float() / 127.5 - 1
+
+    def forward(self, x: Tensor) -> SOLOv2Output:
+        """x: normalised images (N, 3, size, size)."""
+        size = self.config.size
+        assert x.dim() == 4 and x.shape[1:] == (3, size, size), f"SOLOv2 expects (N, 3, {size}, {size}), got {tuple(x.shape)}"
+        p = self.fpn(self.backbone(x))
+        levels = [
+            F.interpolate(p[0], size=p[1].shape[-2:], mode="bilinear", align_corners=False),
+            p[1], p[2], p[3],
+            F.interpolate(p[4], size=p[3].shape[-2:], mode="bilinear", align_corners=False),
+        ]
+        categories, kernels = [], []
+        for feature, grid in zip(levels, self.config.grids):
+            feature = torch.cat([feature, coord_features(feature)], 1)
+            feature = F.interpolate(feature, size=(grid, grid), mode="bilinear", align_corners=False)
+            kernels.append(self.kernel_out(self.kernel_tower(feature)))
+            categories.append(self.category_out(self.category_tower(feature[:, :-2])))  # no coordinates
+        mask_features = self.mask_features(p[:4])
+        assert mask_features.shape[-1] == size // MASK_STRIDE
+        return SOLOv2Output(categories, kernels, mask_features)
+
+    # -- inference ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def predict(self, images: np.ndarray | Sequence[np.ndarray], batch_size: int = 16) -> list[list[Instance]]:
+        """Instances of each RGB uint8 image (H, W, 3), sorted by score; masks at the image's size.
+
+        Each image is resized (not cropped) to the model's square input; masks are resized back.
+        """
+        images = _check_images(images)
+        was_training = self.training
+        self.eval()
+        device = next(self.parameters()).device
+        results: list[list[Instance]] = []
+        try:
+            for start in range(0, len(images), batch_size):
+                chunk = images[start : start + batch_size]
+                batch = torch.stack([_resize_image(image, self.config.size) for image in chunk]).to(device)
+                output = self(self.normalize(batch))
+                for i, image in enumerate(chunk):
+                    results.append(postprocess(output, i, self.config, image.shape[:2]))
+        finally:
+            self.train(was_training)
+        return results
+
+    def predict_label_map(self, images: np.ndarray | Sequence[np.ndarray], min_score: float | None = None) -> list[np.ndarray]:
+        """Per-pixel class (uint8 (H, W)) from the highest-scoring instance with score >= min_score."""
+        min_score = self.config.sketch_threshold if min_score is None else min_score
+        return [label_map(instances, image.shape[:2], min_score) for instances, image in zip(self.predict(images), _check_images(images))]
+
+    def synthesize_sketch(self, image: np.ndarray, min_score: float | None = None) -> np.ndarray:
+        """The canonical synthesized sketch of one RGB image: contours of instances with score >= delta."""
+        min_score = self.config.sketch_threshold if min_score is None else min_score
+        instances = self.predict([image])[0]
+        return sketch_of(instances, image.shape[:2], min_score)
+
+
+def sketch_of(instances: Sequence[Instance], shape: tuple[int, int], min_score: float) -> np.ndarray:
+    masks = [i.mask for i in instances if i.score >= min_score and i.mask.any()]
+    return sketch_from_instances(masks) if masks else np.full(shape, PAPER, dtype=np.uint8)
+
+
+def label_map(instances: Sequence[Instance], shape: tuple[int, int], min_score: float) -> np.ndarray:
+    out = np.zeros(shape, dtype=np.uint8)
+    for instance in sorted(instances, key=lambda i: i.score):  # highest score painted last, on top
+        if instance.score >= min_score:
+            out[instance.mask] = instance.class_index
+    return out
+
+
+def _check_images(images: np.ndarray | Sequence[np.ndarray]) -> list[np.ndarray]:
+    if isinstance(images, np.ndarray) and images.ndim == 3:
+        images = [images]
+    images = list(images)
+    for image in images:
+        if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+            shape = getattr(image, "shape", None)
+            raise InputError(f"the synthesizer takes RGB uint8 images (H, W, 3); got {type(image).__name__} {shape}")
+        if min(image.shape[:2]) < 8:
+            raise InputError(f"image of {image.shape[1]}x{image.shape[0]} pixels is too small to segment")
+    return images
+
+
+def _resize_image(image: np.ndarray, size: int) -> Tensor:
+    x = torch.from_numpy(np.array(image, dtype=np.float32)).permute(2, 0, 1)  # a copy: inputs may be read-only
+    if x.shape[1:] != (size, size):
+        x = F.interpolate(x[None], size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0]
+    return x
+
+
+def points_nms(heat: Tensor) -> Tensor:
+    """Keep only cells that are the maximum of their 2x2 neighbourhood (others -> 0)."""
+    peak = F.max_pool2d(heat, 2, stride=1, padding=1)[..., :-1, :-1]
+    return heat * (peak == heat)
+
+
+def matrix_nms(masks: Tensor, labels: Tensor, scores: Tensor, kernel: str = "gaussian", sigma: float = 2.0) -> Tensor:
+    """Matrix NMS: decayed scores of K candidates sorted by descending score.
+
+    masks (K, H, W) bool/float, labels (K,), scores (K,). Each mask's score decays with its IoU
+    with every higher-scoring mask of its class, compensated by how much that higher mask was
+    itself suppressed (a suppressed mask should not suppress others).
+    """
+    k = len(scores)
+    if k == 0:
+        return scores
+    assert masks.shape[0] == labels.shape[0] == k
+    assert bool((scores[:-1] >= scores[1:]).all()), "matrix_nms needs scores sorted in descending order"
+    flat = masks.reshape(k, -1).float()
+    areas = flat.sum(1)
+    inter = flat @ flat.T
+    union = areas[:, None] + areas[None, :] - inter
+    iou = (inter / union.clamp(min=1e-6)).triu(diagonal=1)  # iou[i, j]: i scores higher than j
+    same = (labels[:, None] == labels[None, :]).float().triu(diagonal=1)
+    decay_iou = iou * same
+    compensate = decay_iou.max(0).values[:, None].expand(k, k)  # row i: how suppressed i itself is
+    if kernel == "gaussian":
+        decay = torch.exp(-sigma * (decay_iou**2 - compensate**2))
+    else:
+        decay = (1 - decay_iou) / (1 - compensate).clamp(min=1e-6)
+    return scores * decay.min(0).values
+
+
+def postprocess(output: SOLOv2Output, index: int, config: SOLOv2Config, out_shape: tuple[int, int]) -> list[Instance]:
+    """Instances of image `index` of a batch output, masks resized to `out_shape`."""
+    heats = [points_nms(c[index : index + 1].sigmoid())[0] for c in output.categories]
+    scores_all = torch.cat([h.flatten(1).T for h in heats])  # (cells, C)
+    kernels = torch.cat([k[index].flatten(1).T for k in output.kernels])  # (cells, E)
+    strides = torch.cat([torch.full((g * g,), s, dtype=torch.float32) for g, s in zip(config.grids, LEVEL_STRIDES)])
+    cells, classes = torch.nonzero(scores_all > config.score_threshold, as_tuple=True)
+    if len(cells) == 0:
+        return []
+    scores = scores_all[cells, classes]
+    features = output.mask_features[index]
+    probabilities = torch.einsum("ke,ehw->khw", kernels[cells], features).sigmoid()
+    binary = probabilities > config.mask_threshold
+    areas = binary.flatten(1).sum(1).float()
+    # Drop masks smaller than the level's stride (in 1/4-scale pixels), scaled like the ranges.
+    keep = areas > strides.to(areas.device)[cells] * (config.size / PUBLISHED_SIZE)
+    if not keep.any():
+        return []
+    probabilities, binary, areas, scores, classes = probabilities[keep], binary[keep], areas[keep], scores[keep], classes[keep]
+    maskness = (probabilities * binary).flatten(1).sum(1) / areas
+    scores = scores * maskness
+    order = scores.argsort(descending=True)[: config.nms_pre]
+    probabilities, binary, scores, classes = probabilities[order], binary[order], scores[order], classes[order]
+    scores = matrix_nms(binary, classes, scores, config.nms_kernel, config.nms_sigma)
+    keep = scores >= config.update_threshold
+    probabilities, scores, classes = probabilities[keep], scores[keep], classes[keep]
+    order = scores.argsort(descending=True)[: config.max_instances]
+    probabilities, scores, classes = probabilities[order], scores[order], classes[order]
+    if len(scores) == 0:
+        return []
+    full = F.interpolate(probabilities[None], size=(config.size, config.size), mode="bilinear", align_corners=False)
+    if tuple(out_shape) != (config.size, config.size):
+        full = F.interpolate(full, size=tuple(out_shape), mode="bilinear", align_corners=False)
+    masks = (full[0] > config.mask_threshold).cpu().numpy()
+    return [Instance(int(c) + 1, m, float(s)) for c, m, s in zip(classes.tolist(), masks, scores.tolist())]
+
+
+# ----------------------------------------------------------------------------------------------
+# Targets
+
+
+class Targets(NamedTuple):
+    """Training targets of one image over the cells of all levels (flattened level by level)."""
+
+    labels: Tensor  # (cells,) long: dataset class index of each cell, 0 = background
+    positive_cells: Tensor  # (P,) long: flat cell indices with an instance
+    positive_instance: Tensor  # (P,) long: which row of `masks` each positive cell predicts
+    masks: Tensor  # (I, size/4, size/4) float: instance masks at mask-feature scale (area fractions)
+
+
+def _cell(position: float, size: int, grid: int) -> int:
+    """Grid cell (row or column) of a pixel position."""
+    return min(grid - 1, max(0, int(position / size * grid)))
+
+
+def build_targets(mask: np.ndarray, config: SOLOv2Config) -> Targets:
+    """Targets from a class-index mask (size, size): instances are its connected components per class.
+
+    An instance goes to every level whose scale range holds sqrt(box area). On a level, its cells
+    are the centre cell (holding its mass centre) and the neighbours within the centre region
+    (sigma x box around the mass centre), at most 3 x 3.
+    """
+    size = config.size
+    assert mask.shape == (size, size), f"target mask must be ({size}, {size}), got {mask.shape}"
+    if mask.max(initial=0) > config.num_classes:
+        raise InputError(f"mask has class {int(mask.max())} but the synthesizer has {config.num_classes} classes")
+    instances = mask_instances(mask)
+    # Larger instances first: a small instance overlapping a large one's centre region then wins
+    # the shared cells, since the large one also owns cells on other levels / around its centre.
+    instances.sort(key=lambda item: -int(item[1].sum()))
+    labels = np.zeros(config.total_cells, dtype=np.int64)
+    owner = np.full(config.total_cells, -1, dtype=np.int64)
+    boxes = []  # (class, sqrt box area, mass centre y, x, half centre-region h, w) per instance
+    for class_index, instance in instances:
+        ys, xs = np.nonzero(instance)
+        box_h, box_w = ys.max() - ys.min() + 1, xs.max() - xs.min() + 1
+        # Mass centre in pixel-edge coordinates (pixel i covers [i, i + 1)).
+        boxes.append((class_index, math.sqrt(box_h * box_w), ys.mean() + 0.5, xs.mean() + 0.5, 0.5 * config.sigma * box_h, 0.5 * config.sigma * box_w))
+    offset = 0
+    for grid, (low, high) in zip(config.grids, config.scale_ranges):
+        for index, (class_index, scale, cy, cx, half_h, half_w) in enumerate(boxes):
+            if not low <= scale <= high:
+                continue
+            row, col = _cell(cy, size, grid), _cell(cx, size, grid)
+            top, bottom = max(_cell(cy - half_h, size, grid), row - 1), min(_cell(cy + half_h, size, grid), row + 1)
+            left, right = max(_cell(cx - half_w, size, grid), col - 1), min(_cell(cx + half_w, size, grid), col + 1)
+            cells = (offset + np.arange(top, bottom + 1)[:, None] * grid + np.arange(left, right + 1)[None, :]).ravel()
+            labels[cells] = class_index
+            owner[cells] = index
+        offset += grid * grid
+    positive = np.nonzero(owner >= 0)[0]
+    stack = np.stack([m for _, m in instances]).astype(np.float32) if instances else np.zeros((0, size, size), np.float32)
+    # Area-averaged 1/4-scale targets keep sub-cell boundary information for the Dice loss.
+    small = F.avg_pool2d(torch.from_numpy(stack)[:, None], MASK_STRIDE)[:, 0] if len(stack) else torch.zeros(0, size // MASK_STRIDE, size // MASK_STRIDE)
+    return Targets(torch.from_numpy(labels), torch.from_numpy(positive), torch.from_numpy(owner[positive]), small)
+
+
+# ----------------------------------------------------------------------------------------------
+# Losses
+
+
+def focal_loss(logits: Tensor, targets: Tensor, gamma: float = 2.0, alpha: float = 0.25) -> Tensor:
+    """Sigmoid focal loss, summed. logits and 0/1 targets of the same shape."""
+    p = logits.sigmoid()
+    ce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    p_t = p * targets + (1 - p) * (1 - targets)
+    alpha_t = alpha * targets + (1 - alpha) * (1 - targets)
+    return (alpha_t * (1 - p_t) ** gamma * ce).sum()
+
+
+def dice_loss(probabilities: Tensor, targets: Tensor, eps: float = 1e-3) -> Tensor:
+    """Per-mask Dice loss 1 - 2 sum(pt) / (sum(p^2) + sum(t^2)), shape (K,) for (K, H, W) inputs."""
+    p, t = probabilities.flatten(1), targets.flatten(1)
+    return 1 - 2 * (p * t).sum(1) / ((p * p).sum(1) + eps + (t * t).sum(1) + eps)
+
+
+def solov2_loss(output: SOLOv2Output, targets: Sequence[Targets], config: SOLOv2Config) -> dict[str, Tensor]:
+    """{"loss", "loss_mask", "loss_category"}: Dice on positive cells (x3) + focal over all cells."""
+    n = output.mask_features.shape[0]
+    assert len(targets) == n
+    logits = torch.cat([c.flatten(2) for c in output.categories], 2).transpose(1, 2)  # (N, cells, C)
+    kernels = torch.cat([k.flatten(2) for k in output.kernels], 2).transpose(1, 2)  # (N, cells, E)
+    assert logits.shape[1] == config.total_cells
+    device = logits.device
+    labels = torch.stack([t.labels for t in targets]).to(device)
+    one_hot = F.one_hot(labels, config.num_classes + 1)[..., 1:].to(logits.dtype)  # background has no channel
+    num_positive = sum(len(t.positive_cells) for t in targets)
+    loss_category = focal_loss(logits, one_hot, config.focal_gamma, config.focal_alpha) / (num_positive + 1)
+    predicted, wanted = [], []
+    for i, t in enumerate(targets):
+        if len(t.positive_cells):
+            k = kernels[i, t.positive_cells.to(device)]
+            predicted.append(torch.einsum("ke,ehw->khw", k, output.mask_features[i]))
+            wanted.append(t.masks.to(device)[t.positive_instance.to(device)])
+    if predicted:
+        loss_mask = dice_loss(torch.cat(predicted).sigmoid(), torch.cat(wanted)).mean()
+    else:  # keep every parameter in the graph (DDP) when a batch has no instance
+        loss_mask = kernels.sum() * 0.0 + output.mask_features.sum() * 0.0
+    loss_mask = loss_mask * config.dice_weight
+    return {"loss": loss_mask + loss_category, "loss_mask": loss_mask.detach(), "loss_category": loss_category.detach()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Bundles
+
+CHECKPOINT_NAME = "synthesizer"
+
+
+def save_synthesizer(model: SOLOv2, bundle, name: str = CHECKPOINT_NAME, meta: dict[str, Any] | None = None) -> None:
+    from training.checkpoints import save_checkpoint
+
+    save_checkpoint(bundle, name, {"model": model.state_dict()}, {"config": model.config.to_dict(), **(meta or {})})
+
+
+def load_synthesizer(bundle, device: str | torch.device = "cpu", name: str = CHECKPOINT_NAME) -> SOLOv2:
+    """The trained synthesizer of a bundle folder, in eval mode."""
+    from training.checkpoints import load_checkpoint
+
+    states, meta = load_checkpoint(bundle, name)
+    if "config" not in meta or "model" not in states:
+        raise InputError(f"{bundle}: {name}.json is not a synthesizer checkpoint")
+    model = SOLOv2(SOLOv2Config.from_dict(meta["config"]))
+    model.load_state_dict(states["model"])
+    return model.to(device).eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# Files
+
+
+def sketch_folder(source, out, bundle, size: int = 256, threshold: float = 0.35, device: str = "auto",
+                  batch_size: int = 16, on_image=None) -> int:
+    """Segment every image under `source` (file or folder) with the bundle's S and write, per image,
+    `out/masks/NAME.png` (class indices; highest-scoring instance on top) and `out/sketches/NAME.png`
+    (canonical synthesized sketch of the instances with score >= threshold), both size x size.
+    Images are centre-cropped to a square first, as datasets are. Returns the number of images.
+    """
+    from pathlib import Path
+
+    from PIL import Image
+
+    from generation.images import find_images, load_rgb
+    from training.data import square_resize
+    from training.distributed import pick_device
+
+    source, out = Path(source), Path(out)
+    paths = find_images(source)
+    if not paths:
+        raise InputError(f"{source}: no images found (PNG, JPEG, TIFF, BMP)")
+    model = load_synthesizer(bundle, pick_device(device))
+    base = source if source.is_dir() else source.parent
+    for start in range(0, len(paths), batch_size):
+        chunk = paths[start : start + batch_size]
+        images = [square_resize(load_rgb(path), size) for path in chunk]
+        for path, instances in zip(chunk, model.predict(images)):
+            name = path.relative_to(base).with_suffix(".png")
+            for folder, array in (("masks", label_map(instances, (size, size), threshold)), ("sketches", sketch_of(instances, (size, size), threshold))):
+                target = out / folder / name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(array, mode="L").save(target)
+        if on_image is not None:
+            on_image(start + len(chunk), len(paths))
+    return len(paths)
