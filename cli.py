@@ -195,7 +195,7 @@ def train_generator_command(
     snap_kimg: float = typer.Option(4.0, "--snap-kimg", min=0.001, help="Sample grid + checkpoint every this many kimg."),
     fd_bundle: Path = typer.Option(None, "--fd-bundle", help="Bundle with C (moco.*) for FD_C at snapshots (default: --out)."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
-    threads: int = typer.Option(0, "--threads", min=0, help="CPU threads per process (0 = torch's default; 1 is fastest on a busy machine)."),
+    threads: int = typer.Option(0, "--threads", min=0, help="CPU threads per process (0 = torch's default; use 1 on a machine shared with other jobs)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the checkpoint in --out."),
     seed: int = typer.Option(0, "--seed"),
 ):

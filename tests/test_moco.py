@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from generation.images import InputError
 from generation.resnet import ResNet, ResNetConfig, load_backbone_weights
 from retrieval.moco import FeatureNetwork, MoCo, MocoConfig, info_nce_loss, moco_logits, moco_preset
-from training.augment import AugmentConfig, adjust_hue, augment_batch, gaussian_blur, resize_images
+from training.augment import AugmentConfig, adjust_hue, augment_batch, gaussian_blur
 from training.evaluate_moco import evaluate_moco
 from training.train_moco import batch_indices, configure_moco, read_metrics, train_moco
 
