@@ -18,7 +18,7 @@ from generation.images import InputError
 from generation.resnet import ResNet, ResNetConfig, load_backbone_weights
 from retrieval.moco import FeatureNetwork, MoCo, MocoConfig, info_nce_loss, moco_logits, moco_preset
 from training.augment import AugmentConfig, adjust_hue, augment_batch, gaussian_blur
-from training.evaluate_moco import evaluate_moco
+from training.evaluate_moco import evaluate_moco, neighbour_mask_dice
 from training.train_moco import batch_indices, configure_moco, read_metrics, train_moco
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -237,6 +237,18 @@ def test_bundle_loads_as_feature_network(blob_dataset, tmp_path):
         FeatureNetwork.from_bundle(tmp_path)
     with pytest.raises(InputError):
         FeatureNetwork.from_bundle(tmp_path / "missing")
+
+
+def test_neighbour_mask_dice_finds_the_same_anatomy():
+    """Queries that are copies of archive images find themselves: their masks agree perfectly."""
+    rng = np.random.default_rng(1)
+    archive = torch.from_numpy(rng.integers(0, 255, (12, 3, 32, 32), dtype=np.uint8))
+    yy, xx = np.mgrid[:32, :32]
+    masks = np.stack([((yy - 4 - 2 * i) ** 2 + (xx - 16) ** 2 < 36).astype(np.uint8) for i in range(12)])
+    network = FeatureNetwork.random(tiny_config())
+    scores = neighbour_mask_dice({"net": network}, archive[:6], masks[:6], archive, masks, num_classes=2)
+    assert scores["net"] == pytest.approx(100.0)
+    assert scores["random_neighbour"] < 60
 
 
 def test_evaluate_moco_runs_on_tiny(blob_dataset, tmp_path):

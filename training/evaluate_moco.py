@@ -5,7 +5,13 @@ un-augmented archive image (cosine similarity of `FeatureNetwork.embed`). Top-1 
 views whose nearest neighbour is their own original; chance is 1/N. A trained C should be far above
 an untrained network of the same architecture on the same views.
 
+Retrieval is what C is for, so a second probe asks whether C's nearest neighbours show the same
+anatomy: for every query image (e.g. the `test` split) take its nearest archive image (e.g. the
+`train` split) by C's embedding and score the neighbour's mask against the query's mask with DICE.
+Baselines: a random network's nearest neighbour, and a random archive image.
+
     python -m training.evaluate_moco --bundle BUNDLE --data DIR [--split val] [--views 2]
+        [--archive-split train]
 """
 
 from __future__ import annotations
@@ -16,8 +22,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
+from retrieval.metrics import dice_per_image, dice_summary
 from retrieval.moco import FeatureNetwork
 from training.augment import AugmentConfig, augment_batch, resize_images
 from training.data import ImageDataset
@@ -75,6 +83,30 @@ def evaluate_feature_network(
     return report
 
 
+def neighbour_mask_dice(
+    networks: dict[str, FeatureNetwork],
+    queries: torch.Tensor,
+    query_masks: np.ndarray,
+    archive: torch.Tensor,
+    archive_masks: np.ndarray,
+    num_classes: int,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Mean DICE (x100) between each query's mask and its nearest archive image's mask, per network,
+    plus `random_neighbour`: the same with a random archive image (what chance gives)."""
+    neighbours = {
+        name: (network.embed_many(queries) @ network.embed_many(archive).T).argmax(dim=1).numpy()
+        for name, network in networks.items()
+    }
+    neighbours["random_neighbour"] = np.random.default_rng(seed).integers(0, len(archive), len(queries))
+    return {
+        name: dice_summary(
+            [dice_per_image(archive_masks[j], query_masks[i], num_classes) for i, j in enumerate(chosen)]
+        ).mean
+        for name, chosen in neighbours.items()
+    }
+
+
 def evaluate_moco(
     bundle: str | Path,
     data: str | Path,
@@ -83,14 +115,29 @@ def evaluate_moco(
     seed: int = 0,
     max_images: int | None = None,
     device: str = "cpu",
+    archive_split: str | None = None,
 ) -> dict[str, Any]:
     trained = FeatureNetwork.from_bundle(bundle, device)
     dataset = ImageDataset(data, split)
-    arrays, _ = dataset.arrays(trained.config.load_size)
+    arrays, masks = dataset.arrays(trained.config.load_size, with_masks=archive_split is not None)
     images = torch.from_numpy(arrays).permute(0, 3, 1, 2).contiguous()
     if max_images is not None:
         images = images[:max_images]
     report = evaluate_feature_network(trained, images, views, seed)
+    if archive_split is not None:
+        archive = ImageDataset(data, archive_split)
+        archive_arrays, archive_masks = archive.arrays(trained.config.load_size, with_masks=True)
+        networks = {"trained": trained, "random": FeatureNetwork.random(trained.config, seed=seed)}
+        report["neighbour_mask_dice"] = neighbour_mask_dice(
+            networks,
+            images,
+            masks,
+            torch.from_numpy(archive_arrays).permute(0, 3, 1, 2).contiguous(),
+            archive_masks,
+            max(dataset.num_classes, int(masks.max()) + 1, int(archive_masks.max()) + 1),
+            seed,
+        )
+        report["archive_split"] = archive_split
     report["bundle"], report["data"], report["split"] = str(bundle), str(data), split
     report["config"] = dataclasses.asdict(trained.config)
     return report
@@ -104,8 +151,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--views", type=int, default=1)
     parser.add_argument("--max-images", type=int, default=None)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--archive-split", default=None, help="also score nearest neighbours' masks from this split")
     args = parser.parse_args(argv)
-    report = evaluate_moco(args.bundle, args.data, args.split, args.views, max_images=args.max_images, device=args.device)
+    report = evaluate_moco(
+        args.bundle, args.data, args.split, args.views, max_images=args.max_images, device=args.device,
+        archive_split=args.archive_split,
+    )  # fmt: skip
     report.pop("config")
     print(json.dumps(report, indent=1))
 
