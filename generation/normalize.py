@@ -9,7 +9,7 @@ Steps, each for a reason:
 3. Refuse what is not a line sketch: no ink at all (empty), or too much, too wide ink (a photograph).
 4. Threshold relative to the stroke intensity (faint pencil and bold marker both survive) and drop
    specks (scanner or JPEG noise).
-5. Pad to a square with background, resize, thin to a one-pixel skeleton and redraw it at the
+5. Pad to a square with background, resize, thin to one-pixel lines and redraw it at the
    canonical line width, so a thick marker and a fine pen give the same sketch as the synthesized
    sketches the encoder was trained on.
 """
@@ -63,7 +63,7 @@ def clean_strokes(ink: np.ndarray, name: str = "sketch") -> np.ndarray:
     if not strokes.any():
         raise InputError(f"{name}: the sketch is empty (only specks); draw the outlines of the anatomy as lines")
     coverage = strokes.mean()
-    skeleton_length = max(1, int(morphology.skeletonize(strokes).sum()))
+    skeleton_length = max(1, int(morphology.thin(strokes).sum()))
     stroke_width = strokes.sum() / skeleton_length  # mean width in pixels
     if coverage > 0.3 or stroke_width > 0.05 * side:
         raise InputError(
@@ -82,17 +82,22 @@ def pad_to_square(strokes: np.ndarray) -> np.ndarray:
 
 
 def resize_strokes(strokes: np.ndarray, size: int) -> np.ndarray:
-    """Resize a square boolean stroke mask; thin strokes survive downscaling (any coverage counts)."""
+    """Resize a square boolean stroke mask so that no stroke breaks: downscaling keeps any pixel a
+    stroke touches (box coverage > 5 %); upscaling is nearest-neighbour (interpolation would open gaps
+    in one-pixel diagonals)."""
     if strokes.shape[0] == size:
         return strokes
-    coverage = Image.fromarray(strokes.astype(np.float32)).resize((size, size), Image.BOX if strokes.shape[0] > size else Image.BILINEAR)
-    return np.asarray(coverage) > (0.05 if strokes.shape[0] > size else 0.5)
+    if strokes.shape[0] < size:
+        # Via 8-bit: PIL's mode-1 arrays come back as bools stored as 255, which breaks skimage.
+        return np.asarray(Image.fromarray(strokes.astype(np.uint8)).resize((size, size), Image.NEAREST)) > 0
+    coverage = Image.fromarray(strokes.astype(np.float32)).resize((size, size), Image.BOX)
+    return np.asarray(coverage) > 0.05
 
 
 def redraw_canonical(strokes: np.ndarray) -> np.ndarray:
-    """Skeletonise and redraw at the canonical width: uint8, black lines on white."""
+    """Thin to one-pixel lines (ends kept, unlike skeletonize) and redraw at the canonical width."""
     size = strokes.shape[0]
-    skeleton = morphology.skeletonize(strokes)
+    skeleton = morphology.thin(strokes)
     width = line_width(size)
     lines = morphology.dilation(skeleton, np.ones((width, width), bool)) if width > 1 else skeleton
     return np.where(lines, INK, PAPER).astype(np.uint8)
