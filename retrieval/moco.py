@@ -50,6 +50,13 @@ class MocoConfig:
     # in-order ones) so a query and its key never share batch statistics, emulating MoCo's
     # multi-GPU shuffle BN on one device. Under DDP keys are also shuffled across ranks.
     bn_splits: int = 1
+    # aug+ strength (training/augment.py; the defaults are MoCo v2's): smallest crop area, a factor
+    # on the colour-jitter magnitudes (brightness/contrast/saturation 0.4, hue 0.1), probabilities.
+    crop_min_scale: float = 0.2
+    jitter_strength: float = 1.0
+    jitter_p: float = 0.8
+    grayscale_p: float = 0.2
+    blur_p: float = 0.5
     seed: int = 0
     log_every: int = 10
     checkpoint_every: int = 200
@@ -63,6 +70,8 @@ class MocoConfig:
             raise ValueError("need 0 <= momentum < 1, temperature > 0 and queue_size >= 1")
         if self.load_size < self.image_size:
             raise ValueError("load_size must be >= image_size")
+        if not 0.0 < self.crop_min_scale <= 1.0 or self.jitter_strength < 0:
+            raise ValueError("need 0 < crop_min_scale <= 1 and jitter_strength >= 0")
 
 
 def moco_preset(name: str) -> MocoConfig:
@@ -78,9 +87,15 @@ def moco_preset(name: str) -> MocoConfig:
         # archives (a few hundred images) would otherwise get too few steps to learn anything.
         # Momentum 0.99: the key encoder averages over ~100 steps; 0.999 (~1000 steps) would
         # leave it nearly at its random initialisation for the whole of a 600-step run.
+        # Augmentation: crop (area 0.3-1) + flip + blur, no colour jitter / grayscale. On a small
+        # archive of video frames (e.g. vocalfolds: 426 frames of 6 sequences, all pink tissue) the
+        # colour part of aug+ makes the two views of a frame no closer than two frames of the same
+        # sequence: MoCo then collapses (projections all within cos ~0.9, loss stuck near ln(K+1))
+        # and C ends no better than random weights. Without it, it learns.
         return MocoConfig(
             backbone=ResNetConfig(depth=18, width=32), dim=128, queue_size=4096, momentum=0.99, image_size=128,
             load_size=144, batch_size=64, epochs=20, steps=600, bn_splits=4, log_every=10, checkpoint_every=50,
+            crop_min_scale=0.3, jitter_p=0.0, grayscale_p=0.0, blur_p=0.5,
         )  # fmt: skip
     if name == "paper":
         return MocoConfig()
@@ -180,6 +195,10 @@ class MoCo(nn.Module):
         # Rows are past keys; random unit vectors until the first K keys have been enqueued.
         self.register_buffer("queue", F.normalize(torch.randn(config.queue_size, config.dim), dim=1))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+        # Archive index of the image each queue row was encoded from (-1: unknown / random row).
+        # On a small archive the queue spans epochs, so it can hold an older key of a query's own
+        # image; that "negative" is really a positive and is masked out of the logits.
+        self.register_buffer("queue_ids", torch.full((config.queue_size,), -1, dtype=torch.long))
 
     @torch.no_grad()
     def momentum_update(self) -> None:
@@ -188,12 +207,17 @@ class MoCo(nn.Module):
             param_k.mul_(m).add_(param_q.detach(), alpha=1 - m)
 
     @torch.no_grad()
-    def enqueue(self, keys: Tensor) -> None:
-        """Replace the oldest queue rows by `keys` (already gathered from all ranks), wrapping around."""
+    def enqueue(self, keys: Tensor, ids: Tensor | None = None) -> None:
+        """Replace the oldest queue rows by `keys` (already gathered from all ranks), wrapping around.
+
+        `ids`: the keys' archive image indices (same order), remembered to mask false negatives."""
         size = self.queue.shape[0]
-        keys = keys[-size:]  # more keys than the queue holds: keep the newest
+        if ids is None:
+            ids = torch.full((keys.shape[0],), -1, dtype=torch.long, device=keys.device)
+        keys, ids = keys[-size:], ids[-size:]  # more keys than the queue holds: keep the newest
         index = (self.queue_ptr + torch.arange(keys.shape[0], device=keys.device)) % size
         self.queue[index] = keys.to(self.queue.dtype)
+        self.queue_ids[index] = ids.to(device=self.queue_ids.device, dtype=torch.long)
         self.queue_ptr.copy_((self.queue_ptr + keys.shape[0]) % size)
 
     @torch.no_grad()
@@ -212,11 +236,15 @@ class MoCo(nn.Module):
         unshuffled[permutation] = all_keys
         return unshuffled[rank * local : (rank + 1) * local]
 
-    def forward(self, view_q: Tensor, view_k: Tensor, shuffle_generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, view_q: Tensor, view_k: Tensor, shuffle_generator: torch.Generator, ids: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         """Two views of the same local batch -> (InfoNCE logits (N, 1+K), local keys (N, dim)).
 
         Side effects, as in MoCo: the key encoder takes one EMA step before encoding, and the
         keys of the whole global batch are enqueued after the logits are computed.
+        `ids` (N,): archive indices of the batch's images; queue rows holding a key of the same
+        image (from an earlier epoch) get logit -inf, so a query is never pushed away from itself.
         """
         size = self.config.image_size
         assert view_q.shape == view_k.shape and view_q.shape[1:] == (3, size, size), (
@@ -226,7 +254,13 @@ class MoCo(nn.Module):
         self.momentum_update()
         keys = self.encode_keys(view_k, shuffle_generator)
         logits = moco_logits(queries, keys, self.queue.clone().detach(), self.config.temperature)
-        self.enqueue(gather_from_all_ranks(keys))
+        all_ids = None
+        if ids is not None:
+            ids = ids.to(device=logits.device, dtype=torch.long)
+            same_image = ids[:, None] == self.queue_ids[None, :]
+            logits = torch.cat([logits[:, :1], logits[:, 1:].masked_fill(same_image, float("-inf"))], dim=1)
+            all_ids = gather_from_all_ranks(ids)
+        self.enqueue(gather_from_all_ranks(keys), all_ids)
         return logits, keys
 
 

@@ -107,6 +107,31 @@ def test_forward_enqueues_keys_and_key_encoder_gets_no_gradient():
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in moco.encoder_q.parameters())
 
 
+def test_queue_keys_of_the_same_image_are_masked_out():
+    """On a small archive the queue spans epochs: an older key of a query's own image is no negative."""
+    config = tiny_config(image_size=16, load_size=16, queue_size=16)
+    moco = MoCo(config)
+    views = torch.rand(8, 3, 16, 16) * 2 - 1
+    ids = torch.arange(8)
+    logits, _ = moco(views, views, torch.Generator().manual_seed(0), ids)
+    assert torch.isfinite(logits).all()  # queue still random (ids -1): nothing masked
+    assert moco.queue_ids[:8].tolist() == list(range(8)) and (moco.queue_ids[8:] == -1).all()
+    logits, _ = moco(views, views, torch.Generator().manual_seed(1), ids.flip(0))
+    masked = torch.isinf(logits[:, 1:])
+    assert torch.isfinite(logits[:, 0]).all()
+    assert masked.sum() == 8 and all(masked[i, 7 - i] for i in range(8))  # query i is image 7 - i
+    assert torch.isfinite(info_nce_loss(logits))
+
+
+def test_augment_config_follows_the_moco_config():
+    from training.train_moco import augment_config_for
+
+    paper = augment_config_for(moco_preset("paper"))
+    assert paper.crop_scale == (0.2, 1.0) and paper.hue == 0.1 and paper.jitter_p == 0.8 and paper.grayscale_p == 0.2
+    cpu = augment_config_for(moco_preset("cpu"))
+    assert cpu.size == 128 and cpu.crop_scale == (0.3, 1.0) and cpu.jitter_p == 0.0 and cpu.grayscale_p == 0.0
+
+
 def test_key_shuffle_is_undone():
     """With frozen BN statistics the shuffled, split key encoding equals plain encoding."""
     moco = MoCo(tiny_config(image_size=16, load_size=16, bn_splits=2)).eval()

@@ -109,7 +109,19 @@ def fit_to_archive(config: MocoConfig, num_images: int, world_size: int) -> tupl
 
 
 def augment_config_for(config: MocoConfig) -> AugmentConfig:
-    return AugmentConfig(size=config.image_size)
+    paper = AugmentConfig(size=config.image_size)
+    strength = config.jitter_strength
+    return dataclasses.replace(
+        paper,
+        crop_scale=(config.crop_min_scale, 1.0),
+        brightness=paper.brightness * strength,
+        contrast=paper.contrast * strength,
+        saturation=paper.saturation * strength,
+        hue=paper.hue * strength,
+        jitter_p=config.jitter_p,
+        grayscale_p=config.grayscale_p,
+        blur_p=config.blur_p,
+    )
 
 
 def _step_generator(*parts: int) -> torch.Generator:
@@ -229,7 +241,7 @@ def train_moco(
             for group in optimizer.param_groups:
                 group["lr"] = lr
 
-            logits, _ = model(view_q, view_k, _step_generator(config.seed, 3, step))
+            logits, _ = model(view_q, view_k, _step_generator(config.seed, 3, step), index)
             loss = info_nce_loss(logits)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
