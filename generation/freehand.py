@@ -166,6 +166,7 @@ def edit_objects(
     extra_draw, extra_shape = rng.random(), rng.random(5)
 
     areas = [int(m.sum()) for m in instances]
+    small = hand.small_area * height * width  # only objects below this area are merged or dropped
     gap = max(1, round(hand.merge_gap * size))
     structure = _disk(gap)
     merged: list[np.ndarray] = []
@@ -177,7 +178,6 @@ def edit_objects(
         if merge_draws[i] < strength * hand.merge_p:
             # Merging two large regions would erase a main border of the anatomy: one must be small.
             near = ndimage.binary_dilation(instance, structure)
-            small = hand.small_area * height * width
             partner = next(
                 (
                     j
@@ -196,7 +196,6 @@ def edit_objects(
     # Only small objects get forgotten; never all of them.
     areas = [m.sum() for m in merged]
     largest = int(np.argmax(areas))
-    small = hand.small_area * height * width
     kept = [
         m
         for k, m in enumerate(merged)
