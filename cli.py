@@ -228,6 +228,141 @@ def train_generator_command(
         typer.echo(f"trained G to {result.kimg:.2f} kimg in {result.seconds / 60:.1f} min; wrote {out}/generator.safetensors")
 
 
+def _train_phase_command(phase: str, data: Path, bundle: Path, preset: str, steps: int | None, batch: int | None,
+                         lr: float | None, split: str | None, device: str, threads: int, resume: bool, **extra) -> None:
+    import os
+
+    import torch
+
+    from training.train_sketch2medi import phase_options, train_phase
+
+    if threads:
+        torch.set_num_threads(threads)
+    options = phase_options(preset, phase, steps=steps, batch=batch, lr=lr, **extra)
+    run = dict(data=data, bundle=bundle, preset=preset, options=options, split=split, device=device, resume=resume)
+    if os.environ.get("RANK", "0") != "0":  # torchrun: only rank 0 talks
+        train_phase(phase, **run, log=lambda message: None)
+        return
+    with progress_bar() as progress:
+        cache_task = progress.add_task("sketch cache", total=None, visible=False)
+        task = progress.add_task(f"{phase} ({preset})", total=options.steps)
+
+        def on_cache(done: int, total: int) -> None:
+            progress.update(cache_task, completed=done, total=total, visible=True)
+
+        def on_step(step: int, stats: dict[str, float]) -> None:
+            progress.update(task, completed=step, description=f"{phase} loss {stats['loss']:.3f}")
+
+        result = train_phase(phase, **run, on_step=on_step, on_cache=on_cache, log=progress.console.print)
+    if result.stopped_early:
+        typer.echo(f"stopped at step {result.steps}; checkpoint in {bundle} (continue with --resume)")
+    else:
+        typer.echo(f"trained {phase} for {result.steps} steps in {result.seconds / 60:.1f} min; wrote {bundle}/{phase}.safetensors")
+
+
+PHASE_HELP = "tiny (tests) | cpu (2 CPU cores) | paper (ResNet-50 E, ResNet-34 H)."
+
+
+@train_app.command("encoder")
+def train_encoder_command(
+    data: Path = typer.Option(..., "--data", help="Dataset folder (the images G was trained on)."),
+    bundle: Path = typer.Option(..., "--bundle", help="Bundle with C, S and G; E is written into it."),
+    preset: str = typer.Option("cpu", "--preset", help=PHASE_HELP),
+    steps: int = typer.Option(None, "--steps", min=1, help="Training steps (default: the preset's)."),
+    batch: int = typer.Option(None, "--batch", min=1, help="Global batch size."),
+    lr: float = typer.Option(None, "--lr", min=0.0, help="E's learning rate."),
+    freehand: float = typer.Option(None, "--freehand", min=0.0, max=1.0, help="Probability of a simulated free-hand sketch per pair (default 0, as in the paper)."),
+    adversarial: float = typer.Option(None, "--adversarial", min=0.0, help="Weight of the latent discriminator's loss (paper: 0.1)."),
+    split: str = typer.Option("train", "--split", help="Split of split.csv to train on."),
+    device: str = typer.Option("auto", "--device"),
+    threads: int = typer.Option(0, "--threads", min=0, help="CPU threads per process (0 = torch's default)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the encoder checkpoint in --bundle."),
+):
+    """Phase 1: train the sketch encoder E with the latent discriminator; works under torchrun."""
+    _train_phase_command("encoder", data, bundle, preset, steps, batch, lr, split, device, threads, resume,
+                         freehand=freehand, adversarial=adversarial)
+
+
+@train_app.command("refiner")
+def train_refiner_command(
+    data: Path = typer.Option(..., "--data", help="Dataset folder (the images G was trained on)."),
+    bundle: Path = typer.Option(..., "--bundle", help="Bundle with C, S, G and E; H is written into it."),
+    preset: str = typer.Option("cpu", "--preset", help=PHASE_HELP),
+    steps: int = typer.Option(None, "--steps", min=1, help="Training steps (default: the preset's)."),
+    batch: int = typer.Option(None, "--batch", min=1, help="Global batch size."),
+    lr: float = typer.Option(None, "--lr", min=0.0, help="H's learning rate."),
+    refine_steps: int = typer.Option(None, "--refine-steps", min=1, help="Refinement steps T (paper: 3)."),
+    split: str = typer.Option("train", "--split", help="Split of split.csv to train on."),
+    device: str = typer.Option("auto", "--device"),
+    threads: int = typer.Option(0, "--threads", min=0, help="CPU threads per process (0 = torch's default)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the refiner checkpoint in --bundle."),
+):
+    """Phase 2: train the refiner H with E, G, S frozen; works under torchrun."""
+    _train_phase_command("refiner", data, bundle, preset, steps, batch, lr, split, device, threads, resume,
+                         refine_steps=refine_steps)
+
+
+@train_app.command("all")
+def train_all_command(
+    data: Path = typer.Option(..., "--data", help="Dataset folder with images/ and masks/ (see docs/DATA.md)."),
+    out: Path = typer.Option(..., "--out", help="Bundle folder; an existing one is completed where it stopped."),
+    preset: str = typer.Option("cpu", "--preset", help="tiny (tests) | cpu (2 CPU cores; stages fit a session each) | paper (256 px)."),
+    split: str = typer.Option("train", "--split", help="Split to train on (the val split, if any, picks S's best epoch)."),
+    device: str = typer.Option("auto", "--device"),
+    threads: int = typer.Option(0, "--threads", min=0, help="CPU threads (0 = torch's default)."),
+):
+    """Train the whole chain C, S, G, sketch cache, E, H into one bundle; re-run to resume."""
+    import sys
+
+    import torch
+
+    from training.train_all import STAGES, train_all
+
+    if threads:
+        torch.set_num_threads(threads)
+    with progress_bar() as progress:
+        tasks = {stage: progress.add_task(stage, total=None, visible=False) for stage in STAGES}
+
+        def on_progress(stage: str, done: float, total: float | None) -> None:
+            progress.update(tasks[stage], completed=done, total=total, visible=True)
+
+        reports = train_all(data, out, preset, split=split, device=device, command=" ".join(["sketch2medi", *sys.argv[1:]]),
+                            progress=on_progress, log=progress.console.print)
+    for report in reports:
+        typer.echo(f"{report.stage:>8}  {report.status:<11}  {report.seconds / 60:6.1f} min  {report.detail}")
+    typer.echo(f"bundle ready: {out} (bundle.json lists its networks and training)")
+
+
+@app.command()
+def generate(
+    sketch: Path = typer.Argument(..., help="A sketch image (any polarity, mode and size; normalised first)."),
+    out: Path = typer.Option(..., "--out", help="PNG to write: the image, or with --strip every refinement step."),
+    bundle: Path = typer.Option(Path("bundle"), "--bundle", help="Bundle made by `train all`."),
+    steps: int = typer.Option(None, "--steps", min=0, help="Refinement steps T (default: as trained, 3; 0 = E alone)."),
+    strip: bool = typer.Option(False, "--strip", help="Write sketch | x_0 | x_1 | ... | x_T side by side."),
+    device: str = typer.Option("auto", "--device"),
+):
+    """Generate a realistic image from one sketch with E, G and H."""
+    import numpy as np
+    from PIL import Image
+
+    from generation.normalize import normalize_sketch_file
+    from generation.images import tensor_to_images
+    from generation.pipeline import Sketch2MedI
+
+    model = Sketch2MedI.from_bundle(bundle, device)
+    canonical = normalize_sketch_file(sketch, model.resolution)
+    result = model.generate(canonical[None], steps=steps)
+    if strip:
+        pictures = [np.repeat(canonical[:, :, None], 3, axis=2)] + [tensor_to_images(image)[0] for image in result.steps]
+        picture = np.concatenate(pictures, axis=1)
+    else:
+        picture = tensor_to_images(result.images)[0]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(picture).save(out)
+    typer.echo(f"wrote {out} ({len(result.steps) - 1} refinement steps)")
+
+
 @app.command()
 def sketch(
     source: Path = typer.Argument(..., help="An image file or a folder of images."),

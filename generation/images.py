@@ -106,3 +106,11 @@ def find_images(root: str | Path) -> list[Path]:
     if root.is_file():
         return [root]
     return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def tensor_to_images(images) -> np.ndarray:
+    """Network images, float (N, 3, R, R) in [-1, 1] -> uint8 (N, R, R, 3)."""
+    import torch
+
+    pixels = ((images.detach().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return pixels.permute(0, 2, 3, 1).cpu().numpy()

@@ -20,6 +20,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from skimage import measure
 
+from generation.images import InputError
+
 PAPER = 255
 INK = 0
 
@@ -100,3 +102,23 @@ def sketch_from_mask(mask: np.ndarray, line: int | None = None, min_area: int | 
     if not instances:
         return np.full(mask.shape, PAPER, dtype=np.uint8)
     return sketch_from_instances(instances, line)
+
+
+
+def sketch_to_tensor(sketches):
+    """Canonical uint8 sketches (N, R, R) or one (R, R) -> float (N, 1, R, R), ink 1 and paper 0.
+
+    The networks see ink as signal on a zero background, so zero padding at the frame agrees
+    with blank paper.
+    """
+    import torch
+
+    if isinstance(sketches, np.ndarray):
+        sketches = torch.from_numpy(np.ascontiguousarray(sketches))
+    if isinstance(sketches, torch.Tensor) and sketches.ndim == 2:
+        sketches = sketches[None]
+    if not isinstance(sketches, torch.Tensor) or sketches.dtype != torch.uint8 or sketches.ndim != 3 \
+            or sketches.shape[1] != sketches.shape[2]:
+        kind, shape = getattr(sketches, "dtype", type(sketches).__name__), tuple(getattr(sketches, "shape", ()))
+        raise InputError(f"sketches must be uint8 (N, R, R) canonical sketches, got {kind} {shape}")
+    return (PAPER - sketches.to(torch.float32)).div_(PAPER).unsqueeze(1)

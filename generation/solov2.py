@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, NamedTuple, Sequence
 
 import numpy as np
+from PIL import Image
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -281,6 +282,23 @@ class SOLOv2(nn.Module):
         instances = self.predict([image])[0]
         return sketch_of(instances, image.shape[:2], min_score)
 
+    def synthesize(self, images: np.ndarray | Sequence[np.ndarray], size: int, min_score: float | None = None,
+                   batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
+        """(sketches, label maps), both uint8 (N, size, size), of square RGB uint8 images.
+
+        Masks are predicted at the image's own size and area-resized to `size` before the contours
+        are drawn, so lines have the canonical width at `size` (the generator's resolution).
+        """
+        min_score = self.config.sketch_threshold if min_score is None else min_score
+        images = _check_images(images)
+        sketches = np.empty((len(images), size, size), np.uint8)
+        labels = np.empty((len(images), size, size), np.uint8)
+        for i, instances in enumerate(self.predict(images, batch_size)):
+            resized = [Instance(m.class_index, _resize_mask(m.mask, size), m.score) for m in instances]
+            sketches[i] = sketch_of(resized, (size, size), min_score)
+            labels[i] = label_map(resized, (size, size), min_score)
+        return sketches, labels
+
 
 def sketch_of(instances: Sequence[Instance], shape: tuple[int, int], min_score: float) -> np.ndarray:
     masks = [i.mask for i in instances if i.score >= min_score and i.mask.any()]
@@ -313,6 +331,13 @@ def _resize_image(image: np.ndarray, size: int) -> Tensor:
     if x.shape[1:] != (size, size):
         x = F.interpolate(x[None], size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0]
     return x
+
+
+def _resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
+    if mask.shape == (size, size):
+        return mask
+    resized = Image.fromarray(mask.astype(np.uint8) * 255).resize((size, size), Image.BOX if size < mask.shape[0] else Image.NEAREST)
+    return np.asarray(resized) >= 128
 
 
 def points_nms(heat: Tensor) -> Tensor:

@@ -273,7 +273,7 @@ def test_checkpoint_resume_restores_progress_and_repeats_the_run(tmp_path, one_t
     assert straight.steps == 6 and not straight.stopped_early
 
     train_generator(data, tmp_path / "b", TINY, TrainOptions(kimg=0.032, **options), log=quiet)
-    states, meta = load_checkpoint(tmp_path / "b", "checkpoint")
+    states, meta = load_checkpoint(tmp_path / "b", "generator_checkpoint")
     assert meta["nimg"] == 32 and meta["step"] == 4
     with pytest.raises(InputError):  # never overwrite a run by accident
         train_generator(data, tmp_path / "b", TINY, TrainOptions(kimg=0.048, **options), log=quiet)
@@ -294,7 +294,7 @@ def test_checkpoint_resume_restores_progress_and_repeats_the_run(tmp_path, one_t
         assert torch.equal(x, y), name
     summary = json.loads((tmp_path / "a" / "generator.json").read_text())
     assert summary["config"]["resolution"] == 32 and summary["training"]["kimg"] == pytest.approx(0.048)
-    assert len((tmp_path / "a" / "log.jsonl").read_text().splitlines()) == 3
+    assert len((tmp_path / "a" / "generator_metrics.jsonl").read_text().splitlines()) == 3
     assert (tmp_path / "a" / "samples" / "reals.png").is_file()
 
 

@@ -11,18 +11,16 @@ ranks' weights stay identical (checked at every snapshot).
 
 Bundle layout (BUNDLE = --out):
     generator.safetensors / .json   G_ema and its config + training summary (written at the end)
-    checkpoint.safetensors / .json  G, D, G_ema, optimisers, progress (every snapshot; --resume)
+    generator_checkpoint.*          G, D, G_ema, optimisers, progress (every snapshot; --resume)
     samples/reals.png, samples/kimg00100.000.png   fixed-z sample grids of G_ema
-    log.jsonl                       one line per snapshot: kimg, mean losses, timing, FD_C
+    generator_metrics.jsonl         one line per snapshot: kimg, mean losses, timing, FD_C
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import math
-import signal
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -39,8 +37,10 @@ from generation.stylegan2 import Discriminator, Generator, StyleGAN2Config, save
 from training.checkpoints import checkpoint_exists, load_checkpoint, save_checkpoint
 from training.diffaugment import diff_augment, parse_policy, random_xflip
 from training.distributed import Distributed, init_distributed, pick_device
+from training.loop import StopFlag, append_metrics, average_gradients, broadcast_module
 
-CHECKPOINT = "checkpoint"
+CHECKPOINT = "generator_checkpoint"
+METRICS = "generator_metrics.jsonl"
 
 
 # --------------------------------------------------------------------------------------------
@@ -58,9 +58,11 @@ def g_nonsaturating_loss(fake_logits: Tensor) -> Tensor:
 
 
 def d_r1_loss(real_logits: Tensor, reals: Tensor) -> Tensor:
-    """R1: squared norm of D's gradient at the reals (penalises D for being steep on the data)."""
+    """R1: squared norm of D's gradient at the reals (penalises D for being steep on the data).
+
+    Any real shape: images (N, 3, H, W) here, codes (N, w_dim) for the latent discriminator."""
     (grad,) = torch.autograd.grad(real_logits.sum(), reals, create_graph=True)
-    return grad.square().sum(dim=(1, 2, 3)).mean()
+    return grad.square().flatten(1).sum(dim=1).mean()
 
 
 def g_path_length_loss(fakes: Tensor, ws: Tensor, pl_mean: Tensor, decay: float = 0.01,
@@ -144,7 +146,7 @@ class GANTrainer:
         self.G = Generator(config).to(self.device, memory_format=self.memory_format).train()
         self.D = Discriminator(config).to(self.device, memory_format=self.memory_format).train()
         for module in (self.G, self.D):
-            self._broadcast(module)
+            broadcast_module(module, dist)
         self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
         self.G_opt = lazy_adam(self.G.parameters(), options.lr, options.pl_interval if options.pl_weight > 0 else 0)
         self.D_opt = lazy_adam(self.D.parameters(), options.lr, options.r1_interval if self.gamma > 0 else 0)
@@ -164,22 +166,10 @@ class GANTrainer:
     def kimg(self) -> float:
         return self.nimg / 1000
 
-    def _broadcast(self, module: nn.Module) -> None:
-        if self.dist.enabled:
-            for tensor in list(module.parameters()) + list(module.buffers()):
-                torch_dist.broadcast(tensor.data, src=0)
-
     def _optimise(self, module: nn.Module, optimiser: torch.optim.Optimizer, loss: Tensor) -> None:
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
-        params = [p for p in module.parameters() if p.grad is not None]
-        if self.dist.enabled and params:  # one all-reduce for the whole model (ADA's approach)
-            flat = torch.cat([p.grad.flatten() for p in params]) / self.dist.world_size
-            torch_dist.all_reduce(flat)
-            for p, g in zip(params, torch.split(flat, [p.numel() for p in params])):
-                p.grad.copy_(g.view_as(p))
-        for p in params:
-            torch.nan_to_num(p.grad, nan=0.0, posinf=1e5, neginf=-1e5, out=p.grad)  # one bad batch must not kill the run
+        average_gradients([module], self.dist)
         optimiser.step()
 
     def real_batch(self) -> Tensor:
@@ -345,31 +335,6 @@ class RunResult:
     stopped_early: bool
 
 
-class _StopFlag:
-    """First SIGINT/SIGTERM: finish the current step, checkpoint, stop. Second SIGINT: abort now."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread (e.g. inside a test runner thread)
-                pass
-        return self
-
-    def _handle(self, signum, frame):
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
 def train_generator(data: str | Path, out: str | Path, preset: str | StyleGAN2Config = "cpu",
                     options: TrainOptions | None = None, split: str | None = None, device: str = "auto",
                     resume: bool = False, fd_bundle: str | Path | None = None,
@@ -421,20 +386,19 @@ def train_generator(data: str | Path, out: str | Path, preset: str | StyleGAN2Co
             except Exception as error:  # a metric failure must not end a long run
                 entry["fd_c_error"] = f"{type(error).__name__}: {error}"
         trainer.save(out)
-        with (out / "log.jsonl").open("a") as handle:
-            handle.write(json.dumps(entry) + "\n")
+        append_metrics(out / METRICS, entry)
 
     start, totals = time.time(), {}
     next_snap = (math.floor(trainer.kimg / options.snap_kimg) + 1) * options.snap_kimg
     stopped_early = False
-    with _StopFlag() as stop:
+    with StopFlag() as stop:
         while trainer.kimg < options.kimg:
             stats = trainer.step()
             for key, value in stats.items():
                 totals.setdefault(key, []).append(value)
             if dist.is_main and on_step is not None:
                 on_step(trainer.kimg, stats)
-            stop_now = dist.all_reduce_mean(torch.tensor(float(stop.requested), device=device_)).item() > 0
+            stop_now = stop.agreed(dist, device_)
             if trainer.kimg >= next_snap or trainer.kimg >= options.kimg or stop_now:
                 snapshot(totals, time.time() - start)
                 totals = {}

@@ -1,0 +1,101 @@
+"""The model bundle: one folder with every network of the system and a manifest.
+
+    BUNDLE/bundle.json                    manifest: format, versions, per-network config, training
+                                          summary and file digest, data summary, metrics, command
+    BUNDLE/moco.safetensors (+ .json)     C, the MoCo v2 feature network
+    BUNDLE/synthesizer.safetensors (+ .json)   S, SOLOv2
+    BUNDLE/generator.safetensors (+ .json)     G, StyleGAN2 (G_ema)
+    BUNDLE/encoder.safetensors (+ .json)       E
+    BUNDLE/refiner.safetensors (+ .json)       H
+
+Each network's .json holds its config and the layout of its tensors (what the loaders read);
+bundle.json gathers them in one place for people and for the catalog, which records `bundle_id`
+(a digest of the network files) so an index is never searched with other weights than built it.
+Training scratch (checkpoints, caches, samples, metrics) may sit in the same folder; it is not part
+of the bundle.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from generation.images import InputError
+
+FORMAT = "sketch2medi-bundle"
+FORMAT_VERSION = 1
+NETWORKS = {"C": "moco", "S": "synthesizer", "G": "generator", "E": "encoder", "H": "refiner"}
+MANIFEST = "bundle.json"
+
+
+def _digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def network_entries(bundle: Path) -> dict[str, dict[str, Any]]:
+    """The manifest entry of every network present in `bundle`."""
+    entries = {}
+    for key, name in NETWORKS.items():
+        weights, meta_path = bundle / f"{name}.safetensors", bundle / f"{name}.json"
+        if not (weights.is_file() and meta_path.is_file()):
+            continue
+        meta = json.loads(meta_path.read_text())
+        meta.pop("states", None)
+        entries[key] = {"file": weights.name, "sha256": _digest(weights), "bytes": weights.stat().st_size, **meta}
+    return entries
+
+
+def read_manifest(bundle: str | Path) -> dict[str, Any]:
+    path = Path(bundle) / MANIFEST
+    if not path.is_file():
+        return {}
+    try:
+        manifest = json.loads(path.read_text())
+    except ValueError as error:
+        raise InputError(f"{path}: damaged manifest ({error}); rewrite it with `train all` or delete it")
+    if manifest.get("format") != FORMAT or manifest.get("format_version", 0) > FORMAT_VERSION:
+        raise InputError(f"{path}: not a {FORMAT} v{FORMAT_VERSION} manifest; update sketch2medi or use another bundle")
+    return manifest
+
+
+def write_manifest(bundle: str | Path, **sections: Any) -> dict[str, Any]:
+    """Refresh bundle.json from the networks present; `sections` (e.g. data=, metrics=, command=)
+    are merged into what the manifest already holds."""
+    import torch
+
+    from importlib.metadata import PackageNotFoundError, version
+
+    bundle = Path(bundle)
+    manifest = read_manifest(bundle)
+    try:
+        package_version = version("sketch2medi")
+    except PackageNotFoundError:
+        package_version = "unknown"
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(manifest.get(key), dict):
+            manifest[key] = {**manifest[key], **value}
+        else:
+            manifest[key] = value
+    networks = network_entries(bundle)
+    manifest.update(format=FORMAT, format_version=FORMAT_VERSION, bundle_id=bundle_id_of(networks),
+                    updated=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    versions={"sketch2medi": package_version, "torch": torch.__version__, "python": platform.python_version()},
+                    networks=networks)
+    temporary = bundle / (MANIFEST + ".tmp")
+    temporary.write_text(json.dumps(manifest, indent=1))
+    temporary.replace(bundle / MANIFEST)
+    return manifest
+
+
+def bundle_id_of(networks: dict[str, dict[str, Any]]) -> str:
+    """Short digest naming exactly these weights."""
+    joined = "|".join(f"{key}:{networks[key]['sha256']}" for key in sorted(networks))
+    return hashlib.sha256(joined.encode()).hexdigest()[:16]

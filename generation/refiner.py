@@ -1,0 +1,170 @@
+"""H, the refiner: a HyperStyle-style hypernetwork that edits G's weights for one sketch.
+
+At step t, H reads the sketch concatenated with the current image (4 channels) and predicts, for
+every refined conv layer of G, a per-sample multiplicative offset Delta_t of the layer's weight:
+
+    theta_t = theta * (1 + sum_{i <= t} Delta_i),   x_t = G(w; theta_t),   x_0 = G(w),
+
+with w = E(sketch) fixed throughout (T = 3 steps in training and inference).
+
+Architecture (HyperStyle, shrunk where the notes in ../shared/REFERENCES.md say CPU presets must):
+    trunk: ResNet without max-pool on the 4-channel input (stride 16; ResNet-34 in `paper`)
+    per layer: a code head, conv 3x3 -> LeakyReLU -> global mean -> linear: (N, code_dim)
+    per weight shape: one kernel head shared by all layers of that shape, mapping a code to the
+        full kernel offset through a rank-r factorisation: Delta[o] = sum_r a_or(code) B_r, with
+        B_r learned kernels over (in, k, k). Sharing by shape is HyperStyle's shared hypernetwork;
+        the factorisation is what keeps a full-kernel head small.
+The shared bases start at zero, so an untrained H leaves G unchanged (x_t = x_0).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from generation.images import InputError
+from generation.resnet import ResNet, ResNetConfig
+from generation.stylegan2 import EqualLinear, Generator
+
+REFINER_NAME = "refiner"  # BUNDLE/refiner.safetensors + refiner.json
+LayerShape = tuple[int, int, int, int]
+
+
+@dataclass(frozen=True)
+class RefinerConfig:
+    resolution: int = 256
+    backbone: ResNetConfig = field(default_factory=lambda: ResNetConfig(depth=34, in_channels=4, width=64, maxpool=False))
+    code_dim: int = 512
+    rank: int = 64
+    steps: int = 3  # T
+    # The refined layers of G and their weight shapes (out, in, k, k); filled from G by `for_generator`.
+    layers: tuple[tuple[str, LayerShape], ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.backbone.in_channels != 4:
+            raise InputError(f"H reads sketch + image (4 channels); backbone.in_channels is {self.backbone.in_channels}")
+        if min(self.code_dim, self.rank) < 1 or self.steps < 0:
+            raise InputError("code_dim and rank must be positive and steps >= 0")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> RefinerConfig:
+        values = dict(values)
+        values["backbone"] = ResNetConfig(**values["backbone"])
+        values["layers"] = tuple((name, tuple(shape)) for name, shape in values["layers"])
+        return cls(**values)
+
+
+def refiner_preset(name: str, G: Generator, layers: list[str] | None = None) -> RefinerConfig:
+    """tiny (tests), cpu (ResNet-18 at width 32, small codes), paper (ResNet-34, 512-d codes).
+
+    `layers`: names from `G.conv_layers()`; default every non-ToRGB conv (HyperStyle's default).
+    """
+    presets = {
+        "tiny": dict(backbone=ResNetConfig(depth=18, in_channels=4, width=8, maxpool=False), code_dim=16, rank=4),
+        "cpu": dict(backbone=ResNetConfig(depth=18, in_channels=4, width=32, maxpool=False), code_dim=64, rank=16),
+        "paper": dict(backbone=ResNetConfig(depth=34, in_channels=4, width=64, maxpool=False), code_dim=512, rank=64),
+    }
+    if name not in presets:
+        raise InputError(f"unknown preset {name!r}; choose one of {', '.join(presets)}")
+    available = G.conv_layers()
+    chosen = layers if layers is not None else [n for n, info in available.items() if not info.is_torgb]
+    unknown = sorted(set(chosen) - set(available))
+    if unknown:
+        raise InputError(f"G has no conv layers {unknown}; choose from {', '.join(available)}")
+    return RefinerConfig(resolution=G.config.resolution, layers=tuple((n, available[n].shape) for n in chosen), **presets[name])
+
+
+def _shape_key(shape: LayerShape) -> str:
+    return "o{}_i{}_k{}".format(*shape[:3])
+
+
+class LayerCode(nn.Module):
+    """Trunk features (N, C, h, w) -> one layer's code (N, code_dim)."""
+
+    def __init__(self, channels: int, code_dim: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, code_dim, 3, padding=1)
+        self.act = nn.LeakyReLU(0.2)
+        self.linear = EqualLinear(code_dim, code_dim)
+
+    def forward(self, features: Tensor) -> Tensor:
+        return self.linear(self.act(self.conv(features)).mean(dim=(2, 3)))
+
+
+class KernelHead(nn.Module):
+    """Code (N, code_dim) -> full kernel offset (N, out, in, k, k), rank-r factorised."""
+
+    def __init__(self, code_dim: int, shape: LayerShape, rank: int):
+        super().__init__()
+        self.shape = shape
+        out_channels, in_channels, k, _ = shape
+        self.rank = rank
+        self.coefficients = EqualLinear(code_dim, out_channels * rank)
+        self.basis = nn.Parameter(torch.zeros(rank, in_channels * k * k))  # zero: H starts as the identity
+
+    def forward(self, code: Tensor) -> Tensor:
+        out_channels, in_channels, k, _ = self.shape
+        a = self.coefficients(code).view(-1, out_channels, self.rank)
+        return (a @ self.basis).view(-1, out_channels, in_channels, k, k)
+
+
+class Refiner(nn.Module):
+    """H: (sketch (N, 1, R, R), image (N, 3, R, R)) -> {layer name: Delta (N, out, in, k, k)}."""
+
+    def __init__(self, config: RefinerConfig):
+        super().__init__()
+        if not config.layers:
+            raise InputError("the refiner config names no G layers; build it with refiner_preset(name, G)")
+        self.config = config
+        self.trunk = ResNet(config.backbone)
+        channels = self.trunk.out_channels
+        self.codes = nn.ModuleDict({name.replace(".", "_"): LayerCode(channels, config.code_dim) for name, _ in config.layers})
+        shapes = {_shape_key(shape): shape for _, shape in config.layers}
+        self.heads = nn.ModuleDict({key: KernelHead(config.code_dim, shape, config.rank) for key, shape in shapes.items()})
+
+    def forward(self, sketches: Tensor, images: Tensor) -> dict[str, Tensor]:
+        size = self.config.resolution
+        assert sketches.shape[1:] == (1, size, size) and images.shape[1:] == (3, size, size) and len(sketches) == len(images), \
+            f"H expects sketches (N, 1, {size}, {size}) and images (N, 3, {size}, {size}), got {tuple(sketches.shape)}, {tuple(images.shape)}"
+        features = self.trunk(torch.cat([sketches, images], dim=1))[-1]
+        return {name: self.heads[_shape_key(shape)](self.codes[name.replace(".", "_")](features))
+                for name, shape in self.config.layers}
+
+
+def accumulate(total: dict[str, Tensor] | None, deltas: dict[str, Tensor]) -> dict[str, Tensor]:
+    """sum_{i <= t} Delta_i, one step at a time."""
+    return dict(deltas) if total is None else {name: total[name] + delta for name, delta in deltas.items()}
+
+
+def refine(G: Generator, H: Refiner | None, sketches: Tensor, w: Tensor, steps: int) -> list[Tensor]:
+    """[x_0, x_1, ..., x_T] for codes w (N, w_dim) and sketches (N, 1, R, R)."""
+    images = [G(w)]
+    if steps and H is None:
+        raise InputError("this bundle has no refiner H; train it (`train refiner`) or use 0 refinement steps")
+    total = None
+    for _ in range(steps):
+        total = accumulate(total, H(sketches, images[-1]))
+        images.append(G(w, weight_deltas=total))
+    return images
+
+
+def save_refiner(H: Refiner, directory: str | Path, meta: dict | None = None) -> None:
+    from training.checkpoints import save_checkpoint
+
+    save_checkpoint(directory, REFINER_NAME, {"H": H.state_dict()}, {"config": H.config.to_dict(), **(meta or {})})
+
+
+def load_refiner(directory: str | Path, device: str | torch.device = "cpu") -> Refiner:
+    """H of a bundle, in eval mode and frozen."""
+    from training.checkpoints import load_checkpoint
+
+    states, meta = load_checkpoint(directory, REFINER_NAME)
+    H = Refiner(RefinerConfig.from_dict(meta["config"]))
+    H.load_state_dict(states["H"])
+    return H.to(device).eval().requires_grad_(False)

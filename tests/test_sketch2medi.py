@@ -1,0 +1,233 @@
+"""E, the latent discriminator, H, their training phases, `train all`, Sketch2MedI and `generate`."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from cli import app
+from generation.encoder import LatentDiscriminator, SketchEncoder, encoder_preset
+from generation.images import InputError
+from generation.pipeline import Sketch2MedI
+from generation.refiner import Refiner, refine, refiner_preset
+from generation.sketch import sketch_from_mask, sketch_to_tensor
+from generation.stylegan2 import Generator, StyleGAN2Config
+from retrieval.moco import FeatureNetwork, moco_preset
+from training.checkpoints import load_checkpoint
+from training.distributed import Distributed
+from training.phantom import phantom_sample, write_phantom_dataset
+from training.sketch_cache import SketchCache
+from training.train_all import train_all
+from training.train_sketch2medi import EncoderTrainer, RefinerTrainer, phase_options, train_phase
+
+REPO = Path(__file__).resolve().parents[1]
+CPU = torch.device("cpu")
+
+
+def tiny_generator() -> Generator:
+    torch.manual_seed(0)
+    G = Generator(StyleGAN2Config.preset("tiny")).eval().requires_grad_(False)
+    with torch.no_grad():
+        G.mapping.w_avg.copy_(G.mapping(torch.randn(2000, G.config.z_dim)).mean(0))
+    return G
+
+
+@pytest.fixture(scope="module")
+def parts():
+    """A random tiny G and C, and 16 phantom pairs whose sketches come from the exact masks."""
+    images, masks = zip(*[phantom_sample(seed, 32) for seed in range(16)])
+    masks = np.stack(masks)
+    cache = SketchCache(np.stack(images), np.stack([sketch_from_mask(m) for m in masks]), masks)
+    return tiny_generator(), FeatureNetwork.random(moco_preset("tiny")), cache
+
+
+@pytest.fixture(scope="module")
+def trained_encoder(parts):
+    G, C, cache = parts
+    trainer = EncoderTrainer(G, C, cache, phase_options("tiny", "encoder", steps=50), CPU, Distributed(), "tiny")
+    losses = [trainer.step()["sim_total"] for _ in range(trainer.options.steps)]
+    return trainer.E.eval(), losses
+
+
+def test_sketch_tensor_marks_ink_as_one():
+    sketch = np.full((8, 8), 255, np.uint8)
+    sketch[2, 3] = 0
+    tensor = sketch_to_tensor(sketch)
+    assert tensor.shape == (1, 1, 8, 8) and tensor[0, 0, 2, 3] == 1 and tensor.sum() == 1
+
+
+def test_untrained_encoder_returns_the_average_w():
+    G = tiny_generator()
+    E = SketchEncoder(encoder_preset("tiny", 32, G.config.w_dim), G.w_avg).eval()
+    w = E(torch.rand(3, 1, 32, 32))
+    assert torch.equal(w, G.w_avg.expand(3, -1))
+    with pytest.raises(AssertionError, match=r"E expects sketches \(N, 1, 32, 32\)"):
+        E(torch.rand(3, 1, 64, 64))
+
+
+def test_latent_discriminator_is_a_four_layer_mlp():
+    D = LatentDiscriminator(32, 4)
+    assert sum(isinstance(m, torch.nn.Linear) for m in D.modules()) == 4
+    assert D(torch.randn(5, 32)).shape == (5,)
+
+
+def test_untrained_refiner_reproduces_G_exactly():
+    G = tiny_generator()
+    H = Refiner(refiner_preset("tiny", G)).eval()
+    sketches, w = torch.rand(2, 1, 32, 32), G.w_avg.expand(2, -1) + 0.3 * torch.randn(2, G.config.w_dim)
+    images = refine(G, H, sketches, w, steps=3)
+    assert len(images) == 4
+    for image in images[1:]:
+        assert torch.equal(image, images[0])  # Delta = 0: theta * (1 + 0) is theta, bit for bit
+
+
+def test_refiner_targets_every_non_torgb_conv_and_shares_heads_by_shape():
+    G = tiny_generator()
+    config = refiner_preset("tiny", G)
+    layers = G.conv_layers()
+    assert [name for name, _ in config.layers] == [n for n, info in layers.items() if not info.is_torgb]
+    H = Refiner(config)
+    assert len(H.heads) == len({shape for _, shape in config.layers}) < len(config.layers)
+    deltas = H(torch.rand(2, 1, 32, 32), torch.rand(2, 3, 32, 32))
+    for name, shape in config.layers:
+        assert deltas[name].shape == (2, *shape)
+    with pytest.raises(InputError, match="G has no conv layers"):
+        refiner_preset("tiny", G, ["b4.conv9"])
+
+
+def test_encoder_training_lowers_the_similarity_loss(trained_encoder):
+    _, losses = trained_encoder
+    assert np.mean(losses[-5:]) < 0.85 * np.mean(losses[:5]), losses
+
+
+def test_refiner_steps_beat_the_encoder_alone_on_training_sketches(parts, trained_encoder):
+    G, C, cache = parts
+    E, _ = trained_encoder
+    trainer = RefinerTrainer(G, C, cache, phase_options("tiny", "refiner", steps=30), CPU, Distributed(), "tiny", E)
+    for _ in range(trainer.options.steps):
+        stats = trainer.step()
+    assert stats["sim_step0"] > stats["sim_step1"] and stats["sim_step0"] > stats["sim_step3"]
+    # and at inference (eval mode, no gradients) on the same sketches
+    trainer.H.eval()
+    with torch.no_grad():
+        sketches, reals = trainer.batch_of(torch.arange(8))
+        images = refine(G, trainer.H, sketches, E(sketches), 3)
+        before, after = (trainer.similarity(reals, images[t])["total"].item() for t in (0, 3))
+    assert after < before
+
+
+@pytest.fixture(scope="module")
+def tiny_bundle(tmp_path_factory):
+    """`train all --preset tiny` on a 24-image phantom: the whole chain, end to end."""
+    root = tmp_path_factory.mktemp("chain")
+    data = root / "phantom"
+    write_phantom_dataset(data, 24, 64, 0)
+    reports = train_all(data, root / "bundle", "tiny", device="cpu", log=lambda message: None)
+    return data, root / "bundle", reports
+
+
+def test_train_all_builds_every_stage_then_skips_them(tiny_bundle):
+    data, bundle, reports = tiny_bundle
+    assert [(r.stage, r.status) for r in reports] == [(s, "trained") for s in ("C", "S", "G", "sketches", "E", "H")]
+    manifest = json.loads((bundle / "bundle.json").read_text())
+    assert set(manifest["networks"]) == {"C", "S", "G", "E", "H"} and manifest["preset"] == "tiny"
+    assert manifest["networks"]["E"]["training"]["steps"] == phase_options("tiny", "encoder").steps
+    again = train_all(data, bundle, "tiny", device="cpu", log=lambda message: None)
+    assert {r.status for r in again} == {"done before"}
+
+
+def test_sketch2medi_generates_a_batch_with_every_step(tiny_bundle):
+    _, bundle, _ = tiny_bundle
+    model = Sketch2MedI.from_bundle(bundle, "cpu")
+    sketches = np.stack([sketch_from_mask(phantom_sample(seed, 32)[1]) for seed in (100, 101, 102)])
+    result = model.generate(sketches)
+    assert result.w.shape == (3, 32) and result.images.shape == (3, 3, 32, 32) and len(result.steps) == 4
+    assert torch.equal(result.images, result.steps[-1])
+    single = model.generate(sketches[1], steps=0)  # E alone; one sketch at a time gives the same image
+    assert torch.allclose(single.images[0], result.steps[0][1], atol=1e-5)
+    with pytest.raises(InputError, match="normalise them to 32 px"):
+        model.generate(np.full((2, 64, 64), 255, np.uint8))
+
+
+def test_generate_command_writes_the_image_and_the_strip(tiny_bundle, tmp_path):
+    _, bundle, _ = tiny_bundle
+    sketch = tmp_path / "sketch.png"
+    Image.fromarray(sketch_from_mask(phantom_sample(7, 128)[1])).save(sketch)
+    runner = CliRunner()
+    result = runner.invoke(app, ["generate", str(sketch), "--out", str(tmp_path / "x.png"), "--bundle", str(bundle), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert Image.open(tmp_path / "x.png").size == (32, 32)
+    result = runner.invoke(app, ["generate", str(sketch), "--out", str(tmp_path / "s.png"), "--bundle", str(bundle), "--strip", "--device", "cpu"])
+    assert result.exit_code == 0 and Image.open(tmp_path / "s.png").size == (32 * 5, 32)  # sketch, x_0..x_3
+    blank = tmp_path / "blank.png"
+    Image.fromarray(np.full((64, 64), 255, np.uint8)).save(blank)
+    result = runner.invoke(app, ["generate", str(blank), "--out", str(tmp_path / "b.png"), "--bundle", str(bundle)])
+    assert result.exit_code == 2 and "empty" in result.output and "Traceback" not in result.output
+
+
+def test_bundle_without_refiner_generates_with_E_alone_only(tiny_bundle, tmp_path):
+    _, bundle, _ = tiny_bundle
+    partial = tmp_path / "partial"
+    shutil.copytree(bundle, partial, ignore=shutil.ignore_patterns("refiner*", "cache", "samples"))
+    model = Sketch2MedI.from_bundle(partial, "cpu")
+    sketch = sketch_from_mask(phantom_sample(3, 32)[1])
+    assert len(model.generate(sketch).steps) == 1
+    with pytest.raises(InputError, match="no refiner H"):
+        model.generate(sketch, steps=3)
+
+
+def copy_networks(bundle: Path, target: Path, names=("moco", "synthesizer", "generator")) -> Path:
+    target.mkdir()
+    for name in names:
+        for suffix in (".json", ".safetensors"):
+            shutil.copy(bundle / f"{name}{suffix}", target / f"{name}{suffix}")
+    return target
+
+
+def test_encoder_phase_resumes_exactly(tiny_bundle, tmp_path):
+    data, bundle, _ = tiny_bundle
+    whole, parts_ = copy_networks(bundle, tmp_path / "whole"), copy_networks(bundle, tmp_path / "parts")
+    options = dict(steps=8, snap_every=4, log_every=2)
+    train_phase("encoder", data, whole, "tiny", phase_options("tiny", "encoder", **options), device="cpu", log=lambda m: None)
+    train_phase("encoder", data, parts_, "tiny", phase_options("tiny", "encoder", **{**options, "steps": 4}), device="cpu", log=lambda m: None)
+    with pytest.raises(InputError, match="pass --resume"):
+        train_phase("encoder", data, parts_, "tiny", phase_options("tiny", "encoder", **options), device="cpu", log=lambda m: None)
+    train_phase("encoder", data, parts_, "tiny", phase_options("tiny", "encoder", **options), device="cpu", resume=True, log=lambda m: None)
+    states_a, _ = load_checkpoint(whole, "encoder")
+    states_b, _ = load_checkpoint(parts_, "encoder")
+    for key, tensor in states_a["E"].items():
+        assert torch.equal(tensor, states_b["E"][key]), key
+
+
+def test_phases_refuse_an_incomplete_bundle(tiny_bundle, tmp_path):
+    data, bundle, _ = tiny_bundle
+    only_c = copy_networks(bundle, tmp_path / "c", ("moco",))
+    with pytest.raises(InputError, match="no synthesizer.safetensors"):
+        train_phase("encoder", data, only_c, "tiny", device="cpu", log=lambda m: None)
+    no_e = copy_networks(bundle, tmp_path / "g")
+    with pytest.raises(InputError, match="train E first"):
+        train_phase("refiner", data, no_e, "tiny", device="cpu", log=lambda m: None)
+
+
+TORCHRUN = shutil.which("torchrun") or shutil.which("torchrun", path=str(Path(sys.executable).parent))
+
+
+@pytest.mark.skipif(TORCHRUN is None, reason="torchrun is not installed")
+def test_encoder_training_under_torchrun_two_processes(tiny_bundle, tmp_path):
+    data, bundle, _ = tiny_bundle
+    target = copy_networks(bundle, tmp_path / "ddp")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [TORCHRUN, "--standalone", "--nproc_per_node", "2", str(REPO / "cli.py"), "train", "encoder",
+               "--data", str(data), "--bundle", str(target), "--preset", "tiny", "--steps", "4", "--batch", "4", "--device", "cpu"]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    meta = json.loads((target / "encoder.json").read_text())
+    assert meta["training"]["world_size"] == 2 and meta["training"]["steps"] == 4

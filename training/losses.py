@@ -1,0 +1,55 @@
+"""The paper's similarity loss L_sim, used for E (phase 1) and at every step of H (phase 2):
+
+    L_sim(x, x_hat) = 1.0 L2(x, x_hat) + 0.8 P(x, x_hat) + 0.5 (1 - cos(C(x), C(x_hat)))
+
+P is the perceptual distance: LPIPS-C (the LPIPS formula on C's features, `domain`, the default
+since there are no ImageNet weights here) or the published LPIPS (`lpips`, when installed with its
+trunk). C is the project's MoCo v2 network; its pooled, normalised trunk features give the cosine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from retrieval.moco import FeatureNetwork
+from retrieval.perceptual import lpips_formula, perceptual_distance
+
+
+@dataclass(frozen=True)
+class SimilarityWeights:
+    l2: float = 1.0
+    perceptual: float = 0.8
+    cosine: float = 0.5
+
+
+class SimilarityLoss(nn.Module):
+    """L_sim between real and generated images (N, 3, H, W) in [-1, 1]; returns each term and the total."""
+
+    def __init__(self, C: FeatureNetwork, weights: SimilarityWeights = SimilarityWeights(), perceptual: str = "domain"):
+        super().__init__()
+        self.C, self.weights, self.backend = C, weights, perceptual
+        # With LPIPS-C one pass of C over both image sets gives the perceptual features and the
+        # embeddings (the embedding is the pooled last feature map).
+        self.lpips = perceptual_distance("lpips") if perceptual == "lpips" else None
+
+    def forward(self, real: Tensor, fake: Tensor) -> dict[str, Tensor]:
+        assert real.shape == fake.shape and real.shape[1] == 3, f"real {tuple(real.shape)} vs fake {tuple(fake.shape)}"
+        count = len(real)
+        features = self.C.features(torch.cat([real, fake]))
+        embeddings = F.normalize(features[-1].mean(dim=(2, 3)), dim=1)
+        if self.lpips is None:
+            perceptual = lpips_formula([f[:count] for f in features], [f[count:] for f in features]).mean()
+        else:
+            perceptual = self.lpips(real, fake).mean()
+        terms = {
+            "l2": F.mse_loss(fake, real),
+            "perceptual": perceptual,
+            "cosine": (1 - (embeddings[:count] * embeddings[count:]).sum(dim=1)).mean(),
+        }
+        w = self.weights
+        terms["total"] = w.l2 * terms["l2"] + w.perceptual * terms["perceptual"] + w.cosine * terms["cosine"]
+        return terms
