@@ -1,0 +1,231 @@
+"""Archive files: finding them, fingerprinting them and reading them as uint8 RGB (H, W, 3).
+
+PNG, JPEG, TIFF and BMP (8/16-bit, grey or colour) go through `generation.images`; DICOM (`.dcm`,
+`.dicom`, or any file with the `DICM` magic) through pydicom, the optional `dicom` extra. A DICOM
+file gives one entry per frame: its stored values are rescaled (RescaleSlope/Intercept), windowed
+with the file's own WindowCenter/WindowWidth (else its min/max), and MONOCHROME1 is inverted.
+
+A file's identity is (sha256 of its bytes, frame). Anything unreadable raises `InputError`, which
+the caller reports as a skipped file with the message as reason.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from generation.images import IMAGE_SUFFIXES, InputError, load_rgb
+
+DICOM_SUFFIXES = (".dcm", ".dicom")
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    path: Path  # absolute
+    frame: int  # 0 unless a multi-frame DICOM
+    sha256: str  # of the whole file's bytes
+    size: int
+    mtime_ns: int
+    modality: str  # 'PNG', 'JPEG', 'TIFF', 'BMP', 'DICOM:CT', ...
+    frames: int = 1  # of the file
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return self.sha256, self.frame
+
+
+def has_dicom_magic(path: Path) -> bool:
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
+
+
+def is_dicom(path: Path) -> bool:
+    """A DICOM suffix, or the DICM magic in a file without an image suffix."""
+    suffix = path.suffix.lower()
+    return suffix in DICOM_SUFFIXES or (suffix not in IMAGE_SUFFIXES and has_dicom_magic(path))
+
+
+def discover(paths: Iterable[str | Path]) -> list[Path]:
+    """Candidate files under `paths` (folders recursively; a file named explicitly always counts), absolute, sorted.
+
+    Candidates have an image or DICOM suffix or the DICM magic; whether they really are readable
+    images is decided when they are probed and loaded. In a dataset folder (`images/` beside
+    `masks/`, docs/DATA.md) the masks are labels, not archive images, and are left out.
+    """
+    found: set[Path] = set()
+    for root in paths:
+        root = Path(root).expanduser()
+        if not root.exists():
+            raise InputError(f"{root}: no such file or folder; check the path")
+        if root.is_file():
+            found.add(root.resolve())
+            continue
+        for folder, folders, names in os.walk(root):
+            if "images" in folders and "masks" in folders:
+                folders.remove("masks")
+            for name in names:
+                path = Path(folder) / name
+                if (path.suffix.lower() in IMAGE_SUFFIXES or is_dicom(path)) and path.is_file():
+                    found.add(path.resolve())
+    return sorted(found)
+
+
+def file_stat(path: Path) -> tuple[int, int]:
+    """(size in bytes, mtime in ns): what tells an unchanged file without reading it."""
+    stat = os.stat(path)
+    return stat.st_size, stat.st_mtime_ns
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def probe(path: str | Path) -> list[FileRecord]:
+    """The entries of one file (one per DICOM frame), without decoding pixels."""
+    path = Path(path).absolute()
+    try:
+        size, mtime_ns = file_stat(path)  # before hashing: a change while we read shows up next run
+        sha256 = file_sha256(path)
+    except OSError as error:
+        raise InputError(f"{path}: cannot read ({error.strerror or error}); check its permissions")
+    if is_dicom(path):
+        dataset = _read_dicom(path, size, mtime_ns)
+        frames = int(dataset.get("NumberOfFrames", 1) or 1)
+        modality = f"DICOM:{dataset.Modality}" if dataset.get("Modality") else "DICOM"
+    else:
+        try:
+            with Image.open(path) as image:
+                modality, frames = image.format or path.suffix.lstrip(".").upper(), 1
+        except UnidentifiedImageError:
+            raise InputError(f"{path}: not an image PIL can read (PNG, JPEG, TIFF, BMP, ...)")
+        except (OSError, SyntaxError, ValueError) as error:
+            raise InputError(f"{path}: corrupt or truncated image ({error}); re-export the file")
+    return [FileRecord(path, frame, sha256, size, mtime_ns, modality, frames) for frame in range(frames)]
+
+
+def load(path: str | Path, frame: int = 0) -> np.ndarray:
+    """One entry's pixels as uint8 RGB (H, W, 3)."""
+    path = Path(path)
+    if not is_dicom(path):
+        return load_rgb(path)
+    size, mtime_ns = file_stat(path)
+    dataset = _read_dicom(path, size, mtime_ns)
+    try:
+        pixels = _dicom_pixels(path, size, mtime_ns)
+    except Exception as error:  # pydicom raises many kinds for undecodable pixel data
+        raise InputError(f"{path}: cannot decode its pixel data ({error}); it may need a pydicom codec plugin")
+    frames = int(dataset.get("NumberOfFrames", 1) or 1)
+    if not 0 <= frame < frames:
+        raise InputError(f"{path}: has {frames} frame(s), no frame {frame}")
+    values = pixels[frame] if frames > 1 else pixels
+    if values.ndim == 3:  # colour, which pydicom has made RGB (palette LUTs give 16-bit values)
+        palette = dataset.get("PhotometricInterpretation") == "PALETTE COLOR"
+        top = 65535.0 if palette and values.dtype != np.uint8 else float(2 ** int(dataset.get("BitsStored", 8)) - 1)
+        return np.clip(np.rint(values.astype(np.float32) * (255.0 / top)), 0, 255).astype(np.uint8)
+    grey = _window(dataset, frame, values.astype(np.float64))
+    if dataset.get("PhotometricInterpretation", "MONOCHROME2") == "MONOCHROME1":
+        grey = 255 - grey  # MONOCHROME1: low values are white
+    return np.repeat(grey[..., None], 3, axis=2)
+
+
+def scan(paths: Iterable[str | Path]) -> Iterator[FileRecord | tuple[Path, str]]:
+    """Every entry under `paths`; an unreadable file gives (path, reason) instead of records."""
+    for path in discover(paths):
+        try:
+            yield from probe(path)
+        except InputError as error:
+            yield path, reason(path, error)
+
+
+def reason(path: Path, error: Exception) -> str:
+    """The message of an error about `path`, without the path it starts with."""
+    text = str(error)
+    return text[len(f"{path}: ") :] if text.startswith(f"{path}: ") else text
+
+
+# -- DICOM ---------------------------------------------------------------------------------------
+
+
+def _pydicom():
+    try:
+        import pydicom
+    except ImportError:
+        raise InputError("DICOM file, but pydicom is not installed; pip install 'sketch2medi[dicom]'") from None
+    return pydicom
+
+
+# One file's header and pixels are cached: the frames of a multi-frame file are loaded one by one.
+@functools.lru_cache(maxsize=1)
+def _read_dicom(path: Path, size: int, mtime_ns: int):
+    pydicom = _pydicom()
+    try:
+        dataset = pydicom.dcmread(path, force=True, defer_size="64 KB")
+    except Exception as error:
+        raise InputError(f"{path}: not a readable DICOM file ({error})")
+    if "PixelData" not in dataset or "Rows" not in dataset:
+        raise InputError(f"{path}: a DICOM file without an image (no pixel data)")
+    return dataset
+
+
+@functools.lru_cache(maxsize=1)
+def _dicom_pixels(path: Path, size: int, mtime_ns: int) -> np.ndarray:
+    dataset = _read_dicom(path, size, mtime_ns)
+    pixels = dataset.pixel_array
+    if dataset.get("PhotometricInterpretation") == "PALETTE COLOR":
+        from pydicom.pixels import apply_color_lut
+
+        pixels = apply_color_lut(pixels, dataset)
+    return pixels
+
+
+def _frame_value(dataset, frame: int, group: str, keyword: str):
+    """A value from the frame's functional group (enhanced multi-frame), the shared one, or the top level."""
+    for groups, index in (("PerFrameFunctionalGroupsSequence", frame), ("SharedFunctionalGroupsSequence", 0)):
+        items = dataset.get(groups)
+        if items is not None and index < len(items) and group in items[index]:
+            item = items[index][group][0]
+            if keyword in item:
+                return item[keyword].value
+    return dataset[keyword].value if keyword in dataset else None
+
+
+def _first(value) -> float | None:
+    """A DICOM number that may be multi-valued (several windows): its first value."""
+    if value is None or value == "":
+        return None
+    try:
+        return float(value)
+    except TypeError:
+        return float(value[0]) if len(value) else None
+
+
+def _window(dataset, frame: int, values: np.ndarray) -> np.ndarray:
+    """Stored values -> uint8 grey: modality rescale, then the VOI window (DICOM PS3.3 C.11.2.1.2)."""
+    slope = _first(_frame_value(dataset, frame, "PixelValueTransformationSequence", "RescaleSlope"))
+    intercept = _first(_frame_value(dataset, frame, "PixelValueTransformationSequence", "RescaleIntercept"))
+    values = values * (1.0 if slope is None else slope) + (0.0 if intercept is None else intercept)
+    center = _first(_frame_value(dataset, frame, "FrameVOILUTSequence", "WindowCenter"))
+    width = _first(_frame_value(dataset, frame, "FrameVOILUTSequence", "WindowWidth"))
+    if center is not None and width is not None and width >= 1:
+        if width == 1:
+            scaled = (values > center - 0.5).astype(np.float64)
+        else:
+            scaled = np.clip((values - (center - 0.5)) / (width - 1) + 0.5, 0.0, 1.0)
+    else:  # no window in the file: stretch this frame's own range
+        low, high = float(values.min()), float(values.max())
+        scaled = (values - low) / (high - low) if high > low else np.zeros_like(values)
+    return np.rint(scaled * 255.0).astype(np.uint8)

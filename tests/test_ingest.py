@@ -1,0 +1,612 @@
+"""Indexing archives into a workspace: search finds each image, re-runs are incremental, duplicates are
+stored once, bad files are skipped, kill -9 loses nothing committed, torchrun gives the same result,
+DICOM frames are windowed, and PostgreSQL behaves like SQLite."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+import sqlalchemy as sa
+from PIL import Image
+
+from generation.images import InputError
+from indexing import files
+from indexing.catalog import Catalog
+from indexing.ingest import (
+    EmbeddedBatch, IndexSummary, catalog_url, index_path, index_paths, open_workspace_for_search, resolve_workspace,
+)  # fmt: skip
+from indexing.vector_index import VectorIndex
+
+ROOT = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+POSTGRES_URL = os.environ.get("SKETCH2MEDI_TEST_POSTGRES_URL")
+TORCHRUN = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+
+
+class FakeEmbedder:
+    """Deterministic stand-in for C and S: the 8x8 grey thumbnail, centred and normalised, and a
+    16x16 label map of its bright (1) and dark (2) parts."""
+
+    def __init__(self, bundle_id: str = "fake-bundle", side: int = 8):
+        self.bundle_id, self.side, self.dim = bundle_id, side, side * side
+        self.calls = self.embedded = 0
+
+    def embed_images(self, images: list[np.ndarray]) -> EmbeddedBatch:
+        self.calls += 1
+        self.embedded += len(images)
+        return EmbeddedBatch(np.stack([self.vector(i) for i in images]), [self.label_map(i) for i in images])
+
+    def vector(self, image: np.ndarray) -> np.ndarray:
+        grey = Image.fromarray(image).convert("L").resize((self.side, self.side), Image.BOX)
+        vector = np.asarray(grey, np.float32).reshape(-1)
+        vector -= vector.mean()
+        norm = np.linalg.norm(vector)
+        return vector / norm if norm > 0 else np.eye(1, self.dim, dtype=np.float32)[0]
+
+    @staticmethod
+    def label_map(image: np.ndarray) -> np.ndarray:
+        grey = np.asarray(Image.fromarray(image).convert("L").resize((16, 16), Image.BOX))
+        return np.where(grey > 150, 1, np.where(grey < 90, 2, 0)).astype(np.uint8)
+
+
+def blocky(seed: int, shape: tuple[int, int] = (48, 48)) -> np.ndarray:
+    """A distinct image: a random 8x8 colour grid, enlarged."""
+    grid = np.random.default_rng(seed).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    return np.asarray(Image.fromarray(grid).resize(shape[::-1], Image.NEAREST))
+
+
+def write_images(folder: Path, count: int, start: int = 0) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for seed in range(start, start + count):
+        path = folder / f"image_{seed:03d}.png"
+        Image.fromarray(blocky(seed)).save(path)
+        paths.append(path)
+    return paths
+
+
+@contextmanager
+def fresh_postgres_database() -> Iterator[str]:
+    """The URL of a new database on the test PostgreSQL server, dropped afterwards."""
+    if not POSTGRES_URL:
+        pytest.skip("SKETCH2MEDI_TEST_POSTGRES_URL is not set (.ci/run starts a server and sets it)")
+    admin = sa.create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
+    name = f"s2m_test_{uuid.uuid4().hex[:12]}"
+    with admin.connect() as connection:
+        connection.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield sa.make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as connection:
+            connection.execute(sa.text(f'DROP DATABASE "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request):
+    """None (the workspace's own SQLite catalog), or a fresh database on the test PostgreSQL server."""
+    if request.param == "sqlite":
+        yield None
+    else:
+        with fresh_postgres_database() as url:
+            yield url
+
+
+def assert_consistent(workspace: Path, db_url: str | None, archive_files: list[Path]) -> None:
+    """Catalog ids == saved index ids, and every archive file is in the catalog exactly once."""
+    with Catalog(catalog_url(workspace, db_url), create=False) as catalog:
+        saved = VectorIndex.load(index_path(workspace, catalog))
+        np.testing.assert_array_equal(saved.ids(), catalog.ids())
+        entries = catalog.entries()
+        assert sorted(entries) == sorted(str(p) for p in archive_files)
+        assert all(len(e) == 1 for e in entries.values())
+
+
+def test_each_image_ranks_first_for_its_own_vector(tmp_path, db_url):
+    archive = tmp_path / "archive"
+    paths = write_images(archive, 5) + write_images(archive / "nested" / "deeper", 2, start=5)
+    Image.fromarray(blocky(20)).save(archive / "photo.jpg", quality=95)
+    Image.fromarray(blocky(21)).save(archive / "scan.tif")
+    Image.fromarray(blocky(22)).save(archive / "old.bmp")
+    grey16 = (blocky(23)[..., 0].astype(np.uint16) * 257).astype(np.uint16)
+    Image.fromarray(grey16).save(archive / "grey16.png")
+    paths += [archive / n for n in ("photo.jpg", "scan.tif", "old.bmp", "grey16.png")]
+    (archive / "notes.txt").write_text("not an image, not a candidate")
+    embedder = FakeEmbedder()
+
+    summary = index_paths(archive, tmp_path / "ws", embedder, db_url=db_url, batch_size=3)
+    assert (summary.added, summary.unchanged, summary.duplicates, summary.skipped) == (11, 0, 0, [])
+    assert summary.total == 11 and embedder.embedded == 11
+
+    with open_workspace_for_search(tmp_path / "ws", db_url=db_url) as workspace:
+        assert workspace.bundle_id == "fake-bundle" and workspace.index.ntotal == 11
+        for path in paths:
+            image = files.load(path)
+            scores, ids = workspace.index.search(embedder.vector(image)[None], 3)
+            record = workspace.records_for(ids[0])[int(ids[0, 0])]
+            assert record.path == str(path.resolve()) and scores[0, 0] == pytest.approx(1.0, abs=1e-5)
+            assert (record.height, record.width, record.size) == (*image.shape[:2], path.stat().st_size)
+            np.testing.assert_array_equal(workspace.masks_for(ids[0, :1])[int(ids[0, 0])], embedder.label_map(image))
+        modalities = {Path(r.path).suffix: r.modality for r in workspace.records_for(workspace.index.ids()).values()}
+        assert modalities == {".png": "PNG", ".jpg": "JPEG", ".tif": "TIFF", ".bmp": "BMP"}
+
+
+def test_a_second_run_adds_nothing(tmp_path, db_url):
+    archive_files = write_images(tmp_path / "archive", 6)
+    index_paths(tmp_path / "archive", tmp_path / "ws", FakeEmbedder(), db_url=db_url, batch_size=4)
+    with Catalog(catalog_url(tmp_path / "ws", db_url)) as catalog:
+        before = catalog.vectors()
+
+    embedder = FakeEmbedder()
+    summary = index_paths(tmp_path / "archive", tmp_path / "ws", embedder, db_url=db_url, batch_size=4)
+    assert (summary.added, summary.unchanged, summary.total, embedder.embedded) == (0, 6, 6, 0)
+
+    # A new mtime with the same bytes: hashed again, found unchanged, not embedded again.
+    os.utime(archive_files[2], ns=(10**18, 10**18))
+    summary = index_paths(tmp_path / "archive", tmp_path / "ws", embedder, db_url=db_url)
+    assert (summary.added, summary.unchanged, embedder.embedded) == (0, 6, 0)
+    with Catalog(catalog_url(tmp_path / "ws", db_url)) as catalog:
+        after = catalog.vectors()
+        assert catalog.entries()[str(archive_files[2])][0].mtime_ns == 10**18
+    for a, b in zip(before, after):
+        np.testing.assert_array_equal(a, b)
+    assert_consistent(tmp_path / "ws", db_url, archive_files)
+
+
+def test_duplicate_content_is_stored_once(tmp_path, db_url):
+    archive = tmp_path / "archive"
+    originals = write_images(archive, 4)
+    index_paths(archive, tmp_path / "ws", FakeEmbedder(), db_url=db_url)
+    shutil.copy(originals[0], archive / "copy_of_0.png")  # same content as an indexed entry
+    (archive / "new").mkdir()
+    for name in ("twin_a.png", "twin_b.png"):  # two new files with the same content, in one batch
+        Image.fromarray(blocky(99)).save(archive / "new" / name)
+    embedder = FakeEmbedder()
+    summary = index_paths(archive, tmp_path / "ws", embedder, db_url=db_url)
+    assert (summary.added, summary.duplicates, summary.unchanged, embedder.embedded) == (1, 2, 4, 1)
+
+    with open_workspace_for_search(tmp_path / "ws", db_url=db_url) as workspace:
+        assert workspace.index.ntotal == 5
+        _, ids = workspace.index.search(embedder.vector(blocky(0))[None], 2)
+        record = workspace.records_for(ids[0])[int(ids[0, 0])]
+        assert record.path == str(originals[0]) and record.aliases == (str(archive / "copy_of_0.png"),)
+        assert workspace.records_for(ids[0])[int(ids[0, 1])].path != record.path  # the copy is not a second hit
+
+    originals[0].unlink()  # the alias keeps the entry alive, now under the other path
+    summary = index_paths(archive, tmp_path / "ws", embedder, db_url=db_url)
+    assert (summary.added, summary.removed) == (0, 0)
+    with open_workspace_for_search(tmp_path / "ws", db_url=db_url) as workspace:
+        assert workspace.records_for([int(ids[0, 0])])[int(ids[0, 0])].path == str(archive / "copy_of_0.png")
+
+
+def test_unreadable_files_are_skipped_with_a_reason(tmp_path, db_url):
+    archive = tmp_path / "archive"
+    good = write_images(archive, 3)
+    truncated = archive / "truncated.png"
+    Image.fromarray(blocky(50, (200, 200))).save(truncated)
+    truncated.write_bytes(truncated.read_bytes()[:300])
+    (archive / "letter.png").write_text("Dear colleague, this is not a picture.")
+    (archive / "empty.jpg").write_bytes(b"")
+    (archive / "fake.dcm").write_bytes(b"\0" * 200)
+    summary = index_paths(archive, tmp_path / "ws", FakeEmbedder(), db_url=db_url)
+    reasons = {path.name: why for path, why in summary.skipped}
+    assert set(reasons) == {"truncated.png", "letter.png", "empty.jpg", "fake.dcm"}
+    assert "truncated" in reasons["truncated.png"] and "not an image" in reasons["letter.png"]
+    assert all(why and "\n" not in why for why in reasons.values())
+    assert (summary.added, summary.total) == (3, 7)
+    assert_consistent(tmp_path / "ws", db_url, good)
+    # skipped again, not crashed on, by the next run
+    again = index_paths(archive, tmp_path / "ws", FakeEmbedder(), db_url=db_url)
+    assert (again.unchanged, len(again.skipped)) == (3, 4)
+
+
+def test_a_changed_file_is_reindexed_and_a_vanished_one_removed(tmp_path, db_url):
+    archive_files = write_images(tmp_path / "archive", 5)
+    embedder = FakeEmbedder()
+    index_paths(tmp_path / "archive", tmp_path / "ws", embedder, db_url=db_url)
+    with open_workspace_for_search(tmp_path / "ws", db_url=db_url) as workspace:
+        old_id = int(workspace.index.search(embedder.vector(blocky(1))[None], 1)[1][0, 0])
+
+    Image.fromarray(blocky(77)).save(archive_files[1])  # new content under the same name
+    archive_files[4].unlink()
+    summary = index_paths(tmp_path / "archive", tmp_path / "ws", embedder, db_url=db_url)
+    assert (summary.added, summary.unchanged, summary.removed) == (1, 3, 2)
+    with open_workspace_for_search(tmp_path / "ws", db_url=db_url) as workspace:
+        assert old_id not in workspace.index.ids() and workspace.index.ntotal == 4
+        scores, ids = workspace.index.search(embedder.vector(blocky(77))[None], 1)
+        assert workspace.records_for(ids[0])[int(ids[0, 0])].path == str(archive_files[1])
+        assert scores[0, 0] == pytest.approx(1.0, abs=1e-5)
+        assert workspace.index.search(embedder.vector(blocky(1))[None], 1)[0][0, 0] < 0.9
+    assert_consistent(tmp_path / "ws", db_url, archive_files[:4])
+
+
+def test_a_dataset_folder_indexes_its_images_not_its_masks(tmp_path):
+    from training.phantom import write_phantom_dataset
+
+    write_phantom_dataset(tmp_path / "phantom", n=3, size=64, seed=0)
+    summary = index_paths(tmp_path / "phantom", tmp_path / "ws", FakeEmbedder())
+    assert summary.added == 3 and not summary.skipped
+    assert_consistent(tmp_path / "ws", None, sorted((tmp_path / "phantom" / "images").iterdir()))
+
+
+def test_progress_is_reported_after_each_commit(tmp_path):
+    archive_files = write_images(tmp_path / "archive", 7)
+    reports = []
+
+    def on_progress(done: int, total: int, path: Path) -> None:
+        with Catalog(catalog_url(tmp_path / "ws"), create=False) as reader:  # another connection
+            assert str(path) in reader.entries()  # reported only once committed
+        reports.append((done, total, path))
+
+    index_paths(tmp_path / "archive", tmp_path / "ws", FakeEmbedder(), batch_size=3, on_progress=on_progress)
+    assert reports == [(i + 1, 7, p) for i, p in enumerate(archive_files)]
+
+
+def test_a_workspace_of_another_bundle_is_refused(tmp_path):
+    write_images(tmp_path / "archive", 2)
+    index_paths(tmp_path / "archive", tmp_path / "ws", FakeEmbedder("bundle-a"))
+    with pytest.raises(InputError, match="'bundle-a', not 'bundle-b'.*new workspace") as caught:
+        index_paths(tmp_path / "archive", tmp_path / "ws", FakeEmbedder("bundle-b"))
+    assert "\n" not in str(caught.value)
+    with pytest.raises(InputError, match="dimensional"):
+        index_paths(tmp_path / "archive", tmp_path / "ws", FakeEmbedder("bundle-a", side=4))
+    with pytest.raises(InputError, match="bundle 'bundle-a', not 'bundle-b'"):
+        open_workspace_for_search(tmp_path / "ws", bundle_id="bundle-b")
+    with open_workspace_for_search(tmp_path / "ws", bundle_id="bundle-a") as workspace:
+        assert workspace.index.ntotal == 2
+
+
+def test_the_index_file_is_repaired_from_the_catalog(tmp_path):
+    archive_files = write_images(tmp_path / "archive", 6)
+    embedder = FakeEmbedder()
+    index_paths(tmp_path / "archive", tmp_path / "ws", embedder)
+    with Catalog(catalog_url(tmp_path / "ws"), create=False) as catalog:
+        path, catalog_ids = index_path(tmp_path / "ws", catalog), catalog.ids()
+
+    stale = VectorIndex.load(path)  # as if saved mid-run, then edited by a later, killed run
+    stale.remove(catalog_ids[:2])
+    stale.add(np.eye(1, 64, dtype=np.float32), np.array([10**6]))
+    stale.save(path)
+    with open_workspace_for_search(tmp_path / "ws") as workspace:
+        np.testing.assert_array_equal(workspace.index.ids(), catalog_ids)
+        _, ids = workspace.index.search(embedder.vector(blocky(0))[None], 1)
+        assert workspace.records_for(ids[0])[int(ids[0, 0])].path == str(archive_files[0])
+    np.testing.assert_array_equal(VectorIndex.load(path).ids(), catalog_ids)  # and the repair was saved
+
+    for damage in (lambda: path.unlink(), lambda: path.write_bytes(b"garbage")):
+        damage()
+        with open_workspace_for_search(tmp_path / "ws") as workspace:
+            np.testing.assert_array_equal(workspace.index.ids(), catalog_ids)
+    summary = index_paths(tmp_path / "archive", tmp_path / "ws", embedder)
+    assert summary.unchanged == 6
+    assert_consistent(tmp_path / "ws", None, archive_files)
+
+
+# Run by test_kill_9_in_the_middle_of_a_run: embeds one batch, then blocks in the second until killed.
+KILLED_RUN = """
+import sys, time
+from pathlib import Path
+sys.path[:0] = [sys.argv[1], sys.argv[2]]
+from test_ingest import FakeEmbedder
+from indexing.ingest import index_paths
+
+archive, workspace, progress, blocked, db_url = sys.argv[3:8]
+
+class Blocking(FakeEmbedder):
+    def embed_images(self, images):
+        if self.calls == 1:
+            Path(blocked).touch()
+            while True:
+                time.sleep(1)
+        return super().embed_images(images)
+
+def report(done, total, path):
+    with open(progress, "a") as handle:
+        handle.write(f"{path}\\n")
+
+index_paths(archive, workspace, Blocking(), db_url=None if db_url == "-" else db_url, batch_size=2, on_progress=report)
+"""
+
+
+def test_kill_9_in_the_middle_of_a_run_loses_nothing_reported(tmp_path, db_url):
+    archive_files = write_images(tmp_path / "archive", 9)
+    workspace, progress, blocked = tmp_path / "ws", tmp_path / "progress.txt", tmp_path / "blocked"
+    script = tmp_path / "killed_run.py"
+    script.write_text(KILLED_RUN)
+    environment = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    environment["OMP_NUM_THREADS"] = "1"
+    arguments = [str(TESTS), str(ROOT), str(tmp_path / "archive"), str(workspace), str(progress), str(blocked), db_url or "-"]
+    process = subprocess.Popen([sys.executable, str(script), *arguments], env=environment, cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 180
+        while not blocked.exists():
+            assert process.poll() is None, process.stdout.read().decode()
+            assert time.monotonic() < deadline, "the indexing process never reached its second batch"
+            time.sleep(0.05)
+        reported = progress.read_text().split()
+        assert len(reported) == 2
+
+        # A search opened now, while the run holds the workspace, sees the committed batch.
+        with open_workspace_for_search(workspace, db_url=db_url) as reader:
+            np.testing.assert_array_equal(reader.index.ids(), reader.catalog.ids())
+            assert sorted(r.path for r in reader.records_for(reader.index.ids()).values()) == reported
+            _, ids = reader.index.search(FakeEmbedder().vector(blocky(1))[None], 1)
+            assert reader.records_for(ids[0])[int(ids[0, 0])].path == str(archive_files[1])
+    finally:
+        process.kill()  # SIGKILL: no cleanup of any kind
+        process.wait()
+
+    with Catalog(catalog_url(workspace, db_url), create=False) as catalog:
+        assert set(reported) <= set(catalog.entries())  # nothing reported as indexed was lost
+    embedder = FakeEmbedder()
+    summary = index_paths(tmp_path / "archive", workspace, embedder, db_url=db_url, batch_size=2)
+    assert (summary.unchanged, summary.added, embedder.embedded) == (2, 7, 7)
+    assert_consistent(workspace, db_url, archive_files)
+
+
+def test_a_catalog_from_a_newer_version_is_refused(tmp_path):
+    write_images(tmp_path / "archive", 2)
+    index_paths(tmp_path / "archive", tmp_path / "ws", FakeEmbedder())
+    with Catalog(catalog_url(tmp_path / "ws")) as catalog:
+        catalog.set_meta("schema_version", "999")
+    for attempt in (lambda: index_paths(tmp_path / "archive", tmp_path / "ws", FakeEmbedder()),
+                    lambda: open_workspace_for_search(tmp_path / "ws")):  # fmt: skip
+        with pytest.raises(InputError, match="newer than this sketch2medi supports"):
+            attempt()
+
+
+def test_postgresql_and_sqlite_give_the_same_results(tmp_path):
+    with fresh_postgres_database() as postgres_url:
+        results = index_both(tmp_path, postgres_url)
+    (summary_a, *a), (summary_b, *b) = results.values()
+    assert summary_a == summary_b and summary_a.duplicates == 1 and len(summary_a.skipped) == 1
+    for x, y in zip(a, b):
+        if isinstance(x, np.ndarray):
+            np.testing.assert_array_equal(x, y)
+        elif isinstance(x, tuple):
+            for u, v in zip(x, y):
+                np.testing.assert_array_equal(u, v)
+        elif x and isinstance(x[0], np.ndarray):
+            for u, v in zip(x, y):
+                np.testing.assert_array_equal(u, v)
+        else:
+            assert x == y
+
+
+def index_both(tmp_path: Path, postgres_url: str) -> dict:
+    archive = tmp_path / "archive"
+    write_images(archive, 6)
+    shutil.copy(archive / "image_000.png", archive / "again.png")
+    (archive / "broken.png").write_text("x")
+    results = {}
+    for name, url in (("sqlite", None), ("postgresql", postgres_url)):
+        summary = index_paths(archive, tmp_path / name, FakeEmbedder(), db_url=url, batch_size=4)
+        with open_workspace_for_search(tmp_path / name, db_url=url) as workspace:
+            ids, vectors = workspace.catalog.vectors()
+            records = workspace.records_for(ids)
+            rows = [(records[i].path, records[i].sha256, records[i].aliases, records[i].width) for i in ids]
+            hits = workspace.index.search(FakeEmbedder().vector(blocky(3))[None], 7)
+            masks = workspace.masks_for(ids)
+            results[name] = (summary, ids, vectors, rows, hits, [masks[i] for i in ids])
+    return results
+
+
+def test_workspace_opening_errors(tmp_path, db_url):
+    with pytest.raises(InputError, match="no such workspace"):
+        open_workspace_for_search(tmp_path / "nowhere", db_url=db_url)
+    write_images(tmp_path / "archive", 2)
+    index_paths(tmp_path / "archive", tmp_path / "ws", FakeEmbedder(), db_url=db_url)
+    if db_url is not None:  # the workspace remembers where its catalog is, without the password
+        with pytest.raises(InputError, match="pass that database with --db-url"):
+            open_workspace_for_search(tmp_path / "ws")
+    with pytest.raises(InputError, match="no such file or folder"):
+        index_paths(tmp_path / "missing", tmp_path / "ws", FakeEmbedder(), db_url=db_url)
+    with pytest.raises(InputError, match="unknown index kind"):
+        index_paths(tmp_path / "archive", tmp_path / "ws", FakeEmbedder(), db_url=db_url, index_kind="exact")
+
+
+def test_index_kinds_can_be_chosen_and_are_kept(tmp_path):
+    archive_files = write_images(tmp_path / "archive", 12)
+    embedder = FakeEmbedder()
+    index_paths(tmp_path / "archive", tmp_path / "ws", embedder, index_kind="hnsw")
+    with open_workspace_for_search(tmp_path / "ws") as workspace:
+        assert workspace.index.kind == "hnsw"
+    Image.fromarray(blocky(50)).save(archive_files[0])  # a removal, which an HNSW graph handles by rebuilding
+    summary = index_paths(tmp_path / "archive", tmp_path / "ws", embedder, index_kind="hnsw", batch_size=2)
+    assert (summary.added, summary.removed) == (1, 1)
+    assert_consistent(tmp_path / "ws", None, archive_files)
+    index_paths(tmp_path / "archive", tmp_path / "ws", embedder, index_kind="ivf")  # rebuilt as ivf
+    archive_files += write_images(tmp_path / "archive", 1, start=12)
+    index_paths(tmp_path / "archive", tmp_path / "ws", embedder)  # auto keeps the chosen kind
+    with open_workspace_for_search(tmp_path / "ws") as workspace:
+        assert workspace.index.kind == "ivf" and workspace.index.ntotal == 13
+        for seed, path in zip([50, *range(1, 13)], archive_files):
+            _, ids = workspace.index.search(embedder.vector(blocky(seed))[None], 1)
+            assert workspace.records_for(ids[0])[int(ids[0, 0])].path == str(path)
+    assert_consistent(tmp_path / "ws", None, archive_files)
+
+
+def test_resolve_workspace(tmp_path, monkeypatch):
+    monkeypatch.delenv("SKETCH2MEDI_WORKSPACE", raising=False)
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    assert resolve_workspace(None) == tmp_path / "data" / "sketch2medi" / "workspace"
+    monkeypatch.setenv("SKETCH2MEDI_WORKSPACE", str(tmp_path / "from_env"))
+    assert resolve_workspace(None) == tmp_path / "from_env"
+    assert resolve_workspace(tmp_path / "given") == tmp_path / "given"
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(InputError, match="is a file"):
+        resolve_workspace(tmp_path / "a_file")
+
+
+# Run under torchrun by test_torchrun_two_ranks_index_like_one_process.
+DISTRIBUTED_RUN = """
+import json, os, sys
+sys.path[:0] = [sys.argv[1], sys.argv[2]]
+import torch.distributed
+from test_ingest import FakeEmbedder
+from indexing.ingest import index_paths
+
+embedder = FakeEmbedder()
+summary = index_paths(sys.argv[3], sys.argv[4], embedder, batch_size=2)
+with open(os.path.join(sys.argv[5], f"rank{os.environ['RANK']}.json"), "w") as handle:
+    json.dump({"added": summary.added, "duplicates": summary.duplicates, "embedded": embedder.embedded}, handle)
+torch.distributed.destroy_process_group()
+"""
+
+
+@pytest.mark.skipif(TORCHRUN is None, reason="torchrun is not installed")
+def test_torchrun_two_ranks_index_like_one_process(tmp_path):
+    archive = tmp_path / "archive"
+    write_images(archive, 9)
+    shutil.copy(archive / "image_004.png", archive / "same_as_4.png")
+    (archive / "broken.png").write_text("x")
+    script = tmp_path / "distributed_run.py"
+    script.write_text(DISTRIBUTED_RUN)
+    (tmp_path / "out").mkdir()
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [TORCHRUN, "--standalone", "--nproc_per_node", "2", str(script),
+               str(TESTS), str(ROOT), str(archive), str(tmp_path / "ws2"), str(tmp_path / "out")]  # fmt: skip
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=300, env=environment, cwd=ROOT)
+    assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-4000:]
+    ranks = [json.loads((tmp_path / "out" / f"rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0]["added"] == ranks[1]["added"] == 9  # every rank returns the summary
+    assert ranks[0]["embedded"] > 0 and ranks[1]["embedded"] > 0  # both ranks embedded a share
+    assert ranks[0]["embedded"] + ranks[1]["embedded"] == 9  # disjoint shares, nothing embedded twice
+
+    single = index_paths(archive, tmp_path / "ws1", FakeEmbedder(), batch_size=2)
+    assert (single.added, single.duplicates) == (9, 1)
+    contents = []
+    for name in ("ws1", "ws2"):
+        with open_workspace_for_search(tmp_path / name) as workspace:
+            ids, vectors = workspace.catalog.vectors()
+            records = workspace.records_for(ids)
+            contents.append((ids, vectors, [(records[i].path, records[i].sha256, records[i].aliases) for i in ids]))
+            np.testing.assert_array_equal(workspace.index.ids(), ids)
+    np.testing.assert_array_equal(contents[0][0], contents[1][0])
+    np.testing.assert_array_equal(contents[0][1], contents[1][1])
+    assert contents[0][2] == contents[1][2]
+
+
+# -- DICOM -------------------------------------------------------------------------------------------
+
+
+def write_dicom(path: Path, frames: np.ndarray, photometric: str = "MONOCHROME2", modality: str = "CT", **tags) -> Path:
+    """A minimal uncompressed 16-bit signed greyscale DICOM file; `frames` is (H, W) or (F, H, W)."""
+    pydicom = pytest.importorskip("pydicom")
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    sop_class = "1.2.840.10008.5.1.4.1.1.7"  # Secondary Capture Image Storage
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = sop_class, generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    dataset = Dataset()
+    dataset.file_meta = meta
+    dataset.SOPClassUID, dataset.SOPInstanceUID = sop_class, meta.MediaStorageSOPInstanceUID
+    dataset.Modality = modality
+    dataset.Rows, dataset.Columns = frames.shape[-2:]
+    dataset.SamplesPerPixel, dataset.PhotometricInterpretation = 1, photometric
+    dataset.BitsAllocated, dataset.BitsStored, dataset.HighBit, dataset.PixelRepresentation = 16, 16, 15, 1
+    if frames.ndim == 3:
+        dataset.NumberOfFrames = frames.shape[0]
+    for keyword, value in tags.items():
+        setattr(dataset, keyword, value)
+    dataset.PixelData = np.ascontiguousarray(frames, "<i2").tobytes()
+    if int(pydicom.__version__.split(".")[0]) >= 3:
+        dataset.save_as(path, enforce_file_format=True)
+    else:
+        dataset.is_little_endian, dataset.is_implicit_VR = True, False
+        dataset.save_as(path, write_like_original=False)
+    return path
+
+
+def test_dicom_rescale_and_window_from_the_file(tmp_path):
+    # stored s -> 2 s - 1000 (Hounsfield units), shown through a window of 400 around 0
+    stored = np.array([[0, 500, 550], [1000, 480, 520]], np.int16)
+    path = write_dicom(tmp_path / "ct.dcm", stored, RescaleSlope="2", RescaleIntercept="-1000",
+                       WindowCenter="0", WindowWidth="400")  # fmt: skip
+    image = files.load(path)
+    assert image.shape == (2, 3, 3) and image.dtype == np.uint8
+    assert (image[..., 0] == image[..., 2]).all()
+    # -1000 HU -> black, 0 -> mid grey, 100 -> 192 (linear in the window), 1000 -> white, -40 -> 102
+    np.testing.assert_array_equal(image[..., 0], [[0, 128, 192], [255, 102, 153]])
+    [record] = files.probe(path)
+    assert (record.frame, record.modality, record.frames) == (0, "DICOM:CT", 1)
+
+
+def test_multi_frame_dicom_gives_one_entry_per_frame(tmp_path):
+    ramp = np.arange(16 * 16, dtype=np.int16).reshape(16, 16)
+    frames = np.stack([ramp, ramp.T * 3 + 100, 2000 - ramp * 2])
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    # no suffix: found by the DICM magic; no window: each frame's own min/max; MONOCHROME1: inverted
+    path = write_dicom(archive / "series_0001", frames, photometric="MONOCHROME1", modality="MR")
+    loaded = [files.load(path, f)[..., 0] for f in range(3)]
+    for image, frame in zip(loaded, frames):
+        assert image[frame == frame.min()].item() == 255 and image[frame == frame.max()].item() == 0
+        assert image.min() == 0 and image.max() == 255
+    with pytest.raises(InputError, match="no frame 3"):
+        files.load(path, 3)
+
+    embedder = FakeEmbedder()
+    summary = index_paths(archive, tmp_path / "ws", embedder)
+    assert (summary.added, summary.total) == (3, 3)
+    with open_workspace_for_search(tmp_path / "ws") as workspace:
+        records = sorted(workspace.records_for(workspace.index.ids()).values(), key=lambda r: r.frame)
+        assert [(r.frame, r.modality, r.path) for r in records] == [(f, "DICOM:MR", str(path)) for f in range(3)]
+        assert len({r.sha256 for r in records}) == 1
+        for frame, record in enumerate(records):
+            _, ids = workspace.index.search(embedder.vector(files.load(path, frame))[None], 1)
+            assert ids[0, 0] == record.id
+    assert index_paths(archive, tmp_path / "ws", embedder).unchanged == 3
+
+
+def test_enhanced_dicom_windows_each_frame_with_its_own_window(tmp_path):
+    pydicom = pytest.importorskip("pydicom")
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    def group(**values) -> Dataset:
+        item = Dataset()
+        for keyword, value in values.items():
+            setattr(item, keyword, value)
+        return item
+
+    per_frame = []
+    for center in ("0", "300"):
+        window = group(WindowCenter=center, WindowWidth="400")
+        per_frame.append(group(FrameVOILUTSequence=Sequence([window])))
+    shared = group(PixelValueTransformationSequence=Sequence([group(RescaleSlope="1", RescaleIntercept="0")]))
+    path = write_dicom(tmp_path / "enhanced.dcm", np.zeros((2, 4, 4), np.int16),
+                       PerFrameFunctionalGroupsSequence=Sequence(per_frame),
+                       SharedFunctionalGroupsSequence=Sequence([shared]))  # fmt: skip
+    assert pydicom.dcmread(path).NumberOfFrames == 2
+    assert (files.load(path, 0) == 128).all()  # 0 is the centre of frame 0's window
+    assert (files.load(path, 1) == 0).all()  # and below frame 1's
+
+
+def test_scan_reports_entries_and_reasons(tmp_path):
+    write_images(tmp_path, 2)
+    (tmp_path / "bad.png").write_text("no")
+    found = list(files.scan([tmp_path]))
+    records = [f for f in found if isinstance(f, files.FileRecord)]
+    assert [r.path.name for r in records] == ["image_000.png", "image_001.png"]
+    assert all(len(r.sha256) == 64 and r.size == r.path.stat().st_size for r in records)
+    [(path, why)] = [f for f in found if not isinstance(f, files.FileRecord)]
+    assert path.name == "bad.png" and "not an image" in why
+
+
+def test_summary_is_a_plain_dataclass():
+    assert IndexSummary().total == 0 and IndexSummary().skipped == []
