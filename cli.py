@@ -337,7 +337,7 @@ def train_all_command(
 def generate(
     sketch: Path = typer.Argument(..., help="A sketch image (any polarity, mode and size; normalised first)."),
     out: Path = typer.Option(..., "--out", help="PNG to write: the image, or with --strip every refinement step."),
-    bundle: Path = typer.Option(Path("bundle"), "--bundle", help="Bundle made by `train all`."),
+    bundle: Path = typer.Option(None, "--bundle", help="Bundle made by `train all` (default: $SKETCH2MEDI_BUNDLE, else the shipped one)."),
     steps: int = typer.Option(None, "--steps", min=0, help="Refinement steps T (default: as trained, 3; 0 = E alone)."),
     strip: bool = typer.Option(False, "--strip", help="Write sketch | x_0 | x_1 | ... | x_T side by side."),
     device: str = typer.Option("auto", "--device"),
@@ -350,7 +350,9 @@ def generate(
     from generation.images import tensor_to_images
     from generation.pipeline import Sketch2MedI
 
-    model = Sketch2MedI.from_bundle(bundle, device)
+    from generation.bundle import default_bundle
+
+    model = Sketch2MedI.from_bundle(bundle or default_bundle(), device)
     canonical = normalize_sketch_file(sketch, model.resolution)
     result = model.generate(canonical[None], steps=steps)
     if strip:
@@ -367,19 +369,94 @@ def generate(
 def sketch(
     source: Path = typer.Argument(..., help="An image file or a folder of images."),
     out: Path = typer.Option(..., "--out", help="Folder for masks/NAME.png (class indices) and sketches/NAME.png."),
-    bundle: Path = typer.Option(Path("bundle"), "--bundle", help="Bundle folder with the trained synthesizer."),
+    bundle: Path = typer.Option(None, "--bundle", help="Bundle folder with the trained synthesizer (default: as for `generate`)."),
     size: int = typer.Option(256, "--size", min=32, max=1024, help="Side of the square outputs (images are centre-cropped)."),
     threshold: float = typer.Option(0.35, "--threshold", min=0.0, max=1.0, help="Minimum instance confidence (the paper's delta)."),
     device: str = typer.Option("auto", "--device"),
 ):
     """Synthesize sketches: segment each image with S and draw its instances' contours."""
+    from generation.bundle import default_bundle
     from generation.solov2 import sketch_folder
 
     with progress_bar() as progress:
         task = progress.add_task("sketch", total=None)
-        count = sketch_folder(source, out, bundle, size=size, threshold=threshold, device=device,
+        count = sketch_folder(source, out, bundle or default_bundle(), size=size, threshold=threshold, device=device,
                               on_image=lambda done, total: progress.update(task, completed=done, total=total))
     typer.echo(f"wrote {count} masks and sketches to {out}")
+
+
+WORKSPACE_HELP = "Workspace folder (default: $SKETCH2MEDI_WORKSPACE, else ~/.local/share/sketch2medi/workspace)."
+DB_HELP = "SQLAlchemy URL of the catalog (default: SQLite inside the workspace), e.g. postgresql+psycopg://user@host/db."
+
+
+@app.command()
+def index(
+    paths: list[Path] = typer.Argument(..., help="Image files or folders (PNG, JPEG, TIFF, BMP, DICOM), searched recursively."),
+    workspace: Path = typer.Option(None, "--workspace", help=WORKSPACE_HELP),
+    bundle: Path = typer.Option(None, "--bundle", help="Bundle made by `train all` (default: $SKETCH2MEDI_BUNDLE, else the shipped one)."),
+    db_url: str = typer.Option(None, "--db-url", "--db", help=DB_HELP),
+    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Images per batch (each batch is committed before it is reported)."),
+    index_kind: str = typer.Option("auto", "--index", help="auto (exact up to 100k images, then HNSW) | flat | ivf | hnsw."),
+    image_weight: float = typer.Option(0.5, "--image-weight", min=0.0, max=1.0, help="Weight of the image embedding against the sketch code in the vector."),
+    device: str = typer.Option("auto", "--device"),
+):
+    """Add images to the archive: S's masks, E's code of the synthesized sketch, C's embedding; incremental."""
+    from indexing.ingest import index_paths
+    from retrieval.search import ArchiveEmbedder, SystemModels
+
+    embedder = ArchiveEmbedder(SystemModels(bundle, device), image_weight)
+    with progress_bar() as progress:
+        task = progress.add_task("index", total=None)
+
+        def on_progress(done: int, total: int, path: Path) -> None:
+            progress.update(task, completed=done, total=total, description=f"index {path.name[:40]}")
+
+        summary = index_paths(paths, workspace, embedder, db_url=db_url, batch_size=batch_size, index_kind=index_kind, on_progress=on_progress)
+    typer.echo(f"added {summary.added}, unchanged {summary.unchanged}, duplicates {summary.duplicates}, "
+               f"skipped {len(summary.skipped)}, removed {summary.removed}")
+    for path, why in summary.skipped:
+        typer.echo(f"  skipped {path}: {why}")
+
+
+@app.command()
+def search(
+    sketch: Path = typer.Argument(..., help="The sketch (any polarity, mode and size)."),
+    k: int = typer.Option(10, "-k", "--top", min=1, help="How many results."),
+    workspace: Path = typer.Option(None, "--workspace", help=WORKSPACE_HELP),
+    bundle: Path = typer.Option(None, "--bundle", help="Bundle (default: the one the workspace was indexed with)."),
+    db_url: str = typer.Option(None, "--db-url", "--db", help=DB_HELP),
+    candidates: int = typer.Option(100, "--candidates", min=1, help="FAISS candidates re-ranked by DICE."),
+    rerank: bool = typer.Option(True, "--rerank/--no-rerank", help="Re-rank the candidates by the DICE of S's masks."),
+    lam: float = typer.Option(0.5, "--lambda", min=0.0, max=1.0, help="score = lambda * similarity + (1 - lambda) * DICE."),
+    steps: int = typer.Option(None, "--steps", min=0, help="Refinement steps (default: as trained, 3)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON (schema in docs/SEARCH.md) instead of a table."),
+    out: Path = typer.Option(None, "--out", help="Folder for sketch.png, generated.png and results.png (contact sheet)."),
+    device: str = typer.Option("auto", "--device"),
+):
+    """Find the archive images that look like the sketch."""
+    import json
+
+    from retrieval.search import Retriever
+
+    with Retriever(workspace, bundle, db_url, device) as retriever:
+        result = retriever.search(sketch, k=k, candidates=candidates, rerank=rerank, lam=lam, steps=steps)
+        if out is not None:
+            from retrieval.contact_sheet import write_search_outputs
+
+            write_search_outputs(result, out)
+    if as_json:
+        typer.echo(json.dumps(result.to_json(), indent=1))
+    else:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table("rank", "score", "similarity", "DICE")
+        table.add_column("path", overflow="fold")  # wrap long paths rather than cut them
+        for hit in result.results:
+            table.add_row(str(hit.rank), f"{hit.score:.4f}", f"{hit.similarity:.4f}",
+                          "-" if hit.dice is None else f"{hit.dice:.1f}", hit.path + (f" [frame {hit.frame}]" if hit.frame else ""))
+        Console().print(table)
+        typer.echo(f"{result.timings_ms['total']:.0f} ms" + (f"; wrote {out}" if out else ""))
 
 
 if __name__ == "__main__":

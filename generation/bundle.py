@@ -99,3 +99,20 @@ def bundle_id_of(networks: dict[str, dict[str, Any]]) -> str:
     """Short digest naming exactly these weights."""
     joined = "|".join(f"{key}:{networks[key]['sha256']}" for key in sorted(networks))
     return hashlib.sha256(joined.encode()).hexdigest()[:16]
+
+
+ENV_BUNDLE = "SKETCH2MEDI_BUNDLE"
+# The bundle shipped with the repository (trained by `train all --preset cpu` on the phantom).
+SHIPPED_BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "phantom"
+
+
+def default_bundle() -> Path:
+    """$SKETCH2MEDI_BUNDLE, else the shipped phantom bundle."""
+    import os
+
+    chosen = os.environ.get(ENV_BUNDLE)
+    path = Path(chosen) if chosen else SHIPPED_BUNDLE
+    if not path.is_dir():
+        source = f"${ENV_BUNDLE}" if chosen else "the shipped bundle"
+        raise InputError(f"{path}: {source} is missing; pass --bundle with a folder made by `train all`")
+    return path

@@ -69,6 +69,9 @@ class SketchEncoder(nn.Module):
         nn.init.zeros_(self.to_w.weight)
         self.register_buffer("w_avg", torch.zeros(config.w_dim) if w_avg is None else w_avg.detach().clone().float())
         assert self.w_avg.shape == (config.w_dim,), f"w_avg {tuple(self.w_avg.shape)} for w_dim {config.w_dim}"
+        # The mean code of the training sketches, set when training ends: retrieval compares codes
+        # as offsets from it, which removes the component every code shares.
+        self.register_buffer("code_mean", self.w_avg.clone())
 
     def forward(self, sketches: Tensor) -> Tensor:
         size = self.config.resolution

@@ -65,6 +65,7 @@ class EmbeddedBatch:
 class Embedder(Protocol):
     bundle_id: str  # names the model bundle; a workspace indexed with another bundle is refused
     dim: int
+    # Optional: `bundle_path`, the bundle folder, recorded in workspace.json for `search`.
 
     def embed_images(self, images: list[np.ndarray]) -> EmbeddedBatch:
         """uint8 (H, W, 3) images of any size -> their vectors and S's label maps."""
@@ -185,6 +186,7 @@ class Workspace:
     index: VectorIndex
     bundle_id: str
     dim: int
+    bundle_path: str | None = None  # the bundle folder the index was built with, when recorded
 
     def masks_for(self, ids: Iterable[int]) -> dict[int, np.ndarray]:
         """S's label maps (uint8, 0 = background) of these image ids; unknown ids (-1) are left out."""
@@ -241,7 +243,7 @@ def open_workspace_for_search(
     except BaseException:
         catalog.close()
         raise
-    return Workspace(path, catalog, index, stored_bundle, dim)
+    return Workspace(path, catalog, index, stored_bundle, dim, _read_info(path).get("bundle_path"))
 
 
 # -- the index run -------------------------------------------------------------------------------
@@ -318,6 +320,8 @@ class _Writer:
                 )
         info = {"bundle_id": bundle_id, "dim": dim, "catalog": masked_url(db_url) if db_url else None,
                 "catalog_id": self.catalog.catalog_id}  # fmt: skip
+        if getattr(embedder, "bundle_path", None):  # lets `search` find the bundle without --bundle
+            info["bundle_path"] = str(Path(embedder.bundle_path).resolve())
         if _read_info(self.workspace) != info:
             _write_info(self.workspace, info)
 

@@ -23,3 +23,18 @@ def vocalfolds() -> Path:
     if not (VOCALFOLDS / "images").is_dir():
         pytest.skip("../shared/data/vocalfolds256 is not present (fresh clone)")
     return VOCALFOLDS
+
+
+@pytest.fixture(scope="session")
+def tiny_chain(tmp_path_factory):
+    """`train all --preset tiny` on a 24-image phantom at 64 px: (data, bundle, stage reports).
+
+    Shared by the generation and retrieval tests (the chain takes ~30 s on one thread)."""
+    from training.phantom import write_phantom_dataset
+    from training.train_all import train_all
+
+    root = tmp_path_factory.mktemp("chain")
+    data = root / "phantom"
+    write_phantom_dataset(data, 24, 64, 0)
+    reports = train_all(data, root / "bundle", "tiny", device="cpu", log=lambda message: None)
+    return data, root / "bundle", reports

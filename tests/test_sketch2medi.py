@@ -23,7 +23,7 @@ from generation.stylegan2 import Generator, StyleGAN2Config
 from retrieval.moco import FeatureNetwork, moco_preset
 from training.checkpoints import load_checkpoint
 from training.distributed import Distributed
-from training.phantom import phantom_sample, write_phantom_dataset
+from training.phantom import phantom_sample
 from training.sketch_cache import SketchCache
 from training.train_all import train_all
 from training.train_sketch2medi import EncoderTrainer, RefinerTrainer, phase_options, train_phase
@@ -124,14 +124,9 @@ def test_refiner_steps_beat_the_encoder_alone_on_training_sketches(parts, traine
     assert after < before
 
 
-@pytest.fixture(scope="module")
-def tiny_bundle(tmp_path_factory):
-    """`train all --preset tiny` on a 24-image phantom: the whole chain, end to end."""
-    root = tmp_path_factory.mktemp("chain")
-    data = root / "phantom"
-    write_phantom_dataset(data, 24, 64, 0)
-    reports = train_all(data, root / "bundle", "tiny", device="cpu", log=lambda message: None)
-    return data, root / "bundle", reports
+@pytest.fixture
+def tiny_bundle(tiny_chain):
+    return tiny_chain
 
 
 def test_train_all_builds_every_stage_then_skips_them(tiny_bundle):

@@ -233,8 +233,20 @@ class EncoderTrainer(PhaseTrainer):
         finally:
             self.E.train()
 
+    @torch.no_grad()
+    def set_code_mean(self, batch_size: int = 64) -> None:
+        """E's mean code over the (synthesized, not augmented) training sketches."""
+        self.E.eval()
+        total = torch.zeros_like(self.E.code_mean)
+        for start in range(0, len(self.cache), batch_size):
+            sketches, _ = self.batch_of(torch.arange(start, min(start + batch_size, len(self.cache))))
+            total += self.E(sketches).sum(dim=0)
+        self.E.code_mean.copy_(total / len(self.cache))
+        self.E.train()
+
     def finish(self, bundle: Path, summary: dict) -> None:
         broadcast_module(self.E, self.dist)  # BN running statistics differ per rank; ship rank 0's
+        self.set_code_mean()
         if self.dist.is_main:
             save_encoder(self.E, bundle, {"training": summary})
 

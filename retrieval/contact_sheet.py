@@ -1,0 +1,55 @@
+"""Pictures of a search: the normalised sketch, the generated image and a contact sheet of results."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from generation.images import InputError
+from retrieval.search import SearchResult
+
+THUMBNAIL = 128
+CAPTION = 28  # pixels under each tile for its caption
+
+
+def _tile(image: np.ndarray, size: int) -> Image.Image:
+    picture = Image.fromarray(image if image.ndim == 3 else np.repeat(image[:, :, None], 3, axis=2))
+    picture.thumbnail((size, size), Image.LANCZOS)
+    tile = Image.new("RGB", (size, size), "white")
+    tile.paste(picture, ((size - picture.width) // 2, (size - picture.height) // 2))
+    return tile
+
+
+def contact_sheet(result: SearchResult, columns: int = 6, size: int = THUMBNAIL) -> Image.Image:
+    """Row 1: query sketch and generated image; then the results in rank order, captioned."""
+    from indexing.files import load
+
+    tiles: list[tuple[Image.Image, str]] = [(_tile(result.sketch, size), "sketch"), (_tile(result.image, size), "generated")]
+    for hit in result.results:
+        try:
+            picture = _tile(load(Path(hit.path), hit.frame), size)
+        except (InputError, OSError):  # moved or deleted since indexing: keep its place in the sheet
+            picture = Image.new("RGB", (size, size), (200, 200, 200))
+        dice = "" if hit.dice is None else f" D{hit.dice:.0f}"
+        tiles.append((picture, f"#{hit.rank} {hit.score:.3f}{dice}"))
+    rows = 1 + -(-len(result.results) // columns)
+    sheet = Image.new("RGB", (columns * size, rows * (size + CAPTION)), "white")
+    draw = ImageDraw.Draw(sheet)
+    positions = [(0, 0), (1, 0)] + [(i % columns, 1 + i // columns) for i in range(len(result.results))]
+    for (tile, caption), (column, row) in zip(tiles, positions):
+        x, y = column * size, row * (size + CAPTION)
+        sheet.paste(tile, (x, y))
+        draw.text((x + 4, y + size + 6), caption, fill="black")
+    return sheet
+
+
+def write_search_outputs(result: SearchResult, out: str | Path) -> list[Path]:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = [out / "sketch.png", out / "generated.png", out / "results.png"]
+    Image.fromarray(result.sketch).save(written[0])
+    Image.fromarray(result.image).save(written[1])
+    contact_sheet(result).save(written[2])
+    return written

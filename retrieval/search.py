@@ -1,0 +1,251 @@
+"""Sketch search over an indexed archive.
+
+    sketch -> normalise -> E -> w -> G, H (T steps) -> x_hat
+           -> vector(x_hat, w) -> FAISS top candidates -> DICE(S(x_hat), stored masks) re-rank -> top k
+
+The vector of an image is the fusion of two unit vectors,
+
+    v = [sqrt(a) * e / |e|,  sqrt(1 - a) * (w - m) / |w - m|],   |v| = 1,
+
+so the inner product of two vectors is a * cos(e, e') + (1 - a) * cos(w - m, w' - m), with
+a = `image_weight`. e = C(x) is C's embedding of the image: what the anatomy looks like. w is E's code
+of the image's sketch (the synthesized sketch S(x) for an archive image, the user's sketch for a
+query): where the structures are, compared in the space the generator was trained to read. The two
+fail differently (e inherits G's mistakes on x_hat; w ignores texture and colour), so fusing them
+is steadier than either; `evaluate` measures each alone. Codes are compared as offsets from m, E's
+mean code over its training sketches, not as raw w: every code shares that large component, which
+would otherwise put all cosines close to 1.
+
+Archive sketches go through the same normalisation as queries before E, so a query that is an
+archive image's own synthesized sketch gets exactly that image's code.
+
+Final score of a candidate: lambda * similarity + (1 - lambda) * DICE / 100 (DICE in percent,
+between S(x_hat) and the candidate's stored masks, 0 when neither has any structure).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from generation.bundle import bundle_id_of, default_bundle, network_entries
+from generation.images import InputError, open_image, tensor_to_images
+from generation.normalize import normalize_sketch
+from generation.pipeline import Sketch2MedI
+from generation.refiner import accumulate
+from generation.sketch import sketch_to_tensor
+from generation.solov2 import SOLOv2, load_synthesizer
+from indexing.ingest import EmbeddedBatch, open_workspace_for_search
+from retrieval.metrics import dice_per_image
+from retrieval.moco import FeatureNetwork
+from training.checkpoints import checkpoint_exists
+from training.data import square_resize
+from training.distributed import pick_device
+
+DEFAULT_IMAGE_WEIGHT = 0.5
+DEFAULT_LAMBDA = 0.5
+RECIPE_SEPARATOR = ":image_weight="
+JSON_SCHEMA_VERSION = 1
+
+
+def fuse_vectors(embeddings: torch.Tensor, w_offsets: torch.Tensor, image_weight: float) -> np.ndarray:
+    """(N, De) and (N, Dw) -> float32 (N, De + Dw), unit rows (see the module docstring)."""
+    if not 0 <= image_weight <= 1:
+        raise InputError(f"image weight {image_weight}: must be between 0 and 1")
+    fused = torch.cat([F.normalize(embeddings.float(), dim=1) * image_weight**0.5,
+                       F.normalize(w_offsets.float(), dim=1) * (1 - image_weight) ** 0.5], dim=1)
+    return fused.cpu().numpy().astype(np.float32)
+
+
+class SystemModels:
+    """Every network of a bundle that search and indexing use: G, E, H (Sketch2MedI), S and C."""
+
+    def __init__(self, bundle: str | Path | None = None, device: str | torch.device = "auto"):
+        self.bundle = Path(bundle) if bundle is not None else default_bundle()
+        self.device = pick_device(device) if isinstance(device, str) else device
+        self.generator = Sketch2MedI.from_bundle(self.bundle, self.device)
+        for name, command in (("synthesizer", "train synthesizer"), ("moco", "train moco")):
+            if not checkpoint_exists(self.bundle, name):
+                raise InputError(f"{self.bundle}: has no {name}.safetensors; train it with `{command}` (or `train all`)")
+        self.S: SOLOv2 = load_synthesizer(self.bundle, self.device)
+        self.C = FeatureNetwork.from_bundle(self.bundle, self.device)
+        self.bundle_id = bundle_id_of(network_entries(self.bundle))
+
+    @property
+    def resolution(self) -> int:
+        return self.generator.resolution
+
+    @property
+    def code_mean(self) -> torch.Tensor:
+        return self.generator.E.code_mean
+
+
+class ArchiveEmbedder:
+    """The `indexing.ingest.Embedder` of a bundle: per image S's masks, x_sk = S(x), w = E(x_sk),
+    e = C(x), and the fused vector."""
+
+    def __init__(self, models: SystemModels, image_weight: float = DEFAULT_IMAGE_WEIGHT):
+        fuse_vectors(torch.zeros(1, 1), torch.zeros(1, 1), image_weight)  # validates the weight
+        self.models, self.image_weight = models, image_weight
+        self.bundle_path = str(models.bundle)
+        # The vector recipe is part of the id: a workspace is only searched the way it was indexed.
+        self.bundle_id = f"{models.bundle_id}{RECIPE_SEPARATOR}{image_weight:g}"
+        self.dim = models.C.embedding_dim + models.generator.G.config.w_dim
+
+    @torch.no_grad()
+    def embed_images(self, images: list[np.ndarray]) -> EmbeddedBatch:
+        m, size = self.models, self.models.resolution
+        # Archive images are centre-cropped to squares, as the networks were trained.
+        sketches, labels = m.S.synthesize([square_resize(image, m.S.config.size) for image in images], size)
+        pixels = torch.from_numpy(np.stack([square_resize(image, size) for image in images])).permute(0, 3, 1, 2)
+        embeddings = m.C.embed(pixels.float().to(m.device) / 127.5 - 1)
+        sketches = np.stack([_normalized(sketch) for sketch in sketches])
+        w = m.generator.E(sketch_to_tensor(sketches).to(m.device))
+        return EmbeddedBatch(fuse_vectors(embeddings, w - m.code_mean, self.image_weight), list(labels))
+
+
+@dataclass
+class Hit:
+    rank: int
+    id: int
+    path: str
+    frame: int
+    score: float
+    similarity: float
+    dice: float | None  # percent; None without re-ranking
+
+
+@dataclass
+class SearchResult:
+    results: list[Hit]
+    timings_ms: dict[str, float]
+    sketch: np.ndarray = field(repr=False)  # the normalised query sketch, uint8 (R, R)
+    image: np.ndarray = field(repr=False)  # the generated image x_hat, uint8 (R, R, 3)
+    labels: np.ndarray = field(repr=False)  # S(x_hat), uint8 (R, R)
+
+    def to_json(self) -> dict:
+        """The documented `search --json` schema (docs/SEARCH.md)."""
+        return {"schema_version": JSON_SCHEMA_VERSION, "results": [asdict(hit) for hit in self.results],
+                "timings_ms": self.timings_ms}
+
+
+def load_sketch(sketch: str | Path | Image.Image | np.ndarray, size: int) -> np.ndarray:
+    """Any user sketch (file, PIL image, array) -> canonical uint8 (size, size)."""
+    if isinstance(sketch, (str, Path)):
+        return normalize_sketch(open_image(sketch), size, name=str(sketch))
+    return normalize_sketch(sketch, size)
+
+
+class Retriever:
+    """`Retriever(workspace).search(sketch, k)`: the search API the CLI and the server use."""
+
+    def __init__(self, workspace: str | Path | None = None, bundle: str | Path | None = None, db_url: str | None = None,
+                 device: str = "auto", models: SystemModels | None = None):
+        self.workspace = open_workspace_for_search(workspace, db_url)
+        try:
+            stored = self.workspace.bundle_id
+            if RECIPE_SEPARATOR not in stored:
+                raise InputError(f"{self.workspace.path}: was not indexed by sketch2medi's `index`; re-index it")
+            if models is None:
+                models = SystemModels(bundle or self.workspace.bundle_path or None, device)
+            self.models = models
+            self.embedder = ArchiveEmbedder(models, float(stored.split(RECIPE_SEPARATOR)[1]))
+            if self.embedder.bundle_id != stored:
+                raise InputError(f"{self.workspace.path}: was indexed with another bundle than {models.bundle}; "
+                                 f"search with the bundle it was built with or re-index into a new workspace")
+        except BaseException:
+            self.workspace.close()
+            raise
+
+    def close(self) -> None:
+        self.workspace.close()
+
+    def __enter__(self) -> Retriever:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @torch.no_grad()
+    def search(self, sketch: str | Path | Image.Image | np.ndarray, k: int = 10, candidates: int = 100,
+               rerank: bool = True, lam: float = DEFAULT_LAMBDA, steps: int | None = None) -> SearchResult:
+        if k < 1 or candidates < 1:
+            raise InputError("k and candidates must be positive")
+        if not 0 <= lam <= 1:
+            raise InputError(f"lambda {lam}: must be between 0 and 1")
+        m = self.models
+        model = m.generator
+        steps = model.default_steps if steps is None else steps
+        if steps and model.H is None:
+            raise InputError(f"{m.bundle}: has no refiner H; search with --steps 0 or train H")
+        timings: dict[str, float] = {}
+        clock = time.perf_counter()
+
+        def lap(stage: str) -> None:
+            nonlocal clock
+            if m.device.type == "cuda":
+                torch.cuda.synchronize()
+            now = time.perf_counter()
+            timings[stage] = round((now - clock) * 1000, 3)
+            clock = now
+
+        canonical = load_sketch(sketch, m.resolution)
+        lap("normalize")
+        sketch_tensor = sketch_to_tensor(canonical).to(m.device)
+        w = model.E(sketch_tensor)
+        lap("E")
+        image = model.G(w)
+        lap("G")
+        total = None
+        for t in range(1, steps + 1):
+            total = accumulate(total, model.H(sketch_tensor, image))
+            image = model.G(w, weight_deltas=total)
+            lap(f"H{t}")
+        vector = fuse_vectors(m.C.embed(image), w - m.code_mean, self.embedder.image_weight)
+        lap("C")
+        count = min(max(candidates, k), max(self.workspace.index.ntotal, 1))
+        scores, ids = self.workspace.index.search(vector, count)
+        found = [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0]
+        lap("faiss")
+        generated = tensor_to_images(image)[0]
+        labels = m.S.predict_label_map([generated])[0] if rerank else np.zeros(generated.shape[:2], np.uint8)
+        lap("S")
+        ranked = []
+        if rerank:
+            masks = self.workspace.masks_for([i for i, _ in found])
+            classes = int(max([labels.max(), *[mask.max() for mask in masks.values()]], default=0)) + 1
+            for image_id, similarity in found:
+                stored = masks.get(image_id)
+                dice = _dice(labels, stored, classes) if stored is not None else 0.0
+                ranked.append((lam * similarity + (1 - lam) * dice / 100, similarity, dice, image_id))
+            ranked.sort(key=lambda row: (-row[0], row[3]))
+        else:
+            ranked = [(similarity, similarity, None, image_id) for image_id, similarity in found]
+        lap("rerank")
+        records = self.workspace.records_for([row[3] for row in ranked[:k]])
+        hits = [Hit(rank, image_id, records[image_id].path, records[image_id].frame, round(score, 6), round(similarity, 6),
+                    None if dice is None else round(dice, 3))
+                for rank, (score, similarity, dice, image_id) in enumerate((r for r in ranked if r[3] in records), start=1)][:k]
+        timings["total"] = round(sum(timings.values()), 3)
+        return SearchResult(hits, timings, canonical, generated, labels)
+
+
+def _normalized(sketch: np.ndarray) -> np.ndarray:
+    """A synthesized sketch as a query would be normalised (blank ones, where S found nothing, stay blank)."""
+    try:
+        return normalize_sketch(sketch, sketch.shape[0])
+    except InputError:
+        return sketch
+
+
+def _dice(labels: np.ndarray, stored: np.ndarray, classes: int) -> float:
+    if stored.shape != labels.shape:  # stored at another resolution: compare at the query's
+        stored = np.asarray(Image.fromarray(stored).resize(labels.shape[::-1], Image.NEAREST))
+    value = dice_per_image(labels, stored, classes).mean
+    return 0.0 if np.isnan(value) else value

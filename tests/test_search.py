@@ -1,0 +1,124 @@
+"""Indexing with a real (tiny) bundle and searching by sketch: `index`, `search`, `Retriever`."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from cli import app
+from generation.images import InputError
+from indexing.ingest import index_paths
+from retrieval.metrics import dice_per_image
+from retrieval.search import ArchiveEmbedder, Retriever, SystemModels, fuse_vectors
+from training.data import ImageDataset, square_resize
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def models(tiny_chain):
+    return SystemModels(tiny_chain[1], "cpu")
+
+
+def own_sketch(models, image: np.ndarray) -> np.ndarray:
+    """The synthesized sketch S draws of an archive image, at the bundle's resolution."""
+    return models.S.synthesize([square_resize(image, models.S.config.size)], models.resolution)[0][0]
+
+
+def test_fused_vectors_are_unit_and_weight_the_two_cosines():
+    import torch
+
+    e, w = torch.randn(4, 6), torch.randn(4, 3)
+    v = fuse_vectors(e, w, 0.3)
+    assert np.allclose(np.linalg.norm(v, axis=1), 1, atol=1e-6)
+    cos = lambda a, b: float(torch.nn.functional.cosine_similarity(a, b, dim=0))  # noqa: E731
+    assert v[0] @ v[1] == pytest.approx(0.3 * cos(e[0], e[1]) + 0.7 * cos(w[0], w[1]), abs=1e-5)
+    with pytest.raises(InputError, match="between 0 and 1"):
+        fuse_vectors(e, w, 1.5)
+
+
+def test_own_synthesized_sketch_finds_its_image_first(tiny_chain, models, tmp_path):
+    """The sketch-code path end to end (S -> normalise -> E -> FAISS -> catalog): a query that is an
+    archive image's own synthesized sketch gets that image's code exactly, so with the vector made
+    of the code alone (image weight 0) and no re-ranking it must come first, for every image.
+    (The image half of the vector depends on how well G is trained; the tiny bundle's is not.)"""
+    data, _, _ = tiny_chain
+    index_paths(data / "images", tmp_path / "ws", ArchiveEmbedder(models, image_weight=0.0), batch_size=8)
+    dataset = ImageDataset(data)
+    with Retriever(tmp_path / "ws", models=models) as retriever:
+        for i in range(len(dataset)):
+            result = retriever.search(own_sketch(models, dataset.image(i)), k=3, rerank=False)
+            assert result.results[0].path == str(dataset.samples[i].image_path), i
+            assert result.results[0].similarity == pytest.approx(1.0, abs=1e-4)
+
+
+def test_rerank_orders_by_the_dice_of_S_masks(tiny_chain, models, tmp_path):
+    data, _, _ = tiny_chain
+    index_paths(data / "images", tmp_path / "ws", ArchiveEmbedder(models), batch_size=8)
+    sketch = own_sketch(models, ImageDataset(data).image(5))
+    with Retriever(tmp_path / "ws", models=models) as retriever:
+        result = retriever.search(sketch, k=24, candidates=24, lam=0.0)
+        dice = [hit.dice for hit in result.results]
+        assert dice == sorted(dice, reverse=True) and len(dice) == 24
+        masks = retriever.workspace.masks_for([hit.id for hit in result.results])
+        classes = int(max(result.labels.max(), *(m.max() for m in masks.values()))) + 1
+        for hit in result.results[:5]:  # the reported DICE is the DICE of S(x_hat) and the stored masks
+            expected = dice_per_image(result.labels, masks[hit.id], classes).mean
+            assert hit.dice == pytest.approx(0.0 if np.isnan(expected) else expected, abs=1e-3)
+            assert hit.score == pytest.approx(hit.dice / 100, abs=1e-5)
+        plain = retriever.search(sketch, k=5, rerank=False)
+        assert all(hit.dice is None and hit.score == hit.similarity for hit in plain.results)
+        assert set(result.timings_ms) >= {"normalize", "E", "G", "H1", "H2", "H3", "C", "faiss", "S", "rerank", "total"}
+
+
+def test_index_and_search_commands(tiny_chain, tmp_path):
+    data, bundle, _ = tiny_chain
+    archive = tmp_path / "archive"
+    shutil.copytree(data / "images", archive)
+    (archive / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    workspace = ["--workspace", str(tmp_path / "ws")]
+    result = runner.invoke(app, ["index", str(archive), *workspace, "--bundle", str(bundle), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "added 24" in result.output and "skipped 1" in result.output and "broken.png" in result.output
+    again = runner.invoke(app, ["index", str(archive), *workspace, "--bundle", str(bundle), "--device", "cpu"])
+    assert again.exit_code == 0 and "added 0, unchanged 24" in again.output
+
+    sketch = tmp_path / "query.png"
+    Image.fromarray(own_sketch(SystemModels(bundle, "cpu"), ImageDataset(data).image(2))).resize((256, 256), Image.NEAREST).save(sketch)
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["search", str(sketch), "-k", "4", *workspace, "--json", "--out", str(out), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    answer = json.loads(result.output)
+    assert answer["schema_version"] == 1 and [hit["rank"] for hit in answer["results"]] == [1, 2, 3, 4]
+    assert set(answer["results"][0]) >= {"rank", "path", "score", "similarity", "dice"} and answer["timings_ms"]["total"] > 0
+    assert all((out / name).is_file() for name in ("sketch.png", "generated.png", "results.png"))
+    table = runner.invoke(app, ["search", str(sketch), "-k", "2", *workspace, "--no-rerank", "--device", "cpu"])
+    assert table.exit_code == 0 and "similarity" in table.output and "phantom_" in table.output
+
+
+def test_search_refuses_what_does_not_fit(tiny_chain, tmp_path):
+    data, bundle, _ = tiny_chain
+    empty = runner.invoke(app, ["search", str(tmp_path / "q.png"), "--workspace", str(tmp_path / "none")])
+    assert empty.exit_code == 2 and "no such workspace" in empty.output and "Traceback" not in empty.output
+
+    workspace = ["--workspace", str(tmp_path / "ws")]
+    assert runner.invoke(app, ["index", str(data / "images"), *workspace, "--bundle", str(bundle), "--device", "cpu"]).exit_code == 0
+    blank = tmp_path / "blank.png"
+    Image.fromarray(np.full((128, 128), 255, np.uint8)).save(blank)
+    result = runner.invoke(app, ["search", str(blank), *workspace])
+    assert result.exit_code == 2 and "empty" in result.output
+    photo = tmp_path / "photo.png"
+    Image.fromarray(ImageDataset(data).image(0)).save(photo)
+    result = runner.invoke(app, ["search", str(photo), *workspace])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+
+    other = tmp_path / "other"  # the same networks but a retrained E: another bundle
+    shutil.copytree(bundle, other, ignore=shutil.ignore_patterns("cache", "samples"))
+    with open(other / "encoder.safetensors", "r+b") as handle:
+        handle.seek(-4, 2)
+        handle.write(b"\x00\x00\x80\x3f")
+    result = runner.invoke(app, ["search", str(blank), *workspace, "--bundle", str(other)])
+    assert result.exit_code == 2 and "another bundle" in result.output
