@@ -385,6 +385,86 @@ def sketch(
     typer.echo(f"wrote {count} masks and sketches to {out}")
 
 
+@train_app.command("pix2pix")
+def train_pix2pix_command(
+    data: Path = typer.Option(..., "--data", help="Dataset folder (the images G was trained on)."),
+    bundle: Path = typer.Option(..., "--bundle", help="Bundle with S and G; its sketch cache gives the pairs; pix2pix is written into it."),
+    preset: str = typer.Option("cpu", "--preset", help="tiny (tests) | cpu (64 px) | paper (U-Net-256)."),
+    steps: int = typer.Option(None, "--steps", min=1, help="Training steps (default 3000)."),
+    batch: int = typer.Option(None, "--batch", min=1, help="Global batch size (default 16)."),
+    split: str = typer.Option("train", "--split", help="Split of split.csv to train on."),
+    device: str = typer.Option("auto", "--device"),
+    threads: int = typer.Option(0, "--threads", min=0, help="CPU threads (0 = torch's default)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the pix2pix checkpoint in --bundle."),
+):
+    """Train the pix2pix baseline on the same (synthesized sketch, image) pairs as E and H."""
+    import torch
+
+    from generation.stylegan2 import load_generator
+    from training.distributed import pick_device
+    from training.sketch_cache import sketch_cache
+    from training.train_pix2pix import Pix2PixOptions, train_pix2pix
+
+    if threads:
+        torch.set_num_threads(threads)
+    resolution = load_generator(bundle).config.resolution  # pairs at G's resolution: a like-for-like baseline
+    cache = sketch_cache(data, bundle, resolution, split, pick_device(device))
+    options = Pix2PixOptions(**{k: v for k, v in dict(steps=steps, batch=batch).items() if v is not None})
+    with progress_bar() as progress:
+        task = progress.add_task(f"pix2pix ({preset})", total=options.steps)
+        result = train_pix2pix(cache.images, cache.sketches, bundle, preset, options, resume=resume, device=device,
+                               on_step=lambda step, stats: progress.update(task, completed=step), log=progress.console.print)
+    if result.stopped_early:
+        typer.echo(f"stopped at step {result.steps}; checkpoint in {bundle} (continue with --resume)")
+    else:
+        typer.echo(f"trained pix2pix for {result.steps} steps in {result.seconds / 60:.1f} min; wrote {bundle}/pix2pix.safetensors")
+
+
+@app.command()
+def evaluate(
+    data: Path = typer.Option(..., "--data", help="Dataset folder: every image is the archive, the split's images are queried."),
+    split: str = typer.Option("test", "--split", help="Split whose images are the right answers."),
+    bundle: Path = typer.Option(None, "--bundle", help="Bundle to evaluate (default: as for `generate`)."),
+    strengths: str = typer.Option("0,0.5,1", "--strengths", help="Free-hand simulator strengths, comma-separated."),
+    seeds: int = typer.Option(2, "--seeds", min=1, help="Simulated sketches per image and strength."),
+    limit: int = typer.Option(None, "--limit", min=1, help="Only the first N images of the split."),
+    candidates: int = typer.Option(100, "--candidates", min=1),
+    lam: float = typer.Option(0.5, "--lambda", min=0.0, max=1.0),
+    as_json: bool = typer.Option(False, "--json", help="Print the whole report as JSON."),
+    out: Path = typer.Option(None, "--out", help="Also write the JSON report to this file."),
+    device: str = typer.Option("auto", "--device"),
+):
+    """Measure retrieval (Recall@k, MRR, median rank) and generation quality against ablations and baselines."""
+    import json
+
+    from retrieval.evaluate import EvaluationOptions
+    from retrieval.evaluate import evaluate as run_evaluation
+
+    try:
+        levels = tuple(float(value) for value in strengths.split(","))
+    except ValueError:
+        raise InputError(f"--strengths {strengths!r}: give numbers between 0 and 1, e.g. 0,0.5,1")
+    options = EvaluationOptions(strengths=levels, seeds=tuple(range(seeds)), candidates=candidates, lam=lam, limit=limit)
+    with progress_bar() as progress:
+        tasks: dict[str, int] = {}
+
+        def on_progress(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = progress.add_task(stage, total=total)
+            progress.update(tasks[stage], completed=done)
+
+        report = run_evaluation(data, split, bundle, options, device, on_progress)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=1))
+    if as_json:
+        typer.echo(json.dumps(report, indent=1))
+        return
+    from retrieval.evaluate import markdown_tables
+
+    typer.echo(markdown_tables(report))
+
+
 WORKSPACE_HELP = "Workspace folder (default: $SKETCH2MEDI_WORKSPACE, else ~/.local/share/sketch2medi/workspace)."
 DB_HELP = "SQLAlchemy URL of the catalog (default: SQLite inside the workspace), e.g. postgresql+psycopg://user@host/db."
 
@@ -457,6 +537,33 @@ def search(
                           "-" if hit.dice is None else f"{hit.dice:.1f}", hit.path + (f" [frame {hit.frame}]" if hit.frame else ""))
         Console().print(table)
         typer.echo(f"{result.timings_ms['total']:.0f} ms" + (f"; wrote {out}" if out else ""))
+
+
+@app.command()
+def serve(
+    workspace: Path = typer.Option(None, "--workspace", help=WORKSPACE_HELP),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on; anything but loopback needs --token."),
+    port: int = typer.Option(8000, "--port", min=1, max=65535),
+    bundle: Path = typer.Option(None, "--bundle", help="Bundle (default: the one the workspace was indexed with)."),
+    db_url: str = typer.Option(None, "--db-url", "--db", help=DB_HELP),
+    token: str = typer.Option(None, "--token", help="Access token every request must carry (default: $SKETCH2MEDI_TOKEN)."),
+    max_concurrent: int = typer.Option(4, "--max-concurrent", min=1, help="Searches admitted at once (one computes, the rest queue); more get 503."),
+    device: str = typer.Option("cpu", "--device", help="cpu (default) | auto | cuda | cuda:N"),
+    threads: int = typer.Option(0, "--threads", min=0, help="CPU threads for torch (0 = torch's default)."),
+):
+    """Serve the draw-to-search web page and its JSON API (needs the `serve` extra)."""
+    import os
+
+    try:
+        from retrieval.server import ENV_TOKEN, check_bind, serve as run_server
+    except ImportError as error:
+        raise InputError(f"the web app needs the serve extra ({error.name} is missing): pip install 'sketch2medi[serve]'")
+    check_bind(host, token or os.environ.get(ENV_TOKEN))  # before loading any network
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    run_server(workspace, host, port, bundle, db_url, token, device, max_concurrent)
 
 
 if __name__ == "__main__":

@@ -98,16 +98,29 @@ class ArchiveEmbedder:
         self.bundle_id = f"{models.bundle_id}{RECIPE_SEPARATOR}{image_weight:g}"
         self.dim = models.C.embedding_dim + models.generator.G.config.w_dim
 
-    @torch.no_grad()
     def embed_images(self, images: list[np.ndarray]) -> EmbeddedBatch:
-        m, size = self.models, self.models.resolution
-        # Archive images are centre-cropped to squares, as the networks were trained.
-        sketches, labels = m.S.synthesize([square_resize(image, m.S.config.size) for image in images], size)
-        pixels = torch.from_numpy(np.stack([square_resize(image, size) for image in images])).permute(0, 3, 1, 2)
-        embeddings = m.C.embed(pixels.float().to(m.device) / 127.5 - 1)
-        sketches = np.stack([_normalized(sketch) for sketch in sketches])
-        w = m.generator.E(sketch_to_tensor(sketches).to(m.device))
-        return EmbeddedBatch(fuse_vectors(embeddings, w - m.code_mean, self.image_weight), list(labels))
+        parts = archive_parts(self.models, images)
+        return EmbeddedBatch(fuse_vectors(parts.embeddings, parts.codes - self.models.code_mean.cpu(), self.image_weight), list(parts.labels))
+
+
+@dataclass
+class ArchiveParts:
+    embeddings: torch.Tensor  # (N, De) C(x)
+    codes: torch.Tensor  # (N, w_dim) E(normalised S(x))
+    labels: np.ndarray  # uint8 (N, R, R) S's label maps
+    sketches: np.ndarray  # uint8 (N, R, R) normalised synthesized sketches
+
+
+@torch.no_grad()
+def archive_parts(models: SystemModels, images: list[np.ndarray]) -> ArchiveParts:
+    """What indexing computes per archive image (any size; centre-cropped to a square, as in training)."""
+    m, size = models, models.resolution
+    sketches, labels = m.S.synthesize([square_resize(image, m.S.config.size) for image in images], size)
+    pixels = torch.from_numpy(np.stack([square_resize(image, size) for image in images])).permute(0, 3, 1, 2)
+    embeddings = m.C.embed(pixels.float().to(m.device) / 127.5 - 1)
+    sketches = np.stack([_normalized(sketch) for sketch in sketches])
+    codes = m.generator.E(sketch_to_tensor(sketches).to(m.device))
+    return ArchiveParts(embeddings.cpu(), codes.cpu(), labels, sketches)
 
 
 @dataclass

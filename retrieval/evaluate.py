@@ -1,0 +1,288 @@
+"""`evaluate`: how well sketches find their image, for the system, its ablations and baselines,
+and how good the generated images are (the paper's Table I), on one dataset split.
+
+Protocol. The archive is every image of the dataset. For each image of the split, simulated
+free-hand sketches (`generation.freehand`, drawn at 256 px from the image's mask, then normalised as
+a user's sketch is) at each strength and seed are the queries; that image is the one right answer.
+Masks are the dataset's own when it has them (as a person would draw the true anatomy), else S's.
+
+Methods, all on the same queries and the same archive vectors:
+    full         E, G, H (T steps) -> fused vector (C(x_hat), E's code) -> top candidates -> DICE re-rank
+    no_refiner   the same with x_0 = G(E(sketch)) (no H)
+    no_rerank    full without the DICE re-ranking
+    w_only       E's code alone (cosine of offsets from E's mean code)
+    image_only   C(x_hat) alone
+    chamfer      no generator: symmetric chamfer distance between the query and each archive image's
+                 synthesized sketch (the strongest simple sketch-to-sketch match: tolerant of small
+                 displacements, needs no training, and compares exactly what S draws)
+    pix2pix      pix2pix's image instead of Sketch2MedI's, with C's embedding and the DICE re-rank
+                 (needs `train pix2pix` in the bundle)
+Ranks are over the whole archive: re-ranked candidates first, the rest in similarity order.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from scipy import ndimage
+
+from generation.freehand import freehand_sketch
+from generation.images import InputError, tensor_to_images
+from generation.sketch import INK, sketch_to_tensor
+from retrieval.metrics import dice_per_image, fd_c
+from retrieval.perceptual import lpips_unavailable_reason, perceptual_distance
+from retrieval.search import SystemModels, archive_parts, fuse_vectors, load_sketch
+from training.checkpoints import checkpoint_exists
+from training.data import ImageDataset, square_resize
+
+METHODS = ("full", "no_refiner", "no_rerank", "w_only", "image_only", "chamfer", "pix2pix")
+SKETCH_SIZE = 256  # simulated free-hand sketches are drawn at this size, then normalised
+
+
+@dataclass
+class EvaluationOptions:
+    strengths: tuple[float, ...] = (0.0, 0.5, 1.0)
+    seeds: tuple[int, ...] = (0, 1)
+    candidates: int = 100
+    lam: float = 0.5
+    image_weight: float = 0.5
+    limit: int | None = None  # evaluate only the first `limit` images of the split
+    batch: int = 16
+
+
+@dataclass
+class Queries:
+    target: list[int] = field(default_factory=list)  # archive index of the right answer
+    strength: list[float] = field(default_factory=list)
+    sketches: list[np.ndarray] = field(default_factory=list)  # normalised uint8 (R, R)
+
+
+def recall_table(ranks: np.ndarray) -> dict[str, float]:
+    """ranks: 1-based rank of the right answer per query."""
+    return {"recall@1": float(np.mean(ranks <= 1)), "recall@5": float(np.mean(ranks <= 5)),
+            "recall@10": float(np.mean(ranks <= 10)), "mrr": float(np.mean(1.0 / ranks)),
+            "median_rank": float(np.median(ranks)), "queries": int(len(ranks))}
+
+
+def rank_of(target: int, order: np.ndarray) -> int:
+    return int(np.nonzero(order == target)[0][0]) + 1
+
+
+def rerank_order(similarity: np.ndarray, labels: np.ndarray, archive_labels: np.ndarray, candidates: int, lam: float,
+                 classes: int) -> np.ndarray:
+    """The archive in final order: the top `candidates` by lam * similarity + (1 - lam) * DICE, then the rest."""
+    order = np.argsort(-similarity, kind="stable")
+    top = order[:candidates]
+    dice = np.array([_dice(labels, archive_labels[i], classes) for i in top])
+    scores = lam * similarity[top] + (1 - lam) * dice / 100
+    return np.concatenate([top[np.argsort(-scores, kind="stable")], order[candidates:]])
+
+
+def _dice(a: np.ndarray, b: np.ndarray, classes: int) -> float:
+    value = dice_per_image(a, b, classes).mean
+    return 0.0 if math.isnan(value) else value
+
+
+def chamfer_distances(query: np.ndarray, archive_sketches: np.ndarray, archive_transforms: np.ndarray) -> np.ndarray:
+    """Symmetric mean chamfer distance (pixels) from one sketch to every archive sketch."""
+    ink = query == INK
+    if not ink.any():
+        return np.full(len(archive_sketches), np.inf)
+    to_archive = archive_transforms[:, ink].mean(axis=1)  # query ink -> nearest archive ink
+    query_transform = ndimage.distance_transform_edt(~ink)
+    archive_ink = archive_sketches == INK
+    counts = archive_ink.sum(axis=(1, 2))
+    to_query = (archive_ink * query_transform).sum(axis=(1, 2)) / np.maximum(counts, 1)
+    return np.where(counts > 0, (to_archive + to_query) / 2, np.inf)
+
+
+def make_queries(dataset: ImageDataset, split_indices: list[int], resolution: int, options: EvaluationOptions,
+                 fallback_labels: np.ndarray) -> tuple[Queries, int]:
+    """Simulated free-hand queries for the split; returns them and how many came out empty."""
+    queries, empty = Queries(), 0
+    for index in split_indices:
+        if dataset.has_masks:
+            mask = dataset.mask(index, SKETCH_SIZE)
+        else:
+            mask = np.asarray(Image.fromarray(fallback_labels[index]).resize((SKETCH_SIZE, SKETCH_SIZE), Image.NEAREST))
+        for strength in options.strengths:
+            for seed in options.seeds:
+                rng = np.random.default_rng([seed, index, round(strength * 1000)])
+                try:
+                    sketch = load_sketch(freehand_sketch(mask, strength, rng), resolution)
+                except InputError:  # nothing to draw (an image without structures)
+                    empty += 1
+                    continue
+                queries.target.append(index)
+                queries.strength.append(strength)
+                queries.sketches.append(sketch)
+    return queries, empty
+
+
+def evaluate(data: str | Path, split: str = "test", bundle: str | Path | None = None, options: EvaluationOptions | None = None,
+             device: str = "auto", on_progress: Callable[[str, int, int], None] | None = None) -> dict:
+    """Run the protocol of the module docstring; returns a JSON-ready report."""
+    options = options or EvaluationOptions()
+    models = SystemModels(bundle, device)
+    progress = on_progress or (lambda stage, done, total: None)
+    archive = ImageDataset(data)
+    split_names = {sample.name for sample in ImageDataset(data, split).samples}
+    split_indices = [i for i, sample in enumerate(archive.samples) if sample.name in split_names][: options.limit]
+    R = models.resolution
+
+    # The archive, as indexing sees it.
+    parts, pixels = [], []
+    for start in range(0, len(archive), options.batch):
+        images = [archive.image(i) for i in range(start, min(start + options.batch, len(archive)))]
+        parts.append(archive_parts(models, images))
+        pixels.extend(square_resize(image, R) for image in images)
+        progress("archive", start + len(images), len(archive))
+    e_archive = F.normalize(torch.cat([p.embeddings for p in parts]), dim=1)
+    code_mean = models.code_mean.cpu()
+    w_archive = torch.cat([p.codes for p in parts]) - code_mean
+    labels_archive = np.concatenate([p.labels for p in parts])
+    sketches_archive = np.concatenate([p.sketches for p in parts])
+    fused_archive = torch.from_numpy(fuse_vectors(e_archive, w_archive, options.image_weight))
+    w_archive = F.normalize(w_archive, dim=1)
+    transforms = np.stack([ndimage.distance_transform_edt(s != INK) if (s == INK).any() else np.full(s.shape, 1e3)
+                           for s in sketches_archive]).astype(np.float32)
+    classes = int(max(labels_archive.max(initial=0), max((archive.mask(i, R).max() for i in split_indices), default=0)
+                      if archive.has_masks else 0)) + 1
+
+    queries, empty = make_queries(archive, split_indices, R, options, labels_archive)
+    if not queries.target:
+        raise InputError(f"{data}: no query could be drawn for split {split!r} (no structures in its masks)")
+    pix2pix = None
+    if checkpoint_exists(models.bundle, "pix2pix"):
+        from generation.pix2pix import load_pix2pix
+
+        pix2pix = load_pix2pix(models.bundle, models.device)
+
+    ranks: dict[str, list[int]] = {method: [] for method in METHODS if method != "pix2pix" or pix2pix is not None}
+    generated: dict[str, list[torch.Tensor]] = {"sketch2medi": [], "no_refiner": [], **({"pix2pix": []} if pix2pix else {})}
+    gen_labels: dict[str, list[np.ndarray]] = {name: [] for name in generated}
+    with torch.no_grad():
+        for start in range(0, len(queries.target), options.batch):
+            stop = min(start + options.batch, len(queries.target))
+            sketches = np.stack(queries.sketches[start:stop])
+            result = models.generator.generate(sketches)
+            images = {"sketch2medi": result.steps[-1], "no_refiner": result.steps[0]}
+            if pix2pix is not None:
+                images["pix2pix"] = pix2pix(sketch_to_tensor(sketches).to(models.device)).cpu()
+            embeddings, labels = {}, {}
+            for name, batch in images.items():
+                generated[name].append(batch)
+                embeddings[name] = F.normalize(models.C.embed(batch), dim=1).cpu()
+                labels[name] = np.stack(models.S.predict_label_map(list(tensor_to_images(batch))))
+                gen_labels[name].extend(labels[name])
+            w = result.w - code_mean
+            for row in range(stop - start):
+                q, target = start + row, queries.target[start + row]
+                fused = {name: torch.from_numpy(fuse_vectors(embeddings[name][row : row + 1], w[row : row + 1], options.image_weight))
+                         for name in ("sketch2medi", "no_refiner")}
+                similarity = {
+                    "full": (fused_archive @ fused["sketch2medi"][0]).numpy(),
+                    "no_refiner": (fused_archive @ fused["no_refiner"][0]).numpy(),
+                    "w_only": (w_archive @ F.normalize(w[row], dim=0)).numpy(),
+                    "image_only": (e_archive @ embeddings["sketch2medi"][row]).numpy(),
+                    "chamfer": -chamfer_distances(queries.sketches[q], sketches_archive, transforms),
+                }
+                orders = {
+                    "full": rerank_order(similarity["full"], labels["sketch2medi"][row], labels_archive, options.candidates, options.lam, classes),
+                    "no_refiner": rerank_order(similarity["no_refiner"], labels["no_refiner"][row], labels_archive, options.candidates, options.lam, classes),
+                    "no_rerank": np.argsort(-similarity["full"], kind="stable"),
+                    "w_only": np.argsort(-similarity["w_only"], kind="stable"),
+                    "image_only": np.argsort(-similarity["image_only"], kind="stable"),
+                    "chamfer": np.argsort(-similarity["chamfer"], kind="stable"),
+                }
+                if pix2pix is not None:
+                    orders["pix2pix"] = rerank_order((e_archive @ embeddings["pix2pix"][row]).numpy(), labels["pix2pix"][row],
+                                                     labels_archive, options.candidates, options.lam, classes)
+                for method, order in orders.items():
+                    ranks[method].append(rank_of(target, order))
+            progress("queries", stop, len(queries.target))
+
+    strengths = np.array(queries.strength)
+    retrieval = {method: {f"{s:g}": recall_table(np.array(r)[strengths == s]) for s in options.strengths if (strengths == s).any()}
+                 for method, r in ranks.items()}
+    return {
+        "data": str(data), "split": split, "bundle": str(models.bundle), "bundle_id": models.bundle_id,
+        "archive_images": len(archive), "query_images": len(split_indices), "queries": len(queries.target),
+        "empty_queries": empty, "options": asdict(options), "methods": {m: METHOD_NOTES[m] for m in ranks},
+        "retrieval": retrieval,
+        "generation": generation_quality(models, queries, generated, gen_labels, labels_archive, parts, np.stack(pixels), options.strengths),
+    }
+
+
+METHOD_NOTES = {
+    "full": "Sketch2MedI (E, G, H) + fused vector + DICE re-ranking",
+    "no_refiner": "E and G only (no H), fused vector + DICE re-ranking",
+    "no_rerank": "full pipeline without DICE re-ranking",
+    "w_only": "E's code alone",
+    "image_only": "C(x_hat) alone",
+    "chamfer": "no generator: chamfer distance to each archive image's synthesized sketch",
+    "pix2pix": "pix2pix instead of Sketch2MedI, C embedding + DICE re-ranking",
+}
+
+
+def generation_quality(models: SystemModels, queries: Queries, generated: dict[str, list[torch.Tensor]],
+                       gen_labels: dict[str, list[np.ndarray]], labels_archive: np.ndarray, parts: list,
+                       pixels: np.ndarray, strengths: tuple[float, ...]) -> dict:
+    """Per generator and strength: FD_C against the real query images, DICE(S(x_hat), S(x_ref)) and
+    the perceptual distance to the reference (LPIPS-C, and LPIPS when installed)."""
+    targets = np.array(queries.target)
+    strength_of = np.array(queries.strength)
+    backends = {"lpips_c": perceptual_distance("domain", network=models.C)}
+    if lpips_unavailable_reason() is None:
+        backends["lpips"] = perceptual_distance("lpips", device=models.device)
+    reference_features = torch.cat([p.embeddings for p in parts])
+    classes = int(max(labels_archive.max(initial=0), *(l.max() for ls in gen_labels.values() for l in ls))) + 1
+    report: dict[str, dict] = {}
+    for name, batches in generated.items():
+        images = torch.cat(batches)
+        report[name] = {}
+        for s in strengths:
+            chosen = np.nonzero(strength_of == s)[0]
+            if not len(chosen):
+                continue
+            real_idx = sorted(set(targets[chosen].tolist()))
+            entry = {
+                "fd_c": fd_c(reference_features[real_idx], F.normalize(models.C.embed_many(images[chosen]), dim=1))
+                if len(chosen) > 1 and len(real_idx) > 1 else None,
+                "dice": float(np.mean([_dice(gen_labels[name][i], labels_archive[targets[i]], classes) for i in chosen])),
+                "samples": int(len(chosen)),
+            }
+            references = torch.from_numpy(pixels[targets[chosen]]).permute(0, 3, 1, 2).float() / 127.5 - 1
+            with torch.no_grad():
+                for backend, distance in backends.items():
+                    values = [distance(images[chosen[i : i + 16]].to(models.device), references[i : i + 16].to(models.device)).cpu()
+                              for i in range(0, len(chosen), 16)]
+                    entry[backend] = float(torch.cat(values).mean())
+            report[name][f"{s:g}"] = entry
+    return report
+
+
+
+def markdown_tables(report: dict) -> str:
+    """The report as the Markdown tables docs/RESULTS.md shows."""
+    lines = [f"{report['queries']} queries on {report['query_images']} images of `{report['split']}`, archive of "
+             f"{report['archive_images']} images; bundle `{report['bundle_id']}`", "",
+             "| method | strength | R@1 | R@5 | R@10 | MRR | median rank |", "|---|---|---|---|---|---|---|"]
+    for method, per_strength in report["retrieval"].items():
+        for strength, row in per_strength.items():
+            lines.append(f"| {method} | {strength} | {row['recall@1']:.3f} | {row['recall@5']:.3f} | {row['recall@10']:.3f} | "
+                         f"{row['mrr']:.3f} | {row['median_rank']:g} |")
+    lines += ["", "| generator | strength | FD_C | DICE | LPIPS-C | LPIPS |", "|---|---|---|---|---|---|"]
+    for name, per_strength in report["generation"].items():
+        for strength, row in per_strength.items():
+            fd = "-" if row["fd_c"] is None else f"{row['fd_c']:.4f}"
+            lp = f"{row['lpips']:.3f}" if "lpips" in row else "n/a"
+            lines.append(f"| {name} | {strength} | {fd} | {row['dice']:.1f} | {row['lpips_c']:.3f} | {lp} |")
+    return "\n".join(lines)
