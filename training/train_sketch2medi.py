@@ -81,8 +81,8 @@ PHASE_PRESETS = {  # per preset, the options that differ from PhaseOptions' defa
              "refiner": dict(steps=40, batch=4, lr=1e-3, log_every=5, snap_every=20)},
     # Sized to finish within a session on 2 cores (see docs/RESULTS.md for the measured times);
     # a larger learning rate than the paper's since the runs are 100x shorter.
-    "cpu": {"encoder": dict(steps=4000, batch=8, lr=3e-4, d_lr=5e-5),
-            "refiner": dict(steps=2000, batch=8, lr=2e-4)},
+    "cpu": {"encoder": dict(steps=2000, batch=8, lr=3e-4, d_lr=5e-5),
+            "refiner": dict(steps=1000, batch=8, lr=2e-4)},
     "paper": {"encoder": dict(), "refiner": dict()},
 }
 
