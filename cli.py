@@ -566,5 +566,31 @@ def serve(
     run_server(workspace, host, port, bundle, db_url, token, device, max_concurrent)
 
 
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("sketch2medi-demo"), "--out", help="Folder for the archive, workspace, sketch and contact sheet."),
+    bundle: Path = typer.Option(None, "--bundle", help="Bundle (default: $SKETCH2MEDI_BUNDLE, else the shipped phantom bundle)."),
+    images: int = typer.Option(200, "--images", min=10, help="Phantom images in the demo archive."),
+    strength: float = typer.Option(0.5, "--strength", min=0.0, max=1.0, help="Sloppiness of the simulated free-hand sketch."),
+    device: str = typer.Option("auto", "--device"),
+):
+    """Generate a phantom archive, index it, sketch one image free-hand, search, show the results."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from retrieval.demo import run_demo
+
+    console = Console()
+    result = run_demo(out, bundle, images=images, strength=strength, device=device, log=console.print)
+    table = Table("rank", "score", "similarity", "DICE")
+    table.add_column("path", overflow="fold")
+    for hit in result.search.results:
+        mark = " <- sketched" if result.rank == hit.rank else ""
+        table.add_row(str(hit.rank), f"{hit.score:.4f}", f"{hit.similarity:.4f}", f"{hit.dice:.1f}", Path(hit.path).name + mark)
+    console.print(table)
+    found = f"found at rank {result.rank}" if result.rank else f"not in the top {len(result.search.results)}"
+    typer.echo(f"sketched {result.target.name} ({found}); sketch {result.sketch}; contact sheet {out / 'results.png'}")
+
+
 if __name__ == "__main__":
     app()

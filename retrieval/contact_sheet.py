@@ -15,8 +15,12 @@ CAPTION = 28  # pixels under each tile for its caption
 
 
 def _tile(image: np.ndarray, size: int) -> Image.Image:
-    picture = Image.fromarray(image if image.ndim == 3 else np.repeat(image[:, :, None], 3, axis=2))
-    picture.thumbnail((size, size), Image.LANCZOS)
+    """The image scaled (up or down) to fit a size x size tile; sketches keep crisp lines."""
+    sketch = image.ndim == 2
+    picture = Image.fromarray(np.repeat(image[:, :, None], 3, axis=2) if sketch else image)
+    scale = size / max(picture.size)
+    picture = picture.resize((max(1, round(picture.width * scale)), max(1, round(picture.height * scale))),
+                             Image.NEAREST if sketch else Image.LANCZOS)
     tile = Image.new("RGB", (size, size), "white")
     tile.paste(picture, ((size - picture.width) // 2, (size - picture.height) // 2))
     return tile

@@ -122,3 +122,16 @@ def test_search_refuses_what_does_not_fit(tiny_chain, tmp_path):
         handle.write(b"\x00\x00\x80\x3f")
     result = runner.invoke(app, ["search", str(blank), *workspace, "--bundle", str(other)])
     assert result.exit_code == 2 and "another bundle" in result.output
+
+
+def test_demo_generates_indexes_sketches_and_searches(tiny_chain, tmp_path, monkeypatch):
+    _, bundle, _ = tiny_chain
+    result = runner.invoke(app, ["demo", "--out", str(tmp_path / "demo"), "--bundle", str(bundle), "--images", "12", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "sketched phantom_" in result.output
+    for name in ("query_sketch.png", "sketch.png", "generated.png", "results.png"):
+        assert (tmp_path / "demo" / name).is_file()
+    assert Image.open(tmp_path / "demo" / "results.png").width >= 6 * 128
+    monkeypatch.setenv("SKETCH2MEDI_BUNDLE", str(tmp_path / "missing"))
+    missing = runner.invoke(app, ["demo", "--out", str(tmp_path / "demo2")])
+    assert missing.exit_code == 2 and "SKETCH2MEDI_BUNDLE" in missing.output
