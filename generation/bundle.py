@@ -32,7 +32,8 @@ NETWORKS = {"C": "moco", "S": "synthesizer", "G": "generator", "E": "encoder", "
 MANIFEST = "bundle.json"
 
 
-def _digest(path: Path) -> str:
+def file_digest(path: Path) -> str:
+    """sha256 of a file, read in 1 MiB blocks."""
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -49,7 +50,7 @@ def network_entries(bundle: Path) -> dict[str, dict[str, Any]]:
             continue
         meta = json.loads(meta_path.read_text())
         meta.pop("states", None)
-        entries[key] = {"file": weights.name, "sha256": _digest(weights), "bytes": weights.stat().st_size, **meta}
+        entries[key] = {"file": weights.name, "sha256": file_digest(weights), "bytes": weights.stat().st_size, **meta}
     return entries
 
 

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from generation.bundle import file_digest
 from generation.images import InputError
 from generation.solov2 import CHECKPOINT_NAME as SYNTHESIZER_NAME, load_synthesizer
 from training.data import ImageDataset, square_resize
@@ -39,14 +40,6 @@ class SketchCache:
     @property
     def resolution(self) -> int:
         return self.images.shape[1]
-
-
-def file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def cache_path(bundle: Path, split: str | None, resolution: int) -> Path:
