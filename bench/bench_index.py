@@ -1,0 +1,170 @@
+"""Indexing throughput: images/s of `index_paths` with the bundle's `ArchiveEmbedder`, and where the time goes.
+
+    python bench/bench_index.py --bundle BUNDLE --data DATASET_FOLDER --threads 2 --batch-size 32
+
+The images of `--data` (its images/ folder if it has one; the first `--limit` files if given) are
+indexed into a new workspace (`--workspace`, default a temporary folder that is deleted afterwards),
+exactly as `cli.py index` does (index kind auto), after one untimed warm-up batch through the
+networks. With `--threads` torch and faiss threads, this process measures:
+
+  index_run      wall seconds and images/s of the whole `index_paths` call, split into
+                 embed (`embed_images`: S, E, C and the fused vector), load (reading and decoding the
+                 files for embedding), commit (the catalog transaction, the FAISS add and the periodic
+                 index saves) and discover_plan (finding, stat'ing and hashing the files, and the final
+                 save). The split comes from timing wrappers put around `ArchiveEmbedder.embed_images`
+                 and the private `indexing.ingest._embed_shard` and `_Writer._commit` for the run.
+  parts_ms_per_image  the pieces of `retrieval.search.archive_parts`, timed separately, on the first
+                 `--part-images` of the same images in batches of `--batch-size`: S (resize, SOLOv2,
+                 masks to sketches and label maps), C (pixels and C.embed), sketch_normalize (each
+                 synthesized sketch normalised as a query), E (E on the sketches), fuse (fuse_vectors).
+  peak_rss_mib   this process's peak RSS, recorded before the machine peak is measured.
+  target         >= 20 images/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import indexing.ingest as ingest  # noqa: E402
+from bench.machine import describe, emit, measure_peak, peak_rss_mib, set_threads  # noqa: E402
+from generation.images import find_images  # noqa: E402
+from generation.sketch import sketch_to_tensor  # noqa: E402
+from indexing.files import load  # noqa: E402
+from retrieval.search import ArchiveEmbedder, SystemModels, _normalized, archive_parts, fuse_vectors  # noqa: E402
+from training.data import square_resize  # noqa: E402
+
+TARGET_IMAGES_PER_S = 20.0
+
+
+@contextmanager
+def timing(owner: object, name: str, totals: dict[str, float], key: str) -> Iterator[None]:
+    """Add the seconds spent in `owner.name` to totals[key] while the block runs."""
+    original = getattr(owner, name)
+
+    def timed(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            totals[key] += time.perf_counter() - start
+
+    setattr(owner, name, timed)
+    try:
+        yield
+    finally:
+        setattr(owner, name, original)
+
+
+def index_run(files: list[Path], workspace: Path, embedder: ArchiveEmbedder, batch_size: int) -> dict:
+    totals = {"embed": 0.0, "shard": 0.0, "commit": 0.0}
+    with ExitStack() as stack:
+        stack.enter_context(timing(embedder, "embed_images", totals, "embed"))
+        stack.enter_context(timing(ingest, "_embed_shard", totals, "shard"))
+        stack.enter_context(timing(ingest._Writer, "_commit", totals, "commit"))
+        start = time.perf_counter()
+        summary = ingest.index_paths(files, workspace, embedder, batch_size=batch_size)
+        seconds = time.perf_counter() - start
+    split = {"embed": totals["embed"], "load": totals["shard"] - totals["embed"],
+             "commit": totals["commit"] - totals["shard"], "discover_plan": seconds - totals["commit"]}
+    return {"images": summary.added, "skipped": len(summary.skipped), "seconds": round(seconds, 3),
+            "images_per_s": round(summary.added / seconds, 2),
+            "split_s": {key: round(value, 3) for key, value in split.items()},
+            "split_ms_per_image": {key: round(value * 1000 / max(summary.added, 1), 3) for key, value in split.items()}}
+
+
+@torch.no_grad()
+def time_parts(models: SystemModels, images: list[np.ndarray], batch_size: int, image_weight: float) -> dict[str, float]:
+    """ms per image of each piece of `archive_parts` (same code, one timer per piece)."""
+    m, size = models, models.resolution
+    totals = dict.fromkeys(["S", "C", "sketch_normalize", "E", "fuse"], 0.0)
+
+    def lap(key: str, start: float) -> float:
+        now = time.perf_counter()
+        totals[key] += now - start
+        return now
+
+    for first in range(0, len(images), batch_size):
+        batch = images[first : first + batch_size]
+        clock = time.perf_counter()
+        sketches, _ = m.S.synthesize([square_resize(image, m.S.config.size) for image in batch], size)
+        clock = lap("S", clock)
+        pixels = torch.from_numpy(np.stack([square_resize(image, size) for image in batch])).permute(0, 3, 1, 2)
+        embeddings = m.C.embed(pixels.float().to(m.device) / 127.5 - 1)
+        clock = lap("C", clock)
+        sketches = np.stack([_normalized(sketch) for sketch in sketches])
+        clock = lap("sketch_normalize", clock)
+        codes = m.generator.E(sketch_to_tensor(sketches).to(m.device))
+        clock = lap("E", clock)
+        fuse_vectors(embeddings, codes - m.code_mean, image_weight)
+        lap("fuse", clock)
+    return {key: round(value * 1000 / len(images), 3) for key, value in totals.items()}
+
+
+def run(args: argparse.Namespace) -> dict:
+    set_threads(args.threads)
+    root = args.data / "images" if (args.data / "images").is_dir() else args.data
+    files = find_images(root)[: args.limit]
+    if not files:
+        raise SystemExit(f"{root}: no images")
+    if args.workspace is not None and args.workspace.exists() and any(args.workspace.iterdir()):
+        raise SystemExit(f"{args.workspace}: not empty; the benchmark indexes into a new workspace")
+    models = SystemModels(args.bundle, "cpu")
+    embedder = ArchiveEmbedder(models)
+    sample = [load(path) for path in files[: args.part_images]]
+    archive_parts(models, sample[: args.batch_size])  # warm-up: allocator, oneDNN primitive caches
+    workspace = args.workspace or Path(tempfile.mkdtemp(prefix="bench_index_"))
+    try:
+        run_result = index_run(files, workspace, embedder, args.batch_size)
+    finally:
+        if args.workspace is None:
+            shutil.rmtree(workspace, ignore_errors=True)
+    parts = time_parts(models, sample, args.batch_size, embedder.image_weight)
+    rss = peak_rss_mib()
+    return {
+        "benchmark": "index",
+        "config": {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items() if key != "out"},
+        "machine": describe(args.threads),
+        "peak": measure_peak(args.threads, args.matmul_size, args.copy_mb),
+        "index_run": run_result,
+        "parts_ms_per_image": {**parts, "images": len(sample), "sum": round(sum(parts.values()), 3)},
+        "peak_rss_mib": rss,
+        "target": {"min_images_per_s": TARGET_IMAGES_PER_S, "met": run_result["images_per_s"] >= TARGET_IMAGES_PER_S},
+    }
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bundle", type=Path, required=True)
+    p.add_argument("--data", type=Path, required=True, help="a dataset folder (images/ inside) or a folder of images")
+    p.add_argument("--workspace", type=Path, help="a new workspace to keep (default: a temporary one, deleted)")
+    p.add_argument("--limit", type=int, help="index only the first N images")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--part-images", type=int, default=256, help="images for the per-part timing")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--matmul-size", type=int, default=2048, help="bench/machine.py peak measurement")
+    p.add_argument("--copy-mb", type=int, default=512, help="bench/machine.py bandwidth measurement")
+    p.add_argument("--out", type=Path)
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parser().parse_args(argv)
+    result = {"command": " ".join(["python bench/bench_index.py", *(sys.argv[1:] if argv is None else argv)]), **run(args)}
+    emit(result, args.out)
+    return result
+
+
+if __name__ == "__main__":
+    main()

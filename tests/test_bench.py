@@ -1,0 +1,59 @@
+"""The benchmark scripts run at a tiny size and return their documented keys (numbers are not checked)."""
+
+import json
+
+from bench import bench_faiss, bench_index, bench_search
+from indexing.ingest import index_paths
+from retrieval.search import ArchiveEmbedder, SystemModels
+
+PEAK = ["--threads", "1", "--matmul-size", "128", "--copy-mb", "8"]  # conftest runs tests on one thread
+COMMON = {"command", "benchmark", "config", "machine", "peak"}
+
+
+def test_faiss_reports_every_index_and_the_exact_bound(tmp_path):
+    out = tmp_path / "faiss.json"
+    result = bench_faiss.main(["--sizes", "600", "--queries", "20", "--latency-queries", "4", "--nprobe", "4,1000",
+                               "--ef", "16", "--clusters", "8", "--out", str(out), *PEAK])
+    assert json.loads(out.read_text()) == result
+    assert COMMON | {"results", "target", "notes"} <= result.keys()
+    assert {"matmul_gflops", "copy_gb_s"} <= result["peak"].keys()
+    assert [(r["distribution"], r["n"]) for r in result["results"]] == [("random", 600), ("clustered", 600)]
+    for size in result["results"]:
+        assert [index["kind"] for index in size["indexes"]] == ["flat", "ivf", "hnsw"]
+        flat, ivf, _ = size["indexes"]
+        assert flat["searches"][0]["recall"] == 1.0  # flat is the truth
+        assert [row["setting"] for row in ivf["searches"]] == [{"nprobe": 4}]  # nprobe above nlist is skipped
+        for index in size["indexes"]:
+            assert {"build_s", "index_bytes", "searches"} <= index.keys() and index["index_bytes"] > 600 * 384 * 4
+            for row in index["searches"]:
+                assert {"latency_ms", "batch_qps", "recall", "recall_heldout", "recall_perturbed"} <= row.keys()
+                assert {"p50", "p95"} <= row["latency_ms"].keys()
+        assert {"bytes_per_query", "min_ms", "measured_p50_ms"} <= size["flat_bound"].keys()
+        assert size["best"]["recall"] >= 0.95
+    assert result["target"].startswith("not measured")
+
+
+def test_search_reports_stages_flops_and_memory(tiny_chain, tmp_path):
+    data, bundle, _ = tiny_chain
+    index_paths(data / "images", tmp_path / "ws", ArchiveEmbedder(SystemModels(bundle, "cpu")), batch_size=8)
+    result = bench_search.main(["--bundle", str(bundle), "--workspace", str(tmp_path / "ws"), "--queries", "3",
+                                "--warmup", "1", "--batch", "2", *PEAK])
+    assert COMMON | {"archive", "queries", "stages_ms", "end_to_end_ms", "batched", "flops", "peak_rss_mib", "target"} <= result.keys()
+    assert result["archive"]["images"] == 24 and result["queries"] == 3
+    assert {"normalize", "E", "G", "H1", "C", "faiss", "S", "rerank", "total"} <= result["stages_ms"].keys()
+    assert {"E", "G", "H1", "C", "S", "faiss"} <= result["flops"].keys()
+    assert all(result["flops"][stage]["gflop"] > 0 for stage in ("E", "G", "H1", "C", "S"))
+    assert result["batched"]["queries_per_s"] > 0 and result["peak_rss_mib"] > 0
+    assert {"applies", "p50_met", "rss_met"} <= result["target"].keys() and not result["target"]["applies"]
+
+
+def test_index_reports_throughput_and_parts(tiny_chain, tmp_path):
+    data, bundle, _ = tiny_chain
+    result = bench_index.main(["--bundle", str(bundle), "--data", str(data), "--limit", "6", "--batch-size", "4",
+                               "--part-images", "4", "--workspace", str(tmp_path / "ws"), *PEAK])
+    assert COMMON | {"index_run", "parts_ms_per_image", "peak_rss_mib", "target"} <= result.keys()
+    run = result["index_run"]
+    assert run["images"] == 6 and run["images_per_s"] > 0
+    assert set(run["split_s"]) == {"embed", "load", "commit", "discover_plan"}
+    assert {"S", "C", "sketch_normalize", "E", "fuse", "sum"} <= result["parts_ms_per_image"].keys()
+    assert isinstance(result["target"]["met"], bool)
