@@ -5,6 +5,7 @@ import shutil
 
 import numpy as np
 import pytest
+from PIL import Image
 from typer.testing import CliRunner
 
 from cli import app
@@ -72,3 +73,17 @@ def test_train_pix2pix_then_evaluate_every_method(tiny_chain, tmp_path):
     assert all(0 <= row["dice"] <= 100 for g in report["generation"].values() for row in g.values())
     bad = runner.invoke(app, ["evaluate", "--data", str(data), "--bundle", str(target), "--strengths", "half"])
     assert bad.exit_code == 2 and "--strengths" in bad.output
+
+
+def test_refinement_report_and_figure(tiny_chain, tmp_path):
+    from training.evaluate_sketch2medi import evaluate_refinement, refinement_figure
+
+    data, bundle, _ = tiny_chain
+    report, examples = evaluate_refinement(bundle, data, "train", limit=2, device="cpu")
+    assert report["steps"] == 3 and report["images"] == 2
+    assert {"synthesized", "freehand 0", "freehand 0.5", "freehand 1"} <= set(report["dice"])
+    for row in report["dice"].values():
+        assert all(0 <= row[f"step {t}"] <= 100 for t in range(4))
+    refinement_figure(examples, tmp_path / "steps.png", images=2)
+    picture = Image.open(tmp_path / "steps.png")
+    assert picture.size == (2 * 32 * 6, 2 * 32 * 6)  # 2 images x 3 strengths; sketch, x_0..x_3, reference
