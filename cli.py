@@ -547,7 +547,7 @@ def serve(
     bundle: Path = typer.Option(None, "--bundle", help="Bundle (default: the one the workspace was indexed with)."),
     db_url: str = typer.Option(None, "--db-url", "--db", help=DB_HELP),
     token: str = typer.Option(None, "--token", help="Access token every request must carry (default: $SKETCH2MEDI_TOKEN)."),
-    max_concurrent: int = typer.Option(4, "--max-concurrent", min=1, help="Searches admitted at once (one computes, the rest queue); more get 503."),
+    max_concurrent: int = typer.Option(32, "--max-concurrent", min=1, help="Searches admitted at once (one computes, the rest queue); more get 503."),
     device: str = typer.Option("cpu", "--device", help="cpu (default) | auto | cuda | cuda:N"),
     threads: int = typer.Option(0, "--threads", min=0, help="CPU threads for torch (0 = torch's default)."),
 ):

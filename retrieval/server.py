@@ -1,0 +1,414 @@
+"""The draw-to-search web application: a JSON API over `Retriever` and the page in retrieval/web/.
+
+    GET  /                              the page (index.html; app.js and style.css under /static/)
+    GET  /api/health                    {"status": "ok"}
+    GET  /api/info                      workspace, image count, bundle id, resolution, limits, defaults
+    POST /api/search                    multipart: sketch (image file), k, candidates, rerank, lambda, steps
+    GET  /api/images/{id}/image.png     a catalogued image (longest side <= 1024)
+    GET  /api/images/{id}/thumbnail.png the same, longest side <= 192
+    GET  /api/images/{id}/masks.png     S's stored masks of it as an RGBA overlay aligned with image.png
+
+Images are only ever named by catalog id; a path never comes from the request. Every error is
+`{"error": "one line"}`: 400 bad sketch, 401 token, 404 unknown id, 410 file gone or changed since
+indexing, 413 upload too large, 422 bad parameter, 503 busy.
+
+Access token: with `token` set, every request needs it, as `Authorization: Bearer T` (API clients),
+the `sketch2medi_token` cookie (the page), or `?token=T` (e.g. <img> URLs elsewhere). Opening
+`/?token=T` once sets the cookie (HttpOnly, SameSite=Strict) and redirects to `/`, so the token
+leaves the address bar.
+
+Concurrency: the models are shared, and torch modules are not safe to run from several threads at
+once, so searches run one at a time in a worker thread under a lock. At most `max_concurrent`
+searches are admitted (one computing, the others queued for the model); one that finds every slot
+taken waits up to `busy_wait_s` for a slot, then gets 503 with Retry-After.
+"""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import io
+import ipaddress
+import logging
+import os
+import re
+import threading
+import time
+import warnings
+from collections import OrderedDict
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable
+
+import anyio
+import numpy as np
+from fastapi import FastAPI, File, Form, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
+from PIL import Image, UnidentifiedImageError
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+
+from generation.images import MAX_SIDE, InputError
+from retrieval.search import DEFAULT_LAMBDA, JSON_SCHEMA_VERSION, Retriever
+
+ENV_TOKEN = "SKETCH2MEDI_TOKEN"
+COOKIE = "sketch2medi_token"
+WEB = Path(__file__).resolve().parent / "web"
+MAX_UPLOAD_BYTES = 10 * 1024 * 1024
+FORM_OVERHEAD = 64 * 1024  # multipart boundaries and the small form fields around the file
+IMAGE_SIDE, THUMBNAIL_SIDE = 1024, 192
+MAX_K, MAX_CANDIDATES, MAX_STEPS = 100, 10_000, 10
+# Class c is drawn in PALETTE[(c - 1) % len]; the page shows the same colours in its legend.
+PALETTE = np.array([(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
+                    (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 190)], np.uint8)
+OVERLAY_ALPHA = 140
+SECURITY_HEADERS = [  # the page loads nothing from elsewhere; the token must not leak in a Referer
+    (b"content-security-policy", b"default-src 'self'; img-src 'self' data: blob:; object-src 'none'; frame-ancestors 'none'"),
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+]
+
+
+def is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # any other host name may resolve to a public address
+        return False
+
+
+def check_bind(host: str, token: str | None) -> None:
+    """Refuse to serve beyond this machine without an access token."""
+    if not token and not is_loopback(host):
+        raise InputError(f"--host {host} is reachable from other machines; set an access token with --token or ${ENV_TOKEN}")
+
+
+def decode_upload(data: bytes, name: str = "sketch") -> Image.Image:
+    """An uploaded image file, fully decoded; every failure is an InputError (as `open_image` for files)."""
+    if not data:
+        raise InputError(f"{name}: the upload is empty; send the drawing as a PNG file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            if max(image.size) > MAX_SIDE:
+                raise InputError(f"{name}: {image.width}x{image.height} pixels is over the {MAX_SIDE}-pixel limit per side; downscale it")
+            image.load()
+    except InputError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise InputError(f"{name}: too many pixels to decode safely; downscale it")
+    except UnidentifiedImageError:
+        raise InputError(f"{name}: not an image (send a PNG, JPEG, TIFF or BMP file)")
+    except (OSError, SyntaxError, ValueError) as error:
+        raise InputError(f"{name}: corrupt or truncated image ({error}); export it again")
+    return image
+
+
+def png_bytes(pixels: np.ndarray | Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    (pixels if isinstance(pixels, Image.Image) else Image.fromarray(pixels)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def data_url(pixels: np.ndarray) -> str:
+    return "data:image/png;base64," + base64.b64encode(png_bytes(pixels)).decode("ascii")
+
+
+def mask_overlay(labels: np.ndarray, alpha: int = OVERLAY_ALPHA) -> np.ndarray:
+    """uint8 label map (H, W) -> RGBA (H, W, 4): class colours, background transparent."""
+    rgba = np.zeros((*labels.shape, 4), np.uint8)
+    inside = labels > 0
+    rgba[inside, :3] = PALETTE[(labels[inside].astype(np.int64) - 1) % len(PALETTE)]
+    rgba[inside, 3] = alpha
+    return rgba
+
+
+def fit(width: int, height: int, side: int) -> tuple[int, int]:
+    scale = min(1.0, side / max(width, height, 1))
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def placed_overlay(labels: np.ndarray, width: int, height: int) -> np.ndarray:
+    """The stored masks cover the centre square the networks saw (`square_resize`): place them there
+    on an image-sized transparent layer, so the page can stack it exactly over image.png."""
+    side = min(width, height)
+    square = np.asarray(Image.fromarray(labels).resize((side, side), Image.NEAREST))
+    layer = np.zeros((height, width), np.uint8)
+    top, left = (height - side) // 2, (width - side) // 2
+    layer[top : top + side, left : left + side] = square
+    return mask_overlay(layer)
+
+
+class _ApiError(Exception):
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.headers = status, headers
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+class _Guard:
+    """ASGI middleware: security headers, the access token, and the request body limit (checked
+    before anything parses the body, so an oversized upload is refused without being spooled)."""
+
+    def __init__(self, app, token: str | None, max_body: int):
+        self.app, self.token, self.max_body = app, token, max_body
+
+    def _authorised(self, request: Request) -> bool:
+        scheme, _, value = request.headers.get("authorization", "").partition(" ")
+        offered = [value.strip() if scheme.lower() == "bearer" else "", request.cookies.get(COOKIE, ""),
+                   request.query_params.get("token", "")]
+        return any(hmac.compare_digest(candidate.encode(), self.token.encode()) for candidate in offered if candidate)
+
+    def _too_large(self) -> JSONResponse:
+        return _error(413, f"upload over the {self.max_body - FORM_OVERHEAD} byte limit; send a smaller image")
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def send_with_headers(message):
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), *SECURITY_HEADERS]
+            await send(message)
+
+        request = Request(scope)
+        if self.token is not None and not self._authorised(request):
+            response = _error(401, "missing or wrong access token; send 'Authorization: Bearer TOKEN' or open /?token=TOKEN",
+                              {"WWW-Authenticate": "Bearer"})
+            return await response(scope, receive, send_with_headers)
+        if self.token is not None and scope["path"] == "/" and "token" in request.query_params:
+            # `/?token=T`, just checked: keep it in a cookie and take it out of the address bar.
+            response = RedirectResponse("/", status_code=303)
+            response.set_cookie(COOKIE, self.token, httponly=True, samesite="strict", path="/")
+            return await response(scope, receive, send_with_headers)
+        headers = dict(scope["headers"])
+        length = headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_body:
+            return await self._too_large()(scope, receive, send_with_headers)
+        if scope["method"] in ("POST", "PUT", "PATCH") and length is None:
+            # Chunked body of unknown length: read it here (up to the limit) and replay it.
+            chunks, size, more = [], 0, True
+            while more:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return
+                chunks.append(message.get("body", b""))
+                size += len(chunks[-1])
+                more = message.get("more_body", False)
+                if size > self.max_body:
+                    return await self._too_large()(scope, receive, send_with_headers)
+            body = b"".join(chunks)
+
+            async def replay():
+                nonlocal body
+                message, body = {"type": "http.request", "body": body, "more_body": False}, b""
+                return message
+
+            return await self.app(scope, replay, send_with_headers)
+        await self.app(scope, receive, send_with_headers)
+
+
+class _Slots:
+    """At most n searches admitted at once. A counter under a thread lock, polled, rather than an
+    asyncio semaphore: that would be tied to one event loop, and TestClient runs several."""
+
+    def __init__(self, n: int):
+        self.n, self.used, self._lock = n, 0, threading.Lock()
+
+    def _take(self) -> bool:
+        with self._lock:
+            if self.used < self.n:
+                self.used += 1
+                return True
+            return False
+
+    async def take(self, wait_s: float) -> bool:
+        deadline = time.monotonic() + wait_s
+        while not self._take():
+            if time.monotonic() >= deadline:
+                return False
+            await anyio.sleep(0.02)
+        return True
+
+    def release(self) -> None:
+        with self._lock:
+            self.used -= 1
+
+
+class _PictureCache:
+    """A bounded LRU of encoded PNGs, so a results grid shown again costs no decoding."""
+
+    def __init__(self, size: int = 512):
+        self.size, self._items, self._lock = size, OrderedDict(), threading.Lock()
+
+    def get(self, key, make: Callable[[], bytes]) -> bytes:
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+        value = make()
+        with self._lock:
+            self._items[key] = value
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+        return value
+
+
+def create_app(retriever: Retriever | Callable[[], Retriever], token: str | None = None,
+               max_upload_bytes: int = MAX_UPLOAD_BYTES, max_concurrent: int = 32, busy_wait_s: float = 10.0) -> FastAPI:
+    """The web application over one retriever (or a factory called once, here). It does not close
+    the retriever: the caller owns it."""
+    if max_upload_bytes < 1 or max_concurrent < 1 or busy_wait_s < 0:
+        raise InputError("max_upload_bytes and max_concurrent must be positive, busy_wait_s not negative")
+    retriever = retriever() if callable(retriever) else retriever  # anything with Retriever's search, workspace, models
+    model_lock, slots, pictures = threading.Lock(), _Slots(max_concurrent), _PictureCache()
+    app = FastAPI(title="sketch2medi", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(_Guard, token=token or None, max_body=max_upload_bytes + FORM_OVERHEAD)
+    app.mount("/static", StaticFiles(directory=WEB), name="static")
+
+    @app.exception_handler(_ApiError)
+    async def api_error(_, error: _ApiError):
+        return _error(error.status, str(error), error.headers)
+
+    @app.exception_handler(InputError)
+    async def input_error(_, error: InputError):
+        return _error(400, str(error))
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_, error: HTTPException):
+        return _error(error.status_code, str(error.detail), getattr(error, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def unexpected(_, error: Exception):  # a bug, not the user's doing: the traceback goes to the log
+        return _error(500, f"internal error ({type(error).__name__}); see the server's log")
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_, error: RequestValidationError):
+        first = error.errors()[0]
+        where = ".".join(str(part) for part in first.get("loc", ())[1:]) or "request"
+        return _error(422, f"{where}: {first.get('msg', 'invalid')}")
+
+    def record(image_id: int):
+        found = retriever.workspace.records_for([image_id]).get(image_id)
+        if found is None:
+            raise _ApiError(404, f"image {image_id}: not in the catalog")
+        return found
+
+    def pixels(image_id: int) -> np.ndarray:
+        from indexing.files import load
+
+        image = record(image_id)
+        try:  # only a file still as it was indexed shows this image
+            stat = os.stat(image.path)
+            if (stat.st_size, stat.st_mtime_ns) == (image.size, image.mtime_ns):
+                return load(Path(image.path), image.frame)
+        except (OSError, InputError):
+            pass
+        raise _ApiError(410, f"image {image_id}: its file is gone or changed since indexing; re-index the archive")
+
+    def picture(image_id: int, side: int) -> bytes:
+        def make() -> bytes:
+            shown = Image.fromarray(pixels(image_id))
+            shown.thumbnail((side, side), Image.LANCZOS)
+            return png_bytes(shown)
+
+        return pictures.get((image_id, side), make)
+
+    def png(data: bytes) -> Response:
+        return Response(data, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
+
+    @app.get("/", include_in_schema=False)
+    def page():
+        return FileResponse(WEB / "index.html", headers={"Cache-Control": "no-cache"})
+
+    @app.get("/api/health")
+    def health():
+        return {"status": "ok"}
+
+    @app.get("/api/info")
+    def info():
+        ws = retriever.workspace
+        return {"workspace": str(ws.path), "images": ws.index.ntotal, "bundle_id": ws.bundle_id,
+                "bundle": str(retriever.models.bundle), "resolution": retriever.models.resolution,
+                "device": str(retriever.models.device), "max_upload_bytes": max_upload_bytes,
+                "max_concurrent": max_concurrent, "palette": PALETTE.tolist(),
+                "defaults": {"k": 10, "candidates": 100, "rerank": True, "lambda": DEFAULT_LAMBDA,
+                             "steps": retriever.models.generator.default_steps},
+                "limits": {"k": MAX_K, "candidates": MAX_CANDIDATES, "steps": MAX_STEPS}}
+
+    def run_search(image: Image.Image, k: int, candidates: int, rerank: bool, lam: float, steps: int | None):
+        with model_lock:
+            return retriever.search(image, k=k, candidates=candidates, rerank=rerank, lam=lam, steps=steps)
+
+    @app.post("/api/search")
+    async def search(sketch: UploadFile = File(..., description="the drawing, a PNG (or any image) file"),
+                     k: int = Form(10, ge=1, le=MAX_K), candidates: int = Form(100, ge=1, le=MAX_CANDIDATES),
+                     rerank: bool = Form(True), lam: float = Form(DEFAULT_LAMBDA, alias="lambda", ge=0, le=1),
+                     steps: int | None = Form(None, ge=0, le=MAX_STEPS)):
+        data = await sketch.read(max_upload_bytes + 1)
+        if len(data) > max_upload_bytes:
+            raise _ApiError(413, f"upload over the {max_upload_bytes} byte limit; send a smaller image")
+        image = await run_in_threadpool(decode_upload, data)  # a broken file never takes a slot
+        if not await slots.take(busy_wait_s):
+            raise _ApiError(503, f"busy: {max_concurrent} searches are running or queued; try again shortly", {"Retry-After": "1"})
+        try:
+            result = await run_in_threadpool(run_search, image, k, candidates, rerank, lam, steps)
+        finally:
+            slots.release()
+        hits = []
+        for hit in result.results:
+            base = f"/api/images/{hit.id}"
+            hits.append({**asdict(hit), "image": f"{base}/image.png", "thumbnail": f"{base}/thumbnail.png", "masks": f"{base}/masks.png"})
+        return {"schema_version": JSON_SCHEMA_VERSION, "results": hits, "timings_ms": result.timings_ms,
+                "params": {"k": k, "candidates": candidates, "rerank": rerank, "lambda": lam, "steps": steps},
+                "query": {"sketch": data_url(result.sketch), "generated": data_url(result.image),
+                          "masks": data_url(mask_overlay(result.labels)) if rerank else None}}
+
+    @app.get("/api/images/{image_id}/image.png")
+    def image_png(image_id: int):
+        return png(picture(image_id, IMAGE_SIDE))
+
+    @app.get("/api/images/{image_id}/thumbnail.png")
+    def thumbnail_png(image_id: int):
+        return png(picture(image_id, THUMBNAIL_SIDE))
+
+    @app.get("/api/images/{image_id}/masks.png")
+    def masks_png(image_id: int):
+        image = record(image_id)
+        labels = retriever.workspace.masks_for([image_id]).get(image_id)
+        if labels is None:
+            raise _ApiError(404, f"image {image_id}: has no stored masks")
+        return png(png_bytes(placed_overlay(labels, *fit(image.width, image.height, IMAGE_SIDE))))
+
+    return app
+
+
+def serve(workspace: str | Path | None, host: str, port: int, bundle: str | Path | None = None, db_url: str | None = None,
+          token: str | None = None, device: str = "cpu", max_concurrent: int = 32) -> None:
+    """`sketch2medi serve`: check the binding, open the workspace (one-line errors), run uvicorn."""
+    import uvicorn
+
+    token = token or os.environ.get(ENV_TOKEN) or None
+    check_bind(host, token)
+    with Retriever(workspace, bundle, db_url, device) as retriever:
+        app = create_app(retriever, token=token, max_concurrent=max_concurrent)
+        shown = f"[{host}]" if ":" in host else host
+        print(f"sketch2medi: {retriever.workspace.index.ntotal} images; open http://{shown}:{port}/" + ("?token=..." if token else ""), flush=True)
+        config = uvicorn.Config(app, host=host, port=port, log_level="info")  # sets up uvicorn's loggers
+        logging.getLogger("uvicorn.access").addFilter(_redact_token)
+        uvicorn.Server(config).run()
+
+
+def _redact_token(record: logging.LogRecord) -> bool:
+    """Access log lines show `/?token=***`: the log may be read by others than the token's holder."""
+    if isinstance(record.args, tuple):
+        record.args = tuple(re.sub(r"(?<=token=)[^&\s]+", "***", arg) if isinstance(arg, str) else arg for arg in record.args)
+    return True

@@ -1,0 +1,246 @@
+"""The web application's JSON API (FastAPI's TestClient) over a workspace indexed with the tiny bundle."""
+
+import base64
+import io
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("fastapi")
+from fastapi.testclient import TestClient  # noqa: E402
+
+from generation.images import InputError  # noqa: E402
+from indexing.ingest import index_paths  # noqa: E402
+from retrieval.search import ArchiveEmbedder, Retriever, SystemModels  # noqa: E402
+from retrieval.server import check_bind, create_app  # noqa: E402
+from training.data import ImageDataset, square_resize  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def retriever(tiny_chain, tmp_path_factory):
+    data, bundle, _ = tiny_chain
+    models = SystemModels(bundle, "cpu")
+    workspace = tmp_path_factory.mktemp("server") / "ws"
+    index_paths(data / "images", workspace, ArchiveEmbedder(models), batch_size=8)
+    with Retriever(workspace, models=models) as opened:
+        yield opened
+
+
+@pytest.fixture(scope="module")
+def client(retriever):
+    with TestClient(create_app(retriever)) as opened:
+        yield opened
+
+
+def png(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def sketch(tiny_chain, retriever) -> bytes:
+    """S's synthesized sketch of archive image 3, drawn larger, as a PNG upload."""
+    models = retriever.models
+    image = ImageDataset(tiny_chain[0]).image(3)
+    drawn = models.S.synthesize([square_resize(image, models.S.config.size)], models.resolution)[0][0]
+    return png(np.asarray(Image.fromarray(drawn).resize((256, 256), Image.NEAREST)))
+
+
+def post(client, data: bytes, **fields):
+    return client.post("/api/search", files={"sketch": ("sketch.png", data, "image/png")}, data={k: str(v) for k, v in fields.items()})
+
+
+def decoded(url: str) -> Image.Image:
+    assert url.startswith("data:image/png;base64,")
+    return Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1])))
+
+
+def test_search_ranks_as_the_retriever(client, retriever, sketch):
+    for fields in ({"k": 6}, {"k": 4, "lambda": 0.2, "candidates": 10}, {"k": 5, "rerank": "false", "steps": 1}):
+        response = post(client, sketch, **fields)
+        assert response.status_code == 200, response.text
+        answer = response.json()
+        expected = retriever.search(Image.open(io.BytesIO(sketch)), k=fields["k"], candidates=fields.get("candidates", 100),
+                                    rerank=fields.get("rerank") != "false", lam=fields.get("lambda", 0.5), steps=fields.get("steps"))
+        got = [(hit["rank"], hit["id"], hit["path"], hit["score"], hit["dice"]) for hit in answer["results"]]
+        assert got == [(hit.rank, hit.id, hit.path, hit.score, hit.dice) for hit in expected.results]
+        first = answer["results"][0]
+        assert first["thumbnail"] == f"/api/images/{first['id']}/thumbnail.png" and first["masks"].endswith("/masks.png")
+    size = retriever.models.resolution
+    generated, masks = decoded(answer["query"]["generated"]), answer["query"]["masks"]
+    assert generated.size == (size, size) and generated.mode == "RGB" and masks is None  # the last search had no re-ranking
+    answer = post(client, sketch, k=2).json()
+    assert decoded(answer["query"]["masks"]).mode == "RGBA" and decoded(answer["query"]["sketch"]).size == (size, size)
+    assert answer["timings_ms"]["total"] > 0 and answer["params"]["k"] == 2
+
+
+def test_images_are_served_by_catalog_id_only(client, retriever):
+    image_id = int(retriever.workspace.catalog.ids()[0])
+    record = retriever.workspace.records_for([image_id])[image_id]
+    full = client.get(f"/api/images/{image_id}/image.png")
+    assert full.status_code == 200 and full.headers["content-type"] == "image/png"
+    original = np.asarray(Image.open(record.path).convert("RGB"))
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(full.content)).convert("RGB")), original)  # small: not resized
+    thumbnail = Image.open(io.BytesIO(client.get(f"/api/images/{image_id}/thumbnail.png").content))
+    assert max(thumbnail.size) <= 192
+    overlay = np.asarray(Image.open(io.BytesIO(client.get(f"/api/images/{image_id}/masks.png").content)))
+    labels = retriever.workspace.masks_for([image_id])[image_id]
+    assert overlay.shape == (*original.shape[:2], 4)
+    coloured = np.asarray(Image.fromarray(labels).resize(original.shape[1::-1], Image.NEAREST)) > 0
+    assert np.array_equal(overlay[..., 3] > 0, coloured)
+
+    for url in ["/api/images/999999/image.png", "/api/images/-1/thumbnail.png", "/api/images/999999/masks.png",
+                "/api/images/abc/image.png", "/api/images/..%2F..%2Fetc%2Fpasswd/image.png", f"/api/images/{record.path}/image.png",
+                f"/api/images/{image_id}/../../../etc/passwd", "/static/../server.py", "/static/%2e%2e/server.py", "/api/nothing"]:
+        response = client.get(url)
+        assert response.status_code in (404, 422), url
+        assert set(response.json()) == {"error"} and "\n" not in response.json()["error"]
+
+
+def test_an_image_changed_since_indexing_is_not_shown(tiny_chain, retriever, tmp_path):
+    data, bundle, _ = tiny_chain
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    one = archive / "one.png"
+    one.write_bytes((data / "images" / sorted(p.name for p in (data / "images").iterdir())[0]).read_bytes())
+    index_paths([one], tmp_path / "ws", ArchiveEmbedder(retriever.models), batch_size=8)
+    with Retriever(tmp_path / "ws", models=retriever.models) as small, TestClient(create_app(small)) as client:
+        image_id = int(small.workspace.catalog.ids()[0])
+        assert client.get(f"/api/images/{image_id}/image.png").status_code == 200
+        one.write_bytes(png(np.zeros((8, 8, 3), np.uint8)))
+        response = client.get(f"/api/images/{image_id}/thumbnail.png")
+        assert response.status_code == 410 and "re-index" in response.json()["error"]
+
+
+@pytest.mark.parametrize("upload, status, message", [
+    (b"", 400, "empty"),
+    (b"hello, this is not a picture", 400, "not an image"),
+    ("truncated", 400, "truncated"),
+    ("blank", 400, "empty"),
+    ("photo", 400, "photograph"),
+])
+def test_bad_sketches_get_one_line_errors(client, tiny_chain, sketch, upload, status, message):
+    if upload == "truncated":
+        upload = sketch[: len(sketch) // 2]
+    elif upload == "blank":  # an empty canvas, as the page would send it
+        upload = png(np.full((512, 512, 3), 255, np.uint8))
+    elif upload == "photo":
+        upload = png(ImageDataset(tiny_chain[0]).image(0))
+    response = post(client, upload, k=3)
+    assert response.status_code == status
+    error = response.json()["error"]
+    assert message in error and "\n" not in error and "Traceback" not in error
+
+
+@pytest.mark.parametrize("fields, where", [({"k": 0}, "k"), ({"k": 1000}, "k"), ({"lambda": 2}, "lambda"),
+                                          ({"steps": -1}, "steps"), ({"rerank": "maybe"}, "rerank")])
+def test_bad_parameters_are_422(client, sketch, fields, where):
+    response = post(client, sketch, **fields)
+    assert response.status_code == 422 and response.json()["error"].startswith(where)
+    missing = client.post("/api/search", data={"k": "3"})
+    assert missing.status_code == 422 and "sketch" in missing.json()["error"]
+
+
+def test_uploads_over_the_limit_are_413(retriever, sketch):
+    with TestClient(create_app(retriever, max_upload_bytes=len(sketch) + 10)) as client:
+        assert post(client, sketch, k=1).status_code == 200
+        too_large = post(client, sketch + b"\0" * 100_000, k=1)  # announced by Content-Length
+        assert too_large.status_code == 413 and "limit" in too_large.json()["error"]
+        boundary = "sketchboundary"
+        body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"sketch\"; filename=\"s.png\"\r\n"
+                f"Content-Type: image/png\r\n\r\n").encode() + b"\0" * 200_000 + f"\r\n--{boundary}--\r\n".encode()
+        chunked = client.post("/api/search", content=iter([body[i : i + 8192] for i in range(0, len(body), 8192)]),
+                              headers={"content-type": f"multipart/form-data; boundary={boundary}"})
+        assert chunked.status_code == 413 and "limit" in chunked.json()["error"]
+        just_over = post(client, sketch + b"\0" * 11, k=1)  # under the body limit, over the file limit
+        assert just_over.status_code == 413
+
+
+def test_info_health_and_page(client, retriever):
+    info = client.get("/api/info").json()
+    assert info["images"] == 24 and info["resolution"] == retriever.models.resolution
+    assert info["bundle_id"] == retriever.workspace.bundle_id and info["max_upload_bytes"] == 10 * 1024 * 1024
+    assert client.get("/api/health").json() == {"status": "ok"}
+    page = client.get("/")
+    assert page.status_code == 200 and "<canvas" in page.text and "default-src 'self'" in page.headers["content-security-policy"]
+    for text in (page.text, *(client.get(f"/static/{name}").text for name in ("app.js", "style.css"))):
+        assert "http://" not in text and "https://" not in text and "//" + "cdn" not in text  # works offline
+
+
+def test_token_is_required_on_every_request_when_set(retriever, sketch):
+    image_id = int(retriever.workspace.catalog.ids()[0])
+    with TestClient(create_app(retriever, token="s3cret")) as client:
+        for url in ("/", "/api/health", "/api/info", "/static/app.js", f"/api/images/{image_id}/thumbnail.png"):
+            response = client.get(url)
+            assert response.status_code == 401 and "token" in response.json()["error"], url
+        assert post(client, sketch, k=2).status_code == 401
+        wrong = client.get("/api/info", headers={"Authorization": "Bearer guess"})
+        assert wrong.status_code == 401 and wrong.headers["www-authenticate"] == "Bearer"
+        assert client.get("/api/info?token=guess").status_code == 401
+        bearer = {"Authorization": "Bearer s3cret"}
+        assert client.get("/api/info", headers=bearer).status_code == 200
+        assert client.post("/api/search", headers=bearer, files={"sketch": ("s.png", sketch, "image/png")}).status_code == 200
+        assert client.get(f"/api/images/{image_id}/thumbnail.png?token=s3cret").status_code == 200  # for <img> URLs
+
+        opened = client.get("/?token=s3cret", follow_redirects=False)  # the page: the token becomes a cookie
+        assert opened.status_code == 303 and opened.headers["location"] == "/"
+        assert "httponly" in opened.headers["set-cookie"].lower() and "samesite=strict" in opened.headers["set-cookie"].lower()
+        assert client.get("/").status_code == 200 and client.get("/api/info").status_code == 200  # with the cookie
+        client.cookies.clear()
+        assert client.get("/api/info").status_code == 401
+
+
+class BlockingRetriever:
+    """A retriever whose searches wait for `release`, to hold the only search slot."""
+
+    def __init__(self, inner: Retriever):
+        self.inner, self.workspace, self.models = inner, inner.workspace, inner.models
+        self.entered, self.release = threading.Event(), threading.Event()
+
+    def search(self, *args, **kwargs):
+        self.entered.set()
+        assert self.release.wait(60)
+        return self.inner.search(*args, **kwargs)
+
+
+def test_searches_beyond_the_limit_get_503(retriever, sketch):
+    blocking = BlockingRetriever(retriever)
+    with TestClient(create_app(blocking, max_concurrent=1, busy_wait_s=0)) as client:
+        first: dict = {}
+        worker = threading.Thread(target=lambda: first.update(response=post(client, sketch, k=2)))
+        worker.start()
+        try:
+            assert blocking.entered.wait(60)
+            busy = post(client, sketch, k=2)
+            assert busy.status_code == 503 and busy.headers["retry-after"] == "1" and "busy" in busy.json()["error"]
+            assert post(client, b"not an image", k=2).status_code == 400  # bad uploads are refused without a slot
+            assert client.get("/api/info").status_code == 200  # the rest of the API stays up
+        finally:
+            blocking.release.set()
+            worker.join(60)
+        assert first["response"].status_code == 200
+        assert post(client, sketch, k=2).status_code == 200  # the slot is free again
+
+
+def test_only_loopback_binds_without_a_token(tmp_path):
+    for host in ("127.0.0.1", "localhost", "::1", "127.0.0.2"):
+        check_bind(host, None)
+    check_bind("0.0.0.0", "s3cret")
+    for host in ("192.168.1.20", "example.org", ""):
+        with pytest.raises(InputError, match="--token"):
+            check_bind(host, None)
+    env = {k: v for k, v in os.environ.items() if k != "SKETCH2MEDI_TOKEN"}
+    for host in ("0.0.0.0", "::"):  # refused before the (missing) workspace is even looked at
+        result = subprocess.run([sys.executable, str(ROOT / "cli.py"), "serve", "--host", host, "--workspace", str(tmp_path)],
+                                capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+        assert result.returncode == 2 and "--token" in result.stderr and "Traceback" not in result.stderr, host
+        assert len(result.stderr.strip().splitlines()) == 1
