@@ -32,23 +32,29 @@ class SimilarityLoss(nn.Module):
     def __init__(self, C: FeatureNetwork, weights: SimilarityWeights = SimilarityWeights(), perceptual: str = "domain"):
         super().__init__()
         self.C, self.weights, self.backend = C, weights, perceptual
-        # With LPIPS-C one pass of C over both image sets gives the perceptual features and the
-        # embeddings (the embedding is the pooled last feature map).
+        # With LPIPS-C one pass of C over an image set gives both its perceptual features and its
+        # embedding (the pooled last feature map); the reals need no gradient.
         self.lpips = perceptual_distance("lpips") if perceptual == "lpips" else None
 
-    def forward(self, real: Tensor, fake: Tensor) -> dict[str, Tensor]:
+    @torch.no_grad()
+    def reference(self, real: Tensor) -> list[Tensor]:
+        """C's features of the real images: computed once per batch when several fakes are compared
+        with the same reals (H's T steps)."""
+        return self.C.features(real)
+
+    def forward(self, real: Tensor, fake: Tensor, reference: list[Tensor] | None = None) -> dict[str, Tensor]:
         assert real.shape == fake.shape and real.shape[1] == 3, f"real {tuple(real.shape)} vs fake {tuple(fake.shape)}"
-        count = len(real)
-        features = self.C.features(torch.cat([real, fake]))
-        embeddings = F.normalize(features[-1].mean(dim=(2, 3)), dim=1)
+        real_features = reference if reference is not None else self.reference(real)
+        fake_features = self.C.features(fake)
+        embeddings = [F.normalize(features[-1].mean(dim=(2, 3)), dim=1) for features in (real_features, fake_features)]
         if self.lpips is None:
-            perceptual = lpips_formula([f[:count] for f in features], [f[count:] for f in features]).mean()
+            perceptual = lpips_formula(real_features, fake_features).mean()
         else:
             perceptual = self.lpips(real, fake).mean()
         terms = {
             "l2": F.mse_loss(fake, real),
             "perceptual": perceptual,
-            "cosine": (1 - (embeddings[:count] * embeddings[count:]).sum(dim=1)).mean(),
+            "cosine": (1 - (embeddings[0] * embeddings[1]).sum(dim=1)).mean(),
         }
         w = self.weights
         terms["total"] = w.l2 * terms["l2"] + w.perceptual * terms["perceptual"] + w.cosine * terms["cosine"]

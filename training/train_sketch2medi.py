@@ -274,13 +274,14 @@ class RefinerTrainer(PhaseTrainer):
         with torch.no_grad():
             w = self.E(sketches)
             image = self.G(w)
-            stats = {"sim_step0": self.similarity(reals, image)["total"].item()}
+            reference = self.similarity.reference(reals)
+            stats = {"sim_step0": self.similarity(reals, image, reference)["total"].item()}
         self.H_opt.zero_grad(set_to_none=True)
         total = None
         for t in range(1, self.options.refine_steps + 1):
             offsets = accumulate(total, self.H(sketches, image))
             image = self.G(w, weight_deltas=offsets)
-            terms = self.similarity(reals, image)
+            terms = self.similarity(reals, image, reference)
             terms["total"].backward()
             stats[f"sim_step{t}"] = terms["total"].item()
             total = {name: delta.detach() for name, delta in offsets.items()}
