@@ -465,6 +465,20 @@ def evaluate(
     typer.echo(markdown_tables(report))
 
 
+@app.command()
+def export(
+    bundle: Path = typer.Argument(..., help="A bundle folder made by `train all` (or the `train` commands)."),
+    out: Path = typer.Option(..., "--out", help="Folder for the exported bundle: networks and bundle.json only."),
+    half: bool = typer.Option(True, "--half/--full", help="Store weights as float16 (half the size) or as trained."),
+):
+    """Copy a bundle's networks without its training scratch, e.g. to ship or commit it."""
+    from generation.bundle import export_bundle
+
+    manifest = export_bundle(bundle, out, half)
+    size = sum(entry["bytes"] for entry in manifest["networks"].values()) / 1e6
+    typer.echo(f"wrote {out}: {', '.join(manifest['networks'])} ({size:.1f} MB), bundle id {manifest['bundle_id']}")
+
+
 WORKSPACE_HELP = "Workspace folder (default: $SKETCH2MEDI_WORKSPACE, else ~/.local/share/sketch2medi/workspace)."
 DB_HELP = "SQLAlchemy URL of the catalog (default: SQLite inside the workspace), e.g. postgresql+psycopg://user@host/db."
 

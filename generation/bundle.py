@@ -117,3 +117,31 @@ def default_bundle() -> Path:
         source = f"${ENV_BUNDLE}" if chosen else "the shipped bundle"
         raise InputError(f"{path}: {source} is missing; pass --bundle with a folder made by `train all`")
     return path
+
+
+def export_bundle(source: str | Path, target: str | Path, half: bool = True) -> dict[str, Any]:
+    """Copy a bundle's networks (not its training scratch) to `target` and write its manifest.
+
+    With `half`, floating-point tensors are stored as float16: half the size, for bundles shipped
+    in the repository; loaders cast them back to float32 (`load_state_dict` copies into the
+    networks' own float32 tensors).
+    """
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    source, target = Path(source), Path(target)
+    if source.resolve() == target.resolve():
+        raise InputError("export into a different folder than the bundle itself")
+    names = [name for name in (*NETWORKS.values(), "pix2pix") if (source / f"{name}.safetensors").is_file()]
+    if not names:
+        raise InputError(f"{source}: no networks to export; is it a bundle folder?")
+    target.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        tensors = load_file(str(source / f"{name}.safetensors"))
+        if half:
+            tensors = {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}
+        save_file(tensors, str(target / f"{name}.safetensors"))
+        shutil.copyfile(source / f"{name}.json", target / f"{name}.json")
+    kept = {k: v for k, v in read_manifest(source).items() if k in ("data", "preset", "command", "stages", "metrics", "notes")}
+    return write_manifest(target, **kept, exported={"from": str(source), "dtype": "float16" if half else "as trained"})

@@ -9,7 +9,8 @@ with w = E(sketch) fixed throughout (T = 3 steps in training and inference).
 
 Architecture (HyperStyle, shrunk where the notes in ../shared/REFERENCES.md say CPU presets must):
     trunk: ResNet without max-pool on the 4-channel input (stride 16; ResNet-34 in `paper`)
-    per layer: a code head, conv 3x3 -> LeakyReLU -> global mean -> linear: (N, code_dim)
+    per layer: a code head, conv (3x3; 1x1 in the small presets) -> LeakyReLU -> global mean ->
+        linear: (N, code_dim)
     per weight shape: one kernel head shared by all layers of that shape, mapping a code to the
         full kernel offset through a rank-r factorisation: Delta[o] = sum_r a_or(code) B_r, with
         B_r learned kernels over (in, k, k). Sharing by shape is HyperStyle's shared hypernetwork;
@@ -38,6 +39,7 @@ class RefinerConfig:
     resolution: int = 256
     backbone: ResNetConfig = field(default_factory=lambda: ResNetConfig(depth=34, in_channels=4, width=64, maxpool=False))
     code_dim: int = 512
+    code_kernel: int = 3  # the code heads' conv; 1 in the small presets (at 64 px the features are 4 x 4)
     rank: int = 64
     steps: int = 3  # T
     # The refined layers of G and their weight shapes (out, in, k, k); filled from G by `for_generator`.
@@ -66,8 +68,8 @@ def refiner_preset(name: str, G: Generator, layers: list[str] | None = None) -> 
     `layers`: names from `G.conv_layers()`; default every non-ToRGB conv (HyperStyle's default).
     """
     presets = {
-        "tiny": dict(backbone=ResNetConfig(depth=18, in_channels=4, width=8, maxpool=False), code_dim=16, rank=4),
-        "cpu": dict(backbone=ResNetConfig(depth=18, in_channels=4, width=32, maxpool=False), code_dim=64, rank=16),
+        "tiny": dict(backbone=ResNetConfig(depth=18, in_channels=4, width=8, maxpool=False), code_dim=16, code_kernel=1, rank=4),
+        "cpu": dict(backbone=ResNetConfig(depth=18, in_channels=4, width=32, maxpool=False), code_dim=64, code_kernel=1, rank=16),
         "paper": dict(backbone=ResNetConfig(depth=34, in_channels=4, width=64, maxpool=False), code_dim=512, rank=64),
     }
     if name not in presets:
@@ -87,9 +89,9 @@ def _shape_key(shape: LayerShape) -> str:
 class LayerCode(nn.Module):
     """Trunk features (N, C, h, w) -> one layer's code (N, code_dim)."""
 
-    def __init__(self, channels: int, code_dim: int):
+    def __init__(self, channels: int, code_dim: int, kernel: int = 3):
         super().__init__()
-        self.conv = nn.Conv2d(channels, code_dim, 3, padding=1)
+        self.conv = nn.Conv2d(channels, code_dim, kernel, padding=kernel // 2)
         self.act = nn.LeakyReLU(0.2)
         self.linear = EqualLinear(code_dim, code_dim)
 
@@ -124,7 +126,7 @@ class Refiner(nn.Module):
         self.config = config
         self.trunk = ResNet(config.backbone)
         channels = self.trunk.out_channels
-        self.codes = nn.ModuleDict({name.replace(".", "_"): LayerCode(channels, config.code_dim) for name, _ in config.layers})
+        self.codes = nn.ModuleDict({name.replace(".", "_"): LayerCode(channels, config.code_dim, config.code_kernel) for name, _ in config.layers})
         shapes = {_shape_key(shape): shape for _, shape in config.layers}
         self.heads = nn.ModuleDict({key: KernelHead(config.code_dim, shape, config.rank) for key, shape in shapes.items()})
 

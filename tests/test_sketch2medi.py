@@ -226,3 +226,22 @@ def test_encoder_training_under_torchrun_two_processes(tiny_bundle, tmp_path):
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     meta = json.loads((target / "encoder.json").read_text())
     assert meta["training"]["world_size"] == 2 and meta["training"]["steps"] == 4
+
+
+def test_export_halves_the_weights_and_keeps_the_images(tiny_bundle, tmp_path):
+    from safetensors.torch import load_file
+
+    _, bundle, _ = tiny_bundle
+    result = CliRunner().invoke(app, ["export", str(bundle), "--out", str(tmp_path / "shipped")])
+    assert result.exit_code == 0, result.output
+    shipped = tmp_path / "shipped"
+    assert sorted(p.name for p in shipped.iterdir()) == sorted(
+        [f"{n}.{x}" for n in ("moco", "synthesizer", "generator", "encoder", "refiner") for x in ("json", "safetensors")] + ["bundle.json"])
+    assert all(t.dtype in (torch.float16, torch.int64) for t in load_file(str(shipped / "generator.safetensors")).values())
+    manifest = json.loads((shipped / "bundle.json").read_text())
+    assert manifest["exported"]["dtype"] == "float16" and manifest["bundle_id"] != json.loads((bundle / "bundle.json").read_text())["bundle_id"]
+    sketches = np.stack([sketch_from_mask(phantom_sample(seed, 32)[1]) for seed in (5, 6)])
+    full, half = (Sketch2MedI.from_bundle(b, "cpu").generate(sketches).images for b in (bundle, shipped))
+    assert (full - half).abs().max() < 0.05
+    again = CliRunner().invoke(app, ["export", str(shipped), "--out", str(shipped)])
+    assert again.exit_code == 2 and "different folder" in again.output
