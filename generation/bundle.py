@@ -143,5 +143,5 @@ def export_bundle(source: str | Path, target: str | Path, half: bool = True) -> 
             tensors = {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}
         save_file(tensors, str(target / f"{name}.safetensors"))
         shutil.copyfile(source / f"{name}.json", target / f"{name}.json")
-    kept = {k: v for k, v in read_manifest(source).items() if k in ("data", "preset", "command", "stages", "metrics", "notes")}
+    kept = {k: v for k, v in read_manifest(source).items() if k in ("data", "preset", "command", "stages", "metrics", "notes", "attribution")}
     return write_manifest(target, **kept, exported={"from": str(source), "dtype": "float16" if half else "as trained"})

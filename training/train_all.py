@@ -50,8 +50,12 @@ def synthesizer_epochs(budget_images: int, count: int) -> int:
 
 
 def _synthesizer_complete(bundle: Path, epochs: int) -> bool:
+    """S is written while it trains (best epoch so far), so its training state says when it is done;
+    an S without a training state was finished elsewhere (e.g. an exported bundle)."""
     state = bundle / "synthesizer_state.json"
-    return checkpoint_exists(bundle, "synthesizer") and state.is_file() and json.loads(state.read_text()).get("epoch", 0) >= epochs
+    if not checkpoint_exists(bundle, "synthesizer"):
+        return False
+    return not state.is_file() or json.loads(state.read_text()).get("epoch", 0) >= epochs
 
 
 def train_all(data: str | Path, out: str | Path, preset: str = "cpu", split: str | None = "train", val_split: str | None = "val",
