@@ -498,7 +498,12 @@ def index(
     from indexing.ingest import index_paths
     from retrieval.search import ArchiveEmbedder, SystemModels
 
+    import os
+
     embedder = ArchiveEmbedder(SystemModels(bundle, device), image_weight)
+    if os.environ.get("RANK", "0") != "0":  # torchrun: the other ranks embed their shares quietly
+        index_paths(paths, workspace, embedder, db_url=db_url, batch_size=batch_size, index_kind=index_kind)
+        return
     with progress_bar() as progress:
         task = progress.add_task("index", total=None)
 

@@ -160,7 +160,9 @@ class Retriever:
 
     def __init__(self, workspace: str | Path | None = None, bundle: str | Path | None = None, db_url: str | None = None,
                  device: str = "auto", models: SystemModels | None = None):
-        self.workspace = open_workspace_for_search(workspace, db_url)
+        # On a GPU machine the exact index searches there too (when faiss has GPU support).
+        on_gpu = (models.device if models is not None else pick_device(device)).type == "cuda"
+        self.workspace = open_workspace_for_search(workspace, db_url, use_gpu=on_gpu)
         try:
             stored = self.workspace.bundle_id
             if RECIPE_SEPARATOR not in stored:
