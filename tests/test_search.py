@@ -135,3 +135,33 @@ def test_demo_generates_indexes_sketches_and_searches(tiny_chain, tmp_path, monk
     monkeypatch.setenv("SKETCH2MEDI_BUNDLE", str(tmp_path / "missing"))
     missing = runner.invoke(app, ["demo", "--out", str(tmp_path / "demo2")])
     assert missing.exit_code == 2 and "SKETCH2MEDI_BUNDLE" in missing.output
+
+
+def test_index_command_under_torchrun_matches_one_process(tiny_chain, models, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from indexing.catalog import Catalog
+
+    torchrun = shutil.which("torchrun") or shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    if torchrun is None:
+        pytest.skip("torchrun is not installed")
+    data, bundle, _ = tiny_chain
+    repo = Path(__file__).resolve().parents[1]
+    command = [torchrun, "--standalone", "--nproc_per_node", "2", str(repo / "cli.py"), "index", str(data / "images"),
+               "--workspace", str(tmp_path / "ddp"), "--bundle", str(bundle), "--device", "cpu", "--batch-size", "4"]
+    result = subprocess.run(command, cwd=repo, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "added 24" in result.stdout
+    index_paths(data / "images", tmp_path / "one", ArchiveEmbedder(models), batch_size=8)
+    vectors = {}
+    for name in ("ddp", "one"):
+        with Catalog(f"sqlite:///{tmp_path / name / 'catalog.sqlite'}", create=False) as catalog:
+            ids, stored = catalog.vectors()
+            records = catalog.records(ids.tolist())
+            vectors[name] = {records[i].path: v for i, v in zip(ids.tolist(), stored)}
+    assert vectors["ddp"].keys() == vectors["one"].keys() and len(vectors["one"]) == 24
+    for path, vector in vectors["one"].items():
+        np.testing.assert_allclose(vectors["ddp"][path], vector, atol=1e-4)
