@@ -36,11 +36,11 @@ class DemoResult:
 def run_demo(out: str | Path, bundle: str | Path | None = None, images: int = 200, size: int = 128, strength: float = 0.5,
              k: int = 10, device: str = "auto", log: Callable[[str], None] = print) -> DemoResult:
     out = Path(out)
+    models = SystemModels(bundle, device)  # first: an unusable bundle fails before any work
     archive = out / "archive"
     if not (archive / "phantom.json").is_file():
         log(f"generating {images} phantom images of {size} px in {archive}")
         write_phantom_dataset(archive, n=images, size=size, seed=ARCHIVE_SEED)
-    models = SystemModels(bundle, device)
     log(f"indexing {archive / 'images'} with bundle {models.bundle}")
     summary = index_paths(archive / "images", out / "workspace", ArchiveEmbedder(models), batch_size=32)
 
