@@ -27,7 +27,8 @@ def vocalfolds() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_chain(tmp_path_factory):
-    """`train all --preset tiny` on a 24-image phantom at 64 px: (data, bundle, stage reports).
+    """`train all --preset tiny` on a 24-image phantom at 64 px: (data, bundle, stage reports + [the
+    stages that reported progress]).
 
     Shared by the generation and retrieval tests (the chain takes ~30 s on one thread)."""
     from training.phantom import write_phantom_dataset
@@ -36,5 +37,8 @@ def tiny_chain(tmp_path_factory):
     root = tmp_path_factory.mktemp("chain")
     data = root / "phantom"
     write_phantom_dataset(data, 24, 64, 0)
-    reports = train_all(data, root / "bundle", "tiny", device="cpu", log=lambda message: None)
+    seen: list[str] = []  # the stages that reported progress (what drives the CLI's bars)
+    reports = train_all(data, root / "bundle", "tiny", device="cpu", log=lambda message: None,
+                        progress=lambda stage, done, total: seen.append(stage) if stage not in seen else None)
+    reports.append(seen)
     return data, root / "bundle", reports

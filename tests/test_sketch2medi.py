@@ -131,7 +131,9 @@ def tiny_bundle(tiny_chain):
 
 def test_train_all_builds_every_stage_then_skips_them(tiny_bundle):
     data, bundle, reports = tiny_bundle
+    *reports, progressed = reports
     assert [(r.stage, r.status) for r in reports] == [(s, "trained") for s in ("C", "S", "G", "sketches", "E", "H")]
+    assert progressed == ["C", "S", "G", "sketches", "E", "H"]
     manifest = json.loads((bundle / "bundle.json").read_text())
     assert set(manifest["networks"]) == {"C", "S", "G", "E", "H"} and manifest["preset"] == "tiny"
     assert manifest["networks"]["E"]["training"]["steps"] == phase_options("tiny", "encoder").steps

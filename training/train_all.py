@@ -130,7 +130,7 @@ def train_all(data: str | Path, out: str | Path, preset: str = "cpu", split: str
 
     def train_phase_stage(phase: str) -> Callable[[], str]:
         def train() -> str:
-            on_step = report(phase[0].upper())
+            on_step = report({"encoder": "E", "refiner": "H"}[phase])
             options = phase_options(preset, phase)
             result = train_phase(phase, data, out, preset, options, split, device, resume=True,
                                  on_step=(lambda step, stats: on_step(step, options.steps)) if on_step else None, log=log)
