@@ -346,11 +346,10 @@ def generate(
     import numpy as np
     from PIL import Image
 
-    from generation.normalize import normalize_sketch_file
-    from generation.images import tensor_to_images
-    from generation.pipeline import Sketch2MedI
-
     from generation.bundle import default_bundle
+    from generation.images import tensor_to_images
+    from generation.normalize import normalize_sketch_file
+    from generation.pipeline import Sketch2MedI
 
     model = Sketch2MedI.from_bundle(bundle or default_bundle(), device)
     canonical = normalize_sketch_file(sketch, model.resolution)
