@@ -56,11 +56,34 @@ def average_gradients(modules: Iterable[nn.Module], dist: Distributed) -> None:
         torch.nan_to_num(p.grad, nan=0.0, posinf=1e5, neginf=-1e5, out=p.grad)
 
 
+def optimise(module: nn.Module, optimiser: torch.optim.Optimizer, loss: torch.Tensor | None, dist: Distributed) -> None:
+    """One update of `module`: the gradients of `loss` (or, with None, those already accumulated by
+    the caller's backward passes), averaged over ranks."""
+    if loss is not None:
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+    average_gradients([module], dist)
+    optimiser.step()
+
+
 def broadcast_module(module: nn.Module, dist: Distributed) -> None:
     """Give every rank rank 0's weights and buffers."""
     if dist.enabled:
         for tensor in list(module.parameters()) + list(module.buffers()):
             torch_dist.broadcast(tensor.data, src=0)
+
+
+def assert_same_weights(modules: Iterable[nn.Module], dist: Distributed, buffers: bool = False) -> None:
+    """Under DDP, assert that every rank holds the same parameters (and buffers, if asked): a cheap
+    checksum per module, compared by min/max over ranks."""
+    if not dist.enabled:
+        return
+    sums = torch.stack([torch.stack([t.detach().double().sum() for t in [*m.parameters(), *(m.buffers() if buffers else ())]]).sum()
+                        for m in modules])
+    low, high = sums.clone(), sums.clone()
+    torch_dist.all_reduce(low, op=torch_dist.ReduceOp.MIN)
+    torch_dist.all_reduce(high, op=torch_dist.ReduceOp.MAX)
+    assert torch.equal(low, high), f"ranks diverged: weight checksums {low.tolist()} vs {high.tolist()}"
 
 
 def append_metrics(path: Path, entry: dict) -> None:

@@ -28,16 +28,15 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.distributed as torch_dist
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from generation.images import InputError
 from generation.stylegan2 import Discriminator, Generator, StyleGAN2Config, save_generator
 from training.checkpoints import checkpoint_exists, load_checkpoint, save_checkpoint
 from training.diffaugment import diff_augment, parse_policy, random_xflip
 from training.distributed import Distributed, init_distributed, pick_device
-from training.loop import StopFlag, append_metrics, average_gradients, broadcast_module
+from training.loop import StopFlag, append_metrics, assert_same_weights, broadcast_module, optimise
 
 CHECKPOINT = "generator_checkpoint"
 METRICS = "generator_metrics.jsonl"
@@ -166,12 +165,6 @@ class GANTrainer:
     def kimg(self) -> float:
         return self.nimg / 1000
 
-    def _optimise(self, module: nn.Module, optimiser: torch.optim.Optimizer, loss: Tensor) -> None:
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        average_gradients([module], self.dist)
-        optimiser.step()
-
     def real_batch(self) -> Tensor:
         index = torch.randint(len(self.reals), (self.batch,), device=self.device, generator=self.rng)
         images = (self.reals[index].to(torch.float32) / 127.5 - 1).contiguous(memory_format=self.memory_format)
@@ -193,12 +186,12 @@ class GANTrainer:
             fakes = G(G.sample_ws(self.batch, opts.mixing, generator=self.rng), noise_mode="random")
         real_logits, fake_logits = D(self.augment(reals)), D(self.augment(fakes))
         loss = d_logistic_loss(real_logits, fake_logits)
-        self._optimise(D, self.D_opt, loss)
+        optimise(D, self.D_opt, loss, self.dist)
         stats.update(d_loss=loss.item(), real_score=real_logits.mean().item(), fake_score=fake_logits.mean().item())
         if self.gamma > 0 and self.step_count % opts.r1_interval == 0:
             reals = reals.detach().requires_grad_(True)
             r1 = d_r1_loss(D(self.augment(reals)), reals)
-            self._optimise(D, self.D_opt, r1 * (self.gamma / 2 * opts.r1_interval))
+            optimise(D, self.D_opt, r1 * (self.gamma / 2 * opts.r1_interval), self.dist)
             stats["r1"] = r1.item()
 
         # G: fool D.
@@ -207,13 +200,13 @@ class GANTrainer:
         ws = G.sample_ws(self.batch, opts.mixing, generator=self.rng)
         G.mapping.update_w_avg(self.dist.all_reduce_mean(ws[:, 0].detach().mean(dim=0)))
         loss = g_nonsaturating_loss(D(self.augment(G(ws, noise_mode="random"))))
-        self._optimise(G, self.G_opt, loss)
+        optimise(G, self.G_opt, loss, self.dist)
         stats["g_loss"] = loss.item()
         if opts.pl_weight > 0 and self.step_count % opts.pl_interval == 0:
             ws = G.sample_ws(max(1, self.batch // opts.pl_batch_shrink), opts.mixing, generator=self.rng)
             penalty, self.pl_mean = g_path_length_loss(G(ws, noise_mode="random"), ws, self.pl_mean,
                                                        opts.pl_decay, self.dist.all_reduce_mean)
-            self._optimise(G, self.G_opt, penalty * (opts.pl_weight * opts.pl_interval))
+            optimise(G, self.G_opt, penalty * (opts.pl_weight * opts.pl_interval), self.dist)
             stats.update(pl_penalty=penalty.item(), pl_mean=self.pl_mean.item())
         G.requires_grad_(False)
 
@@ -259,15 +252,7 @@ class GANTrainer:
         self.reseed()
 
     def check_consistency(self) -> None:
-        """Under DDP, assert that every rank holds the same weights (a cheap checksum per module)."""
-        if not self.dist.enabled:
-            return
-        sums = torch.stack([torch.stack([p.detach().double().sum() for p in m.parameters()]).sum()
-                            for m in (self.G, self.D, self.G_ema)])
-        low, high = sums.clone(), sums.clone()
-        torch_dist.all_reduce(low, op=torch_dist.ReduceOp.MIN)
-        torch_dist.all_reduce(high, op=torch_dist.ReduceOp.MAX)
-        assert torch.equal(low, high), f"ranks diverged: weight checksums {low.tolist()} vs {high.tolist()}"
+        assert_same_weights((self.G, self.D, self.G_ema), self.dist)
 
 
 # --------------------------------------------------------------------------------------------

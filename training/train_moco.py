@@ -32,6 +32,7 @@ from training.augment import AugmentConfig, augment_batch
 from training.checkpoints import checkpoint_exists, load_checkpoint, save_checkpoint
 from training.data import ImageDataset
 from training.distributed import Distributed, init_distributed, pick_device
+from training.loop import append_metrics, read_metrics as read_metrics_file
 
 CHECKPOINT_NAME = "moco_checkpoint"
 METRICS_FILE = "moco_metrics.jsonl"
@@ -264,8 +265,7 @@ def train_moco(
                     "images_per_s": round(window["count"] * config.batch_size / max(elapsed, 1e-9), 2),
                 }
                 if distributed.is_main:
-                    with metrics_path.open("a") as handle:
-                        handle.write(json.dumps(last_logged) + "\n")
+                    append_metrics(metrics_path, last_logged)
                 window = {"loss": 0.0, "acc1": 0.0, "count": 0.0}
                 window_start = time.perf_counter()
             if step % config.checkpoint_every == 0 and step < total_steps:
@@ -296,7 +296,5 @@ def train_moco(
 
 
 def read_metrics(out: str | Path) -> list[dict[str, Any]]:
-    path = Path(out) / METRICS_FILE
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """The metrics lines of the C bundle `out`."""
+    return read_metrics_file(Path(out) / METRICS_FILE)

@@ -30,16 +30,15 @@ from typing import Callable, Literal
 
 import numpy as np
 import torch
-import torch.distributed as torch_dist
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from generation.images import InputError
 from generation.pix2pix import PatchDiscriminator, Pix2PixConfig, UNetGenerator, save_pix2pix
 from generation.sketch import sketch_to_tensor
 from training.checkpoints import checkpoint_exists, load_checkpoint, save_checkpoint
 from training.distributed import Distributed, init_distributed, pick_device
-from training.loop import StopFlag, append_metrics, average_gradients, broadcast_module
+from training.loop import StopFlag, append_metrics, assert_same_weights, broadcast_module, optimise
 from training.train_generator import image_grid, save_png
 
 CHECKPOINT = "pix2pix_checkpoint"
@@ -158,12 +157,6 @@ class Pix2PixTrainer:
         self.rng = torch.Generator(self.device).manual_seed(seed)
         torch.manual_seed(seed + 1)  # dropout
 
-    def _optimise(self, module: nn.Module, optimiser: torch.optim.Optimizer, loss: Tensor) -> None:
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        average_gradients([module], self.dist)
-        optimiser.step()
-
     @torch.no_grad()
     def _sync_buffers(self) -> None:
         """Average BatchNorm running statistics so every rank holds the same buffers."""
@@ -198,11 +191,11 @@ class Pix2PixTrainer:
         D.requires_grad_(True)
         real_logits, fake_logits = D(sketches, reals), D(sketches, fakes.detach())
         loss_d = d_loss(real_logits, fake_logits, opts.gan_loss)
-        self._optimise(D, self.D_opt, loss_d)
+        optimise(D, self.D_opt, loss_d, self.dist)
 
         D.requires_grad_(False)  # G's update must not touch D's gradients
         loss_g, adversarial, l1 = g_loss(D(sketches, fakes), fakes, reals, opts.lambda_l1, opts.gan_loss)
-        self._optimise(G, self.G_opt, loss_g)
+        optimise(G, self.G_opt, loss_g, self.dist)
         self._sync_buffers()
 
         self.step_count += 1
@@ -232,15 +225,7 @@ class Pix2PixTrainer:
         self.step_count = int(meta["step"])
 
     def check_consistency(self) -> None:
-        """Under DDP, assert that every rank holds the same weights and buffers (a checksum per module)."""
-        if not self.dist.enabled:
-            return
-        sums = torch.stack([torch.stack([t.detach().double().sum() for t in list(m.parameters()) + list(m.buffers())]).sum()
-                            for m in (self.G, self.D)])
-        low, high = sums.clone(), sums.clone()
-        torch_dist.all_reduce(low, op=torch_dist.ReduceOp.MIN)
-        torch_dist.all_reduce(high, op=torch_dist.ReduceOp.MAX)
-        assert torch.equal(low, high), f"ranks diverged: weight checksums {low.tolist()} vs {high.tolist()}"
+        assert_same_weights((self.G, self.D), self.dist, buffers=True)  # BN statistics are averaged each step
 
     @torch.no_grad()
     def sample_grid(self, count: int = 8) -> np.ndarray:

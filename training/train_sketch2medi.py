@@ -21,7 +21,7 @@ from typing import Callable
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from generation.encoder import LatentDiscriminator, SketchEncoder, encoder_preset, load_encoder, save_encoder
 from generation.freehand import freehand_sketch
@@ -33,7 +33,7 @@ from generation.stylegan2 import Generator, load_generator
 from retrieval.moco import FeatureNetwork
 from training.checkpoints import checkpoint_exists, load_checkpoint, save_checkpoint
 from training.distributed import Distributed, init_distributed, pick_device
-from training.loop import StopFlag, append_metrics, average_gradients, broadcast_module
+from training.loop import StopFlag, append_metrics, broadcast_module, optimise
 from training.losses import SimilarityLoss, SimilarityWeights
 from training.sketch_cache import SketchCache, sketch_cache
 from training.train_generator import d_logistic_loss, d_r1_loss, g_nonsaturating_loss, image_grid, save_png
@@ -130,13 +130,6 @@ class PhaseTrainer:
     def sample_indices(self) -> Tensor:
         return torch.randint(len(self.cache), (self.batch,), generator=self.rng)
 
-    def optimise(self, module: nn.Module, optimiser: torch.optim.Optimizer, loss: Tensor | None = None) -> None:
-        if loss is not None:
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-        average_gradients([module], self.dist)
-        optimiser.step()
-
     # -- subclasses
     def step(self) -> dict[str, float]:
         raise NotImplementedError
@@ -196,12 +189,12 @@ class EncoderTrainer(PhaseTrainer):
                 real_w = self.G.mapping(torch.randn(self.batch, self.G.config.z_dim, device=self.device))
                 fake_w = self.E(sketches)
             loss = d_logistic_loss(self.D(real_w), self.D(fake_w))
-            self.optimise(self.D, self.D_opt, loss)
+            optimise(self.D, self.D_opt, loss, self.dist)
             stats["d_loss"] = loss.item()
             if self.step_count % opts.r1_interval == 0:
                 real_w = real_w.detach().requires_grad_(True)
                 r1 = d_r1_loss(self.D(real_w), real_w)
-                self.optimise(self.D, self.D_opt, r1 * (opts.r1_gamma / 2 * opts.r1_interval))
+                optimise(self.D, self.D_opt, r1 * (opts.r1_gamma / 2 * opts.r1_interval), self.dist)
                 stats["r1"] = r1.item()
             self.D.requires_grad_(False)
 
@@ -212,7 +205,7 @@ class EncoderTrainer(PhaseTrainer):
             adversarial = g_nonsaturating_loss(self.D(w))
             loss = loss + opts.adversarial * adversarial
             stats["adversarial"] = adversarial.item()
-        self.optimise(self.E, self.E_opt, loss)
+        optimise(self.E, self.E_opt, loss, self.dist)
         stats.update({f"sim_{k}": v.item() for k, v in terms.items()}, loss=loss.item())
         self.step_count += 1
         return stats
@@ -287,7 +280,7 @@ class RefinerTrainer(PhaseTrainer):
             total = {name: delta.detach() for name, delta in offsets.items()}
             image = image.detach()
         stats["loss"] = sum(stats[f"sim_step{t}"] for t in range(1, self.options.refine_steps + 1))
-        self.optimise(self.H, self.H_opt)
+        optimise(self.H, self.H_opt, None, self.dist)  # the T backward passes above accumulated the gradients
         self.step_count += 1
         return stats
 

@@ -39,6 +39,7 @@ from generation.solov2 import (
 from training.checkpoints import checkpoint_exists, load_checkpoint, save_checkpoint
 from training.data import ImageDataset
 from training.distributed import init_distributed, pick_device
+from training.loop import append_metrics
 
 STATE_NAME = "synthesizer_state"
 METRICS_FILE = "synthesizer_metrics.jsonl"
@@ -299,8 +300,7 @@ def train_synthesizer(options: SynthesizerTraining, on_step: Callable[[int, int,
             else:
                 best_epoch = epoch
                 save_synthesizer(model, out, meta={"epoch": epoch, "classes": classes})
-            with metrics_path.open("a") as handle:
-                handle.write(json.dumps(record) + "\n")
+            append_metrics(metrics_path, record)
             log(" ".join(f"{k}={v}" for k, v in record.items() if k != "val_dice_per_class"))
         save_state(epoch + 1, 0)
         last_save, epochs_done = time.monotonic(), epoch + 1
