@@ -24,21 +24,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from generation.images import InputError
+from generation.images import InputError, file_sha256
 
 FORMAT = "sketch2medi-bundle"
 FORMAT_VERSION = 1
 NETWORKS = {"C": "moco", "S": "synthesizer", "G": "generator", "E": "encoder", "H": "refiner"}
 MANIFEST = "bundle.json"
-
-
-def file_digest(path: Path) -> str:
-    """sha256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def network_entries(bundle: Path) -> dict[str, dict[str, Any]]:
@@ -50,7 +41,7 @@ def network_entries(bundle: Path) -> dict[str, dict[str, Any]]:
             continue
         meta = json.loads(meta_path.read_text())
         meta.pop("states", None)
-        entries[key] = {"file": weights.name, "sha256": file_digest(weights), "bytes": weights.stat().st_size, **meta}
+        entries[key] = {"file": weights.name, "sha256": file_sha256(weights), "bytes": weights.stat().st_size, **meta}
     return entries
 
 

@@ -6,8 +6,10 @@ failure becomes an `InputError` whose message says what is wrong and what to do 
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -29,27 +31,42 @@ def open_image(path: str | Path) -> Image.Image:
         raise InputError(f"{path}: no such file; check the path")
     if path.is_dir():
         raise InputError(f"{path}: is a folder, expected an image file")
+    return decode_image(path, str(path))
+
+
+def decode_image(source: Path | BinaryIO, name: str) -> Image.Image:
+    """Fully decode an image from a path or a binary stream (e.g. an upload); `name` says in the
+    messages what it was. Every failure becomes an `InputError`."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(path)
+            image = Image.open(source)
             width, height = image.size
             if max(width, height) > MAX_SIDE:
                 raise InputError(
-                    f"{path}: {width}x{height} pixels is over the {MAX_SIDE}-pixel limit per side; "
+                    f"{name}: {width}x{height} pixels is over the {MAX_SIDE}-pixel limit per side; "
                     "downscale the image first"
                 )
             image.load()
     except InputError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise InputError(f"{path}: too many pixels to decode safely; downscale the image first")
+        raise InputError(f"{name}: too many pixels to decode safely; downscale the image first")
     except UnidentifiedImageError:
-        raise InputError(f"{path}: not an image PIL can read (PNG, JPEG, TIFF, BMP, ...)")
+        raise InputError(f"{name}: not an image PIL can read (PNG, JPEG, TIFF, BMP, ...)")
     except (OSError, SyntaxError, ValueError) as error:
         # PIL reports truncated or corrupt data as OSError ("image file is truncated", ...).
-        raise InputError(f"{path}: corrupt or truncated image ({error}); re-export the file")
+        raise InputError(f"{name}: corrupt or truncated image ({error}); re-export the file")
     return image
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def to_float_channels(image: Image.Image) -> tuple[np.ndarray, np.ndarray | None]:

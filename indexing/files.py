@@ -12,7 +12,6 @@ the caller reports as a skipped file with the message as reason.
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from generation.images import IMAGE_SUFFIXES, InputError, load_rgb
+from generation.images import IMAGE_SUFFIXES, InputError, file_sha256, load_rgb
 
 DICOM_SUFFIXES = (".dcm", ".dicom")
 
@@ -84,14 +83,6 @@ def file_stat(path: Path) -> tuple[int, int]:
     """(size in bytes, mtime in ns): what tells an unchanged file without reading it."""
     stat = os.stat(path)
     return stat.st_size, stat.st_mtime_ns
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def probe(path: str | Path) -> list[FileRecord]:

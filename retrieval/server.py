@@ -34,7 +34,6 @@ import os
 import re
 import threading
 import time
-import warnings
 from collections import OrderedDict
 from dataclasses import asdict
 from pathlib import Path
@@ -46,12 +45,12 @@ from fastapi import FastAPI, File, Form, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 
-from generation.images import MAX_SIDE, InputError
+from generation.images import InputError, decode_image
 from retrieval.search import DEFAULT_LAMBDA, JSON_SCHEMA_VERSION, Retriever
 
 ENV_TOKEN = "SKETCH2MEDI_TOKEN"
@@ -91,22 +90,7 @@ def decode_upload(data: bytes, name: str = "sketch") -> Image.Image:
     """An uploaded image file, fully decoded; every failure is an InputError (as `open_image` for files)."""
     if not data:
         raise InputError(f"{name}: the upload is empty; send the drawing as a PNG file")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-            if max(image.size) > MAX_SIDE:
-                raise InputError(f"{name}: {image.width}x{image.height} pixels is over the {MAX_SIDE}-pixel limit per side; downscale it")
-            image.load()
-    except InputError:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise InputError(f"{name}: too many pixels to decode safely; downscale it")
-    except UnidentifiedImageError:
-        raise InputError(f"{name}: not an image (send a PNG, JPEG, TIFF or BMP file)")
-    except (OSError, SyntaxError, ValueError) as error:
-        raise InputError(f"{name}: corrupt or truncated image ({error}); export it again")
-    return image
+    return decode_image(io.BytesIO(data), name)
 
 
 def png_bytes(pixels: np.ndarray | Image.Image) -> bytes:

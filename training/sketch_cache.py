@@ -17,8 +17,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from generation.bundle import file_digest
-from generation.images import InputError
+from generation.images import InputError, file_sha256
 from generation.solov2 import CHECKPOINT_NAME as SYNTHESIZER_NAME, load_synthesizer
 from training.data import ImageDataset, square_resize
 
@@ -58,7 +57,7 @@ def sketch_cache(data: str | Path, bundle: str | Path, resolution: int, split: s
     if not synthesizer_file.is_file():
         raise InputError(f"{bundle}: no synthesizer S (synthesizer.safetensors); train it first (`train synthesizer`)")
     names = "\n".join(sample.name for sample in dataset.samples)
-    fingerprint = hashlib.sha256(f"{names}|{split}|{resolution}|{file_digest(synthesizer_file)}".encode()).hexdigest()
+    fingerprint = hashlib.sha256(f"{names}|{split}|{resolution}|{file_sha256(synthesizer_file)}".encode()).hexdigest()
     path = cache_path(bundle, split, resolution)
     if path.is_file():
         from safetensors import safe_open
