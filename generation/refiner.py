@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -144,15 +145,21 @@ def accumulate(total: dict[str, Tensor] | None, deltas: dict[str, Tensor]) -> di
     return dict(deltas) if total is None else {name: total[name] + delta for name, delta in deltas.items()}
 
 
-def refine(G: Generator, H: Refiner | None, sketches: Tensor, w: Tensor, steps: int) -> list[Tensor]:
-    """[x_0, x_1, ..., x_T] for codes w (N, w_dim) and sketches (N, 1, R, R)."""
-    images = [G(w)]
+def refine(G: Generator, H: Refiner | None, sketches: Tensor, w: Tensor, steps: int,
+           on_image: Callable[[int], None] | None = None) -> list[Tensor]:
+    """[x_0, x_1, ..., x_T] for codes w (N, w_dim) and sketches (N, 1, R, R).
+
+    `on_image(t)` is called as soon as x_t is made (search times each step with it)."""
     if steps and H is None:
         raise InputError("this bundle has no refiner H; train it (`train refiner`) or use 0 refinement steps")
+    made = on_image or (lambda t: None)
+    images = [G(w)]
+    made(0)
     total = None
-    for _ in range(steps):
+    for t in range(1, steps + 1):
         total = accumulate(total, H(sketches, images[-1]))
         images.append(G(w, weight_deltas=total))
+        made(t)
     return images
 
 

@@ -153,8 +153,7 @@ def evaluate(data: str | Path, split: str = "test", bundle: str | Path | None = 
     w_archive = F.normalize(w_archive, dim=1)
     transforms = np.stack([ndimage.distance_transform_edt(s != INK) if (s == INK).any() else np.full(s.shape, 1e3)
                            for s in sketches_archive]).astype(np.float32)
-    classes = int(max(labels_archive.max(initial=0), max((archive.mask(i, R).max() for i in split_indices), default=0)
-                      if archive.has_masks else 0)) + 1
+    classes = models.label_classes
 
     queries, empty = make_queries(archive, split_indices, R, options, labels_archive)
     if not queries.target:
@@ -243,7 +242,7 @@ def generation_quality(models: SystemModels, queries: Queries, generated: dict[s
     if lpips_unavailable_reason() is None:
         backends["lpips"] = perceptual_distance("lpips", device=models.device)
     reference_features = torch.cat([p.embeddings for p in parts])
-    classes = int(max(labels_archive.max(initial=0), *(l.max() for ls in gen_labels.values() for l in ls))) + 1
+    classes = models.label_classes
     report: dict[str, dict] = {}
     for name, batches in generated.items():
         images = torch.cat(batches)

@@ -38,7 +38,7 @@ from generation.bundle import bundle_id_of, default_bundle, network_entries
 from generation.images import InputError, open_image, tensor_to_images
 from generation.normalize import normalize_sketch
 from generation.pipeline import Sketch2MedI
-from generation.refiner import accumulate
+from generation.refiner import refine
 from generation.sketch import sketch_to_tensor
 from generation.solov2 import SOLOv2, load_synthesizer
 from indexing.ingest import EmbeddedBatch, open_workspace_for_search
@@ -80,6 +80,11 @@ class SystemModels:
     @property
     def resolution(self) -> int:
         return self.generator.resolution
+
+    @property
+    def label_classes(self) -> int:
+        """Classes in S's label maps, background included: every mask DICE compares comes from S."""
+        return self.S.config.num_classes + 1
 
     @property
     def code_mean(self) -> torch.Tensor:
@@ -215,13 +220,7 @@ class Retriever:
         sketch_tensor = sketch_to_tensor(canonical).to(m.device)
         w = model.E(sketch_tensor)
         lap("E")
-        image = model.G(w)
-        lap("G")
-        total = None
-        for t in range(1, steps + 1):
-            total = accumulate(total, model.H(sketch_tensor, image))
-            image = model.G(w, weight_deltas=total)
-            lap(f"H{t}")
+        image = refine(model.G, model.H, sketch_tensor, w, steps, on_image=lambda t: lap(f"H{t}" if t else "G"))[-1]
         vector = fuse_vectors(m.C.embed(image), w - m.code_mean, self.embedder.image_weight)
         lap("C")
         count = min(max(candidates, k), max(self.workspace.index.ntotal, 1))
@@ -234,7 +233,7 @@ class Retriever:
         ranked = []
         if rerank:
             masks = self.workspace.masks_for([i for i, _ in found])
-            classes = int(max([labels.max(), *[mask.max() for mask in masks.values()]], default=0)) + 1
+            classes = m.label_classes
             for image_id, similarity in found:
                 stored = masks.get(image_id)
                 dice = _dice(labels, stored, classes) if stored is not None else 0.0

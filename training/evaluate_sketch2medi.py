@@ -59,8 +59,7 @@ def evaluate_refinement(bundle: str | Path, data: str | Path, split: str = "test
             steps = [tensor_to_images(step) for step in result.steps]  # (T + 1) x (K, R, R, 3)
             for k, kind in enumerate(kinds):
                 labels = models.S.predict_label_map([step[k] for step in steps])
-                classes = int(max(reference_labels.max(), *(l.max() for l in labels))) + 1
-                scores.setdefault(kind, []).append([_dice(l, reference_labels, classes) for l in labels])
+                scores.setdefault(kind, []).append([_dice(l, reference_labels, models.label_classes) for l in labels])
             examples[index] = {"kinds": kinds, "steps": steps, "reference": reference}
     report = {"bundle": str(models.bundle), "data": str(data), "split": split, "images": len(indices), "steps": T,
               "dice": {kind: {f"step {t}": float(np.mean([row[t] for row in rows])) for t in range(T + 1)} | {"images": len(rows)}
