@@ -39,7 +39,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.machine import describe, emit, measure_peak, percentiles, set_threads  # noqa: E402
+from bench.machine import add_common_arguments, describe, finish, measure_peak, percentiles, set_threads  # noqa: E402
 from indexing.vector_index import VectorIndex  # noqa: E402
 
 TARGET = {"n": 1_000_000, "max_p50_ms": 20.0, "min_recall": 0.95}
@@ -192,11 +192,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--clusters", type=int, default=1024, help="mixture components of `clustered`")
     p.add_argument("--spread", type=float, default=1.0, help="norm of a clustered point's offset from its centre (before renormalising)")
     p.add_argument("--noise", type=float, default=0.5, help="norm of the noise added to database vectors to make queries")
-    p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--matmul-size", type=int, default=2048, help="bench/machine.py peak measurement")
-    p.add_argument("--copy-mb", type=int, default=512, help="bench/machine.py bandwidth measurement")
-    p.add_argument("--out", type=Path)
+    add_common_arguments(p)
     return p
 
 
@@ -205,9 +202,7 @@ def main(argv: list[str] | None = None) -> dict:
     unknown = set(args.distributions) - {"random", "clustered"} or set(args.kinds) - {"flat", "ivf", "hnsw"}
     if unknown:
         raise SystemExit(f"unknown distribution or index kind: {', '.join(sorted(unknown))}")
-    result = {"command": " ".join(["python bench/bench_faiss.py", *(sys.argv[1:] if argv is None else argv)]), **run(args)}
-    emit(result, args.out)
-    return result
+    return finish("bench/bench_faiss.py", argv, args, run(args))
 
 
 if __name__ == "__main__":

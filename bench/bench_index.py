@@ -38,7 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import indexing.ingest as ingest  # noqa: E402
-from bench.machine import describe, emit, measure_peak, peak_rss_mib, set_threads  # noqa: E402
+from bench.machine import add_common_arguments, describe, finish, measure_peak, peak_rss_mib, set_threads  # noqa: E402
 from generation.images import find_images  # noqa: E402
 from generation.sketch import sketch_to_tensor  # noqa: E402
 from indexing.files import load  # noqa: E402
@@ -152,18 +152,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="index only the first N images")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--part-images", type=int, default=256, help="images for the per-part timing")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--matmul-size", type=int, default=2048, help="bench/machine.py peak measurement")
-    p.add_argument("--copy-mb", type=int, default=512, help="bench/machine.py bandwidth measurement")
-    p.add_argument("--out", type=Path)
+    add_common_arguments(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parser().parse_args(argv)
-    result = {"command": " ".join(["python bench/bench_index.py", *(sys.argv[1:] if argv is None else argv)]), **run(args)}
-    emit(result, args.out)
-    return result
+    return finish("bench/bench_index.py", argv, args, run(args))
 
 
 if __name__ == "__main__":

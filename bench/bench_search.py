@@ -45,7 +45,7 @@ from torch.utils.flop_counter import FlopCounterMode
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.machine import describe, emit, measure_peak, peak_rss_mib, percentiles, set_threads  # noqa: E402
+from bench.machine import add_common_arguments, describe, finish, measure_peak, peak_rss_mib, percentiles, set_threads  # noqa: E402
 from generation.freehand import freehand_sketch  # noqa: E402
 from generation.images import InputError, tensor_to_images  # noqa: E402
 from generation.refiner import accumulate  # noqa: E402
@@ -228,19 +228,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--candidates", type=int, default=100)
     p.add_argument("--steps", type=int, help="refinement steps (default: the bundle's)")
     p.add_argument("--batch", type=int, default=16, help="batch size of the batched-throughput measurement")
-    p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--matmul-size", type=int, default=2048, help="bench/machine.py peak measurement")
-    p.add_argument("--copy-mb", type=int, default=512, help="bench/machine.py bandwidth measurement")
-    p.add_argument("--out", type=Path)
+    add_common_arguments(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parser().parse_args(argv)
-    result = {"command": " ".join(["python bench/bench_search.py", *(sys.argv[1:] if argv is None else argv)]), **run(args)}
-    emit(result, args.out)
-    return result
+    return finish("bench/bench_search.py", argv, args, run(args))
 
 
 if __name__ == "__main__":

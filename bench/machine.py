@@ -124,12 +124,24 @@ def emit(result: dict, out: Path | None) -> None:
         Path(out).write_text(text + "\n")
 
 
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every benchmark shares: threads, the peak measurements' sizes, the output file."""
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--matmul-size", type=int, default=2048, help="bench/machine.py peak measurement")
+    parser.add_argument("--copy-mb", type=int, default=512, help="bench/machine.py bandwidth measurement")
+    parser.add_argument("--out", type=Path)
+
+
+def finish(script: str, argv: list[str] | None, args: argparse.Namespace, result: dict) -> dict:
+    """The result with the command that made it, emitted (stdout, and --out)."""
+    result = {"command": " ".join([f"python {script}", *(sys.argv[1:] if argv is None else argv)]), **result}
+    emit(result, args.out)
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--matmul-size", type=int, default=2048)
-    parser.add_argument("--copy-mb", type=int, default=512)
-    parser.add_argument("--out", type=Path)
+    add_common_arguments(parser)
     args = parser.parse_args()
     emit({"machine": describe(args.threads), "peak": measure_peak(args.threads, args.matmul_size, args.copy_mb)}, args.out)
 

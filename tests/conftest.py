@@ -1,8 +1,11 @@
+import contextlib
+import os
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
-import os
-
 import pytest
+import sqlalchemy as sa
 import torch
 from hypothesis import settings
 
@@ -13,6 +16,26 @@ if os.environ.get("CI"):
 
 # The CI machine has 2 cores; one thread per test process keeps timings predictable.
 torch.set_num_threads(1)
+
+POSTGRES_URL = os.environ.get("SKETCH2MEDI_TEST_POSTGRES_URL")
+
+
+@contextlib.contextmanager
+def fresh_postgres_database() -> Iterator[str]:
+    """The URL of a new database on the test PostgreSQL server, dropped afterwards."""
+    if not POSTGRES_URL:
+        pytest.skip("SKETCH2MEDI_TEST_POSTGRES_URL is not set (.ci/run starts a server and sets it)")
+    admin = sa.create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
+    name = f"s2m_test_{uuid.uuid4().hex[:12]}"
+    with admin.connect() as connection:
+        connection.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield sa.make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as connection:
+            connection.execute(sa.text(f'DROP DATABASE "{name}" WITH (FORCE)'))
+        admin.dispose()
+
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 VOCALFOLDS = SHARED_DATA / "vocalfolds256"

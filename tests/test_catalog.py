@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-import os
-import uuid
-
 import numpy as np
 import pytest
 import sqlalchemy as sa
 
 import indexing.catalog as catalog_module
 from generation.images import InputError
+from conftest import fresh_postgres_database
 from indexing.catalog import Catalog, decode_label_map, encode_label_map
-
-POSTGRES_URL = os.environ.get("SKETCH2MEDI_TEST_POSTGRES_URL")
-
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def db_url(request, tmp_path):
@@ -22,16 +17,8 @@ def db_url(request, tmp_path):
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'catalog.sqlite'}"
         return
-    if not POSTGRES_URL:
-        pytest.skip("SKETCH2MEDI_TEST_POSTGRES_URL is not set (.ci/run starts a server and sets it)")
-    admin = sa.create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
-    name = f"s2m_test_{uuid.uuid4().hex[:12]}"
-    with admin.connect() as connection:
-        connection.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    yield sa.make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
-    with admin.connect() as connection:
-        connection.execute(sa.text(f'DROP DATABASE "{name}" WITH (FORCE)'))
-    admin.dispose()
+    with fresh_postgres_database() as url:
+        yield url
 
 
 def add(catalog: Catalog, name: str, seed: int, path: str | None = None, frame: int = 0) -> int:

@@ -10,16 +10,13 @@ import shutil
 import subprocess
 import sys
 import time
-import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pytest
-import sqlalchemy as sa
 from PIL import Image
 
+from conftest import fresh_postgres_database
 from generation.images import InputError
 from indexing import files
 from indexing.catalog import Catalog
@@ -30,7 +27,6 @@ from indexing.vector_index import VectorIndex
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
-POSTGRES_URL = os.environ.get("SKETCH2MEDI_TEST_POSTGRES_URL")
 TORCHRUN = shutil.which("torchrun", path=os.path.dirname(sys.executable))
 
 
@@ -74,23 +70,6 @@ def write_images(folder: Path, count: int, start: int = 0) -> list[Path]:
         Image.fromarray(blocky(seed)).save(path)
         paths.append(path)
     return paths
-
-
-@contextmanager
-def fresh_postgres_database() -> Iterator[str]:
-    """The URL of a new database on the test PostgreSQL server, dropped afterwards."""
-    if not POSTGRES_URL:
-        pytest.skip("SKETCH2MEDI_TEST_POSTGRES_URL is not set (.ci/run starts a server and sets it)")
-    admin = sa.create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
-    name = f"s2m_test_{uuid.uuid4().hex[:12]}"
-    with admin.connect() as connection:
-        connection.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield sa.make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as connection:
-            connection.execute(sa.text(f'DROP DATABASE "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
