@@ -8,6 +8,7 @@ import typer
 from typer.core import TyperGroup
 
 from generation.images import InputError
+from retrieval.defaults import DEFAULT_LAMBDA
 
 
 class UserErrorGroup(TyperGroup):
@@ -428,7 +429,8 @@ def evaluate(
     seeds: int = typer.Option(2, "--seeds", min=1, help="Simulated sketches per image and strength."),
     limit: int = typer.Option(None, "--limit", min=1, help="Only the first N images of the split."),
     candidates: int = typer.Option(100, "--candidates", min=1),
-    lam: float = typer.Option(0.5, "--lambda", min=0.0, max=1.0),
+    lam: float = typer.Option(DEFAULT_LAMBDA, "--lambda", min=0.0, max=1.0, help="score = lambda * similarity + (1 - lambda) * DICE."),
+    weights: str = typer.Option(None, "--weights", help="Vector weights as for `index` (default sketch=0.9,code=0.05,image=0.05)."),
     as_json: bool = typer.Option(False, "--json", help="Print the whole report as JSON."),
     out: Path = typer.Option(None, "--out", help="Also write the JSON report to this file."),
     device: str = typer.Option("auto", "--device"),
@@ -438,12 +440,14 @@ def evaluate(
 
     from retrieval.evaluate import EvaluationOptions
     from retrieval.evaluate import evaluate as run_evaluation
+    from retrieval.search import VectorRecipe
 
     try:
         levels = tuple(float(value) for value in strengths.split(","))
     except ValueError:
         raise InputError(f"--strengths {strengths!r}: give numbers between 0 and 1, e.g. 0,0.5,1")
-    options = EvaluationOptions(strengths=levels, seeds=tuple(range(seeds)), candidates=candidates, lam=lam, limit=limit)
+    options = EvaluationOptions(strengths=levels, seeds=tuple(range(seeds)), candidates=candidates, lam=lam, limit=limit,
+                                **({"recipe": VectorRecipe.parse(weights)} if weights else {}))
     with progress_bar() as progress:
         tasks: dict[str, int] = {}
 
@@ -490,16 +494,16 @@ def index(
     db_url: str = typer.Option(None, "--db-url", "--db", help=DB_HELP),
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Images per batch (each batch is committed before it is reported)."),
     index_kind: str = typer.Option("auto", "--index", help="auto (exact up to 100k images, then HNSW) | flat | ivf | hnsw."),
-    image_weight: float = typer.Option(0.5, "--image-weight", min=0.0, max=1.0, help="Weight of the image embedding against the sketch code in the vector."),
+    weights: str = typer.Option(None, "--weights", help="Vector weights, e.g. sketch=0.9,code=0.05,image=0.05 (the default; docs/SEARCH.md)."),
     device: str = typer.Option("auto", "--device"),
 ):
-    """Add images to the archive: S's masks, E's code of the synthesized sketch, C's embedding; incremental."""
+    """Add images to the archive: S's masks, the synthesized sketch's field and E's code, C's embedding; incremental."""
     from indexing.ingest import index_paths
-    from retrieval.search import ArchiveEmbedder, SystemModels
+    from retrieval.search import ArchiveEmbedder, SystemModels, VectorRecipe
 
     import os
 
-    embedder = ArchiveEmbedder(SystemModels(bundle, device), image_weight)
+    embedder = ArchiveEmbedder(SystemModels(bundle, device), VectorRecipe.parse(weights) if weights else VectorRecipe())
     if os.environ.get("RANK", "0") != "0":  # torchrun: the other ranks embed their shares quietly
         index_paths(paths, workspace, embedder, db_url=db_url, batch_size=batch_size, index_kind=index_kind)
         return
@@ -525,7 +529,7 @@ def search(
     db_url: str = typer.Option(None, "--db-url", "--db", help=DB_HELP),
     candidates: int = typer.Option(100, "--candidates", min=1, help="FAISS candidates re-ranked by DICE."),
     rerank: bool = typer.Option(True, "--rerank/--no-rerank", help="Re-rank the candidates by the DICE of S's masks."),
-    lam: float = typer.Option(0.5, "--lambda", min=0.0, max=1.0, help="score = lambda * similarity + (1 - lambda) * DICE."),
+    lam: float = typer.Option(DEFAULT_LAMBDA, "--lambda", min=0.0, max=1.0, help="score = lambda * similarity + (1 - lambda) * DICE."),
     steps: int = typer.Option(None, "--steps", min=0, help="Refinement steps (default: as trained, 3)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON (schema in docs/SEARCH.md) instead of a table."),
     out: Path = typer.Option(None, "--out", help="Folder for sketch.png, generated.png and results.png (contact sheet)."),

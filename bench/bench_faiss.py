@@ -4,7 +4,7 @@
 
 For each database size N and each distribution (`random`: unit Gaussian vectors, uniform on the
 sphere; `clustered`: a mixture of `--clusters` Gaussians around random unit centres, renormalised),
-N unit vectors of dimension `--dim` (default 384 = C's 256 + E's w 128 for the cpu bundle) go into
+N unit vectors of dimension `--dim` (default 640 = sketch field 256 + E's w 128 + C's 256, the cpu bundle) go into
 the system's own `indexing.vector_index.VectorIndex`, built as indexing builds it:
   flat   exact inner product
   ivf    ~4 sqrt(N) k-means cells (trained on at most 256 points per cell), each `--nprobe` value
@@ -181,7 +181,7 @@ def run(args: argparse.Namespace) -> dict:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", type=_ints, default=[10_000, 100_000, 1_000_000], help="database sizes, comma-separated")
-    p.add_argument("--dim", type=int, default=384)
+    p.add_argument("--dim", type=int, default=640)
     p.add_argument("--queries", type=int, default=1000, help="queries for recall and batched throughput")
     p.add_argument("--latency-queries", type=int, default=200, help="queries timed one at a time")
     p.add_argument("--k", type=int, default=10)

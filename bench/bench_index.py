@@ -16,7 +16,7 @@ networks. With `--threads` torch and faiss threads, this process measures:
   parts_ms_per_image  the pieces of `retrieval.search.archive_parts`, timed separately, on the first
                  `--part-images` of the same images in batches of `--batch-size`: S (resize, SOLOv2,
                  masks to sketches and label maps), C (pixels and C.embed), sketch_normalize (each
-                 synthesized sketch normalised as a query), E (E on the sketches), fuse (fuse_vectors).
+                 synthesized sketch normalised as a query), E (E on the sketches), field (sketch_field), fuse (fuse_vectors).
   peak_rss_mib   this process's peak RSS, recorded before the machine peak is measured.
   target         >= 20 images/s.
 """
@@ -42,7 +42,7 @@ from bench.machine import add_common_arguments, describe, finish, measure_peak, 
 from generation.images import find_images  # noqa: E402
 from generation.sketch import sketch_to_tensor  # noqa: E402
 from indexing.files import load  # noqa: E402
-from retrieval.search import ArchiveEmbedder, SystemModels, _normalized, archive_parts, fuse_vectors  # noqa: E402
+from retrieval.search import ArchiveEmbedder, SystemModels, VectorRecipe, _normalized, archive_parts, fuse_vectors, sketch_field  # noqa: E402
 from training.data import square_resize  # noqa: E402
 
 TARGET_IMAGES_PER_S = 20.0
@@ -85,10 +85,10 @@ def index_run(files: list[Path], workspace: Path, embedder: ArchiveEmbedder, bat
 
 
 @torch.no_grad()
-def time_parts(models: SystemModels, images: list[np.ndarray], batch_size: int, image_weight: float) -> dict[str, float]:
+def time_parts(models: SystemModels, images: list[np.ndarray], batch_size: int, recipe: VectorRecipe) -> dict[str, float]:
     """ms per image of each piece of `archive_parts` (same code, one timer per piece)."""
     m, size = models, models.resolution
-    totals = dict.fromkeys(["S", "C", "sketch_normalize", "E", "fuse"], 0.0)
+    totals = dict.fromkeys(["S", "C", "sketch_normalize", "E", "field", "fuse"], 0.0)
 
     def lap(key: str, start: float) -> float:
         now = time.perf_counter()
@@ -107,7 +107,9 @@ def time_parts(models: SystemModels, images: list[np.ndarray], batch_size: int, 
         clock = lap("sketch_normalize", clock)
         codes = m.generator.E(sketch_to_tensor(sketches).to(m.device))
         clock = lap("E", clock)
-        fuse_vectors(embeddings, codes - m.code_mean, image_weight)
+        fields = sketch_field(sketches)
+        clock = lap("field", clock)
+        fuse_vectors(fields, codes - m.code_mean, embeddings, recipe)
         lap("fuse", clock)
     return {key: round(value * 1000 / len(images), 3) for key, value in totals.items()}
 
@@ -130,7 +132,7 @@ def run(args: argparse.Namespace) -> dict:
     finally:
         if args.workspace is None:
             shutil.rmtree(workspace, ignore_errors=True)
-    parts = time_parts(models, sample, args.batch_size, embedder.image_weight)
+    parts = time_parts(models, sample, args.batch_size, embedder.recipe)
     rss = peak_rss_mib()
     return {
         "benchmark": "index",

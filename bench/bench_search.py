@@ -50,7 +50,7 @@ from generation.freehand import freehand_sketch  # noqa: E402
 from generation.images import InputError, tensor_to_images  # noqa: E402
 from generation.refiner import accumulate  # noqa: E402
 from generation.sketch import sketch_to_tensor  # noqa: E402
-from retrieval.search import Retriever, SystemModels, fuse_vectors, load_sketch  # noqa: E402
+from retrieval.search import Retriever, SystemModels, fuse_vectors, load_sketch, sketch_field  # noqa: E402
 from training.data import ImageDataset  # noqa: E402
 from training.phantom import write_phantom_dataset  # noqa: E402
 
@@ -126,15 +126,15 @@ def time_searches(retriever: Retriever, warmup: list[np.ndarray], sketches: list
 
 @torch.no_grad()
 def batched_qps(retriever: Retriever, sketches: list[np.ndarray], args: argparse.Namespace) -> float:
-    """Queries/s of normalise + generate (batches of args.batch) + C + fused vectors + FAISS batch search."""
+    """Queries/s of normalise + generate (batches of args.batch) + C + sketch field + fused vectors + FAISS batch search."""
     m = retriever.models
     m.generator.generate(np.stack([load_sketch(s, m.resolution) for s in sketches[: args.batch]]), args.steps, args.batch)
     start = time.perf_counter()
     for first in range(0, len(sketches), args.batch):
         canonical = np.stack([load_sketch(s, m.resolution) for s in sketches[first : first + args.batch]])
         generation = m.generator.generate(canonical, args.steps, args.batch)
-        vectors = fuse_vectors(m.C.embed(generation.images.to(m.device)), generation.w.to(m.device) - m.code_mean,
-                               retriever.embedder.image_weight)
+        vectors = fuse_vectors(sketch_field(canonical), generation.w.to(m.device) - m.code_mean,
+                               m.C.embed(generation.images.to(m.device)), retriever.embedder.recipe)
         retriever.workspace.index.search(vectors, args.candidates)
     return len(sketches) / (time.perf_counter() - start)
 

@@ -7,16 +7,19 @@ a user's sketch is) at each strength and seed are the queries; that image is the
 Masks are the dataset's own when it has them (as a person would draw the true anatomy), else S's.
 
 Methods, all on the same queries and the same archive vectors:
-    full         E, G, H (T steps) -> fused vector (C(x_hat), E's code) -> top candidates -> DICE re-rank
+    full         E, G, H (T steps) -> fused vector (sketch field, E's code, C(x_hat)) -> top candidates
+                 -> DICE re-rank, as `search` does
     no_refiner   the same with x_0 = G(E(sketch)) (no H)
     no_rerank    full without the DICE re-ranking
     w_only       E's code alone (cosine of offsets from E's mean code)
     image_only   C(x_hat) alone
+    sketch_only  no generator: the sketch field alone (the query's against each archive image's
+                 synthesized sketch; a soft chamfer match that needs no training)
     chamfer      no generator: symmetric chamfer distance between the query and each archive image's
-                 synthesized sketch (the strongest simple sketch-to-sketch match: tolerant of small
-                 displacements, needs no training, and compares exactly what S draws)
-    pix2pix      pix2pix's image instead of Sketch2MedI's, with C's embedding and the DICE re-rank
-                 (needs `train pix2pix` in the bundle)
+                 synthesized sketch (the classic sketch-to-sketch match, exhaustive)
+    pix2pix      pix2pix's image instead of Sketch2MedI's in the fused vector (sketch field and C's
+                 embedding; pix2pix has no latent code, so E's part is left out) and for the DICE
+                 re-rank (needs `train pix2pix` in the bundle)
 Ranks are over the whole archive: re-ranked candidates first, the rest in similarity order.
 """
 
@@ -36,13 +39,14 @@ from scipy import ndimage
 from generation.freehand import freehand_sketch
 from generation.images import InputError, tensor_to_images
 from generation.sketch import INK, sketch_to_tensor
+from retrieval.defaults import DEFAULT_LAMBDA
 from retrieval.metrics import dice_per_image, fd_c
 from retrieval.perceptual import lpips_unavailable_reason, perceptual_distance
-from retrieval.search import SystemModels, archive_parts, fuse_vectors, load_sketch
+from retrieval.search import SystemModels, VectorRecipe, archive_parts, fuse_vectors, load_sketch, sketch_field
 from training.checkpoints import checkpoint_exists
 from training.data import ImageDataset, square_resize
 
-METHODS = ("full", "no_refiner", "no_rerank", "w_only", "image_only", "chamfer", "pix2pix")
+METHODS = ("full", "no_refiner", "no_rerank", "w_only", "image_only", "sketch_only", "chamfer", "pix2pix")
 SKETCH_SIZE = 256  # simulated free-hand sketches are drawn at this size, then normalised
 
 
@@ -51,8 +55,8 @@ class EvaluationOptions:
     strengths: tuple[float, ...] = (0.0, 0.5, 1.0)
     seeds: tuple[int, ...] = (0, 1)
     candidates: int = 100
-    lam: float = 0.5
-    image_weight: float = 0.5
+    lam: float = DEFAULT_LAMBDA
+    recipe: VectorRecipe = field(default_factory=VectorRecipe)
     limit: int | None = None  # evaluate only the first `limit` images of the split
     batch: int = 16
 
@@ -149,7 +153,9 @@ def evaluate(data: str | Path, split: str = "test", bundle: str | Path | None = 
     w_archive = torch.cat([p.codes for p in parts]) - code_mean
     labels_archive = np.concatenate([p.labels for p in parts])
     sketches_archive = np.concatenate([p.sketches for p in parts])
-    fused_archive = torch.from_numpy(fuse_vectors(e_archive, w_archive, options.image_weight))
+    f_archive = torch.cat([p.fields for p in parts])
+    recipe = options.recipe
+    fused_archive = torch.from_numpy(fuse_vectors(f_archive, w_archive, e_archive, recipe))
     w_archive = F.normalize(w_archive, dim=1)
     transforms = np.stack([ndimage.distance_transform_edt(s != INK) if (s == INK).any() else np.full(s.shape, 1e3)
                            for s in sketches_archive]).astype(np.float32)
@@ -163,6 +169,9 @@ def evaluate(data: str | Path, split: str = "test", bundle: str | Path | None = 
         from generation.pix2pix import load_pix2pix
 
         pix2pix = load_pix2pix(models.bundle, models.device)
+        # pix2pix has no latent code: its vector is the recipe's sketch and image parts.
+        pix2pix_recipe = VectorRecipe(sketch=recipe.sketch, code=0.0, image=recipe.image)
+        pix2pix_archive = torch.from_numpy(fuse_vectors(f_archive, w_archive, e_archive, pix2pix_recipe))
 
     ranks: dict[str, list[int]] = {method: [] for method in METHODS if method != "pix2pix" or pix2pix is not None}
     generated: dict[str, list[torch.Tensor]] = {"sketch2medi": [], "no_refiner": [], **({"pix2pix": []} if pix2pix else {})}
@@ -182,15 +191,18 @@ def evaluate(data: str | Path, split: str = "test", bundle: str | Path | None = 
                 labels[name] = np.stack(models.S.predict_label_map(list(tensor_to_images(batch))))
                 gen_labels[name].extend(labels[name])
             w = result.w - code_mean
+            fields = sketch_field(sketches)
+            fused = {name: torch.from_numpy(fuse_vectors(fields, w, embeddings[name], recipe)) for name in ("sketch2medi", "no_refiner")}
+            if pix2pix is not None:
+                fused["pix2pix"] = torch.from_numpy(fuse_vectors(fields, w, embeddings["pix2pix"], pix2pix_recipe))
             for row in range(stop - start):
                 q, target = start + row, queries.target[start + row]
-                fused = {name: torch.from_numpy(fuse_vectors(embeddings[name][row : row + 1], w[row : row + 1], options.image_weight))
-                         for name in ("sketch2medi", "no_refiner")}
                 similarity = {
-                    "full": (fused_archive @ fused["sketch2medi"][0]).numpy(),
-                    "no_refiner": (fused_archive @ fused["no_refiner"][0]).numpy(),
+                    "full": (fused_archive @ fused["sketch2medi"][row]).numpy(),
+                    "no_refiner": (fused_archive @ fused["no_refiner"][row]).numpy(),
                     "w_only": (w_archive @ F.normalize(w[row], dim=0)).numpy(),
                     "image_only": (e_archive @ embeddings["sketch2medi"][row]).numpy(),
+                    "sketch_only": (f_archive @ fields[row]).numpy(),
                     "chamfer": -chamfer_distances(queries.sketches[q], sketches_archive, transforms),
                 }
                 orders = {
@@ -199,10 +211,11 @@ def evaluate(data: str | Path, split: str = "test", bundle: str | Path | None = 
                     "no_rerank": np.argsort(-similarity["full"], kind="stable"),
                     "w_only": np.argsort(-similarity["w_only"], kind="stable"),
                     "image_only": np.argsort(-similarity["image_only"], kind="stable"),
+                    "sketch_only": np.argsort(-similarity["sketch_only"], kind="stable"),
                     "chamfer": np.argsort(-similarity["chamfer"], kind="stable"),
                 }
                 if pix2pix is not None:
-                    orders["pix2pix"] = rerank_order((e_archive @ embeddings["pix2pix"][row]).numpy(), labels["pix2pix"][row],
+                    orders["pix2pix"] = rerank_order((pix2pix_archive @ fused["pix2pix"][row]).numpy(), labels["pix2pix"][row],
                                                      labels_archive, options.candidates, options.lam, classes)
                 for method, order in orders.items():
                     ranks[method].append(rank_of(target, order))
@@ -226,8 +239,9 @@ METHOD_NOTES = {
     "no_rerank": "full pipeline without DICE re-ranking",
     "w_only": "E's code alone",
     "image_only": "C(x_hat) alone",
+    "sketch_only": "no generator: the sketch field alone (soft chamfer, searchable)",
     "chamfer": "no generator: chamfer distance to each archive image's synthesized sketch",
-    "pix2pix": "pix2pix instead of Sketch2MedI, C embedding + DICE re-ranking",
+    "pix2pix": "pix2pix instead of Sketch2MedI: sketch field + C(pix2pix image) + DICE re-ranking",
 }
 
 

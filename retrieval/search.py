@@ -1,23 +1,25 @@
 """Sketch search over an indexed archive.
 
     sketch -> normalise -> E -> w -> G, H (T steps) -> x_hat
-           -> vector(x_hat, w) -> FAISS top candidates -> DICE(S(x_hat), stored masks) re-rank -> top k
+           -> vector(sketch, w, x_hat) -> FAISS top candidates -> DICE(S(x_hat), stored masks) re-rank -> top k
 
-The vector of an image is the fusion of two unit vectors,
+The vector of an image is the fusion of three unit vectors,
 
-    v = [sqrt(a) * e / |e|,  sqrt(1 - a) * (w - m) / |w - m|],   |v| = 1,
+    v = [sqrt(a_s) f / |f|,  sqrt(a_c) (w - m) / |w - m|,  sqrt(a_i) e / |e|],   a_s + a_c + a_i = 1,
 
-so the inner product of two vectors is a * cos(e, e') + (1 - a) * cos(w - m, w' - m), with
-a = `image_weight`. e = C(x) is C's embedding of the image: what the anatomy looks like. w is E's code
-of the image's sketch (the synthesized sketch S(x) for an archive image, the user's sketch for a
-query): where the structures are, compared in the space the generator was trained to read. The two
-fail differently (e inherits G's mistakes on x_hat; w ignores texture and colour), so fusing them
-is steadier than either; `evaluate` measures each alone. Codes are compared as offsets from m, E's
-mean code over its training sketches, not as raw w: every code shares that large component, which
-would otherwise put all cosines close to 1.
-
-Archive sketches go through the same normalisation as queries before E, so a query that is an
-archive image's own synthesized sketch gets exactly that image's code.
+so the inner product of two vectors is a_s cos(f, f') + a_c cos(w - m, w' - m) + a_i cos(e, e')
+with the weights of the `VectorRecipe`. The sketch is the user's for a query and S's synthesized
+sketch for an archive image (normalised the same way), and:
+  f  the sketch's field (`sketch_field`): exp(-distance to the nearest stroke / sigma), pooled to
+     16 x 16. Where the lines are, tolerant of a few pixels of displacement: a soft chamfer match
+     that FAISS can search.
+  w  E's code of the sketch, compared as an offset from m, E's mean code over its training sketches
+     (every code shares that large component, which would otherwise put all cosines close to 1).
+  e  C's embedding of the image: x_hat for a query, x itself for an archive image.
+The default weights were chosen on validation splits (docs/RESULTS.md, section "Retrieval"): at
+64 px, the field finds the right image far more often than E's code or C's view of x_hat, which
+add a little on top. Archive sketches go through the same normalisation as queries before E, so a
+query that is an archive image's own synthesized sketch gets exactly that image's code and field.
 
 Final score of a candidate: lambda * similarity + (1 - lambda) * DICE / 100 (DICE in percent,
 between S(x_hat) and the candidate's stored masks, 0 when neither has any structure).
@@ -31,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy import ndimage
 import torch.nn.functional as F
 from PIL import Image
 
@@ -39,28 +42,70 @@ from generation.images import InputError, open_image, tensor_to_images
 from generation.normalize import normalize_sketch
 from generation.pipeline import Sketch2MedI
 from generation.refiner import refine
-from generation.sketch import sketch_to_tensor
+from generation.sketch import INK, sketch_to_tensor
 from generation.solov2 import SOLOv2, load_synthesizer
 from indexing.ingest import EmbeddedBatch, open_workspace_for_search
+from retrieval.defaults import DEFAULT_LAMBDA, DEFAULT_WEIGHTS
 from retrieval.metrics import dice_per_image
 from retrieval.moco import FeatureNetwork
 from training.checkpoints import checkpoint_exists
 from training.data import square_resize
 from training.distributed import pick_device
 
-DEFAULT_IMAGE_WEIGHT = 0.5
-DEFAULT_LAMBDA = 0.5
-RECIPE_SEPARATOR = ":image_weight="
+RECIPE_SEPARATOR = ":vector="
 JSON_SCHEMA_VERSION = 1
+FIELD_GRID = 16  # the sketch field is pooled to FIELD_GRID x FIELD_GRID
+FIELD_SIGMA = 1 / 32  # decay length of the field, as a fraction of the sketch side (2 px at 64 px)
 
 
-def fuse_vectors(embeddings: torch.Tensor, w_offsets: torch.Tensor, image_weight: float) -> np.ndarray:
-    """(N, De) and (N, Dw) -> float32 (N, De + Dw), unit rows (see the module docstring)."""
-    if not 0 <= image_weight <= 1:
-        raise InputError(f"image weight {image_weight}: must be between 0 and 1")
-    fused = torch.cat([F.normalize(embeddings.float(), dim=1) * image_weight**0.5,
-                       F.normalize(w_offsets.float(), dim=1) * (1 - image_weight) ** 0.5], dim=1)
-    return fused.cpu().numpy().astype(np.float32)
+@dataclass(frozen=True)
+class VectorRecipe:
+    """Weights of the three parts of a vector (see the module docstring); normalised to sum 1."""
+
+    sketch: float = DEFAULT_WEIGHTS["sketch"]
+    code: float = DEFAULT_WEIGHTS["code"]
+    image: float = DEFAULT_WEIGHTS["image"]
+
+    def __post_init__(self) -> None:
+        weights = (self.sketch, self.code, self.image)
+        if min(weights) < 0 or sum(weights) <= 0:
+            raise InputError(f"vector weights {weights}: must be non-negative, not all 0")
+        total = sum(weights)
+        for name, value in zip(("sketch", "code", "image"), weights):
+            object.__setattr__(self, name, round(value / total, 6))
+
+    @classmethod
+    def parse(cls, text: str) -> VectorRecipe:
+        """'sketch=0.9,code=0.05,image=0.05' (the form `tag` writes, and `index --weights` takes)."""
+        try:
+            return cls(**{name.strip(): float(value) for name, value in (part.split("=") for part in text.split(","))})
+        except (TypeError, ValueError):
+            raise InputError(f"vector weights {text!r}: expected sketch=A,code=B,image=C") from None
+
+    @property
+    def tag(self) -> str:
+        return f"sketch={self.sketch:g},code={self.code:g},image={self.image:g}"
+
+
+def sketch_field(sketches: np.ndarray) -> torch.Tensor:
+    """Canonical sketches uint8 (N, R, R) -> (N, FIELD_GRID**2) unit rows (zeros for a blank sketch)."""
+    assert sketches.ndim == 3 and sketches.dtype == np.uint8, (sketches.shape, sketches.dtype)
+    sigma = FIELD_SIGMA * sketches.shape[-1]
+    fields = np.zeros(sketches.shape, np.float32)
+    for field, sketch in zip(fields, sketches):
+        ink = sketch == INK
+        if ink.any():
+            field[:] = np.exp(-ndimage.distance_transform_edt(~ink) / sigma)
+    pooled = F.adaptive_avg_pool2d(torch.from_numpy(fields)[:, None], FIELD_GRID).flatten(1)
+    return F.normalize(pooled, dim=1)
+
+
+def fuse_vectors(fields: torch.Tensor, w_offsets: torch.Tensor, embeddings: torch.Tensor, recipe: VectorRecipe) -> np.ndarray:
+    """(N, Df), (N, Dw), (N, De) -> float32 (N, Df + Dw + De), unit rows (see the module docstring)."""
+    assert len(fields) == len(w_offsets) == len(embeddings), (fields.shape, w_offsets.shape, embeddings.shape)
+    parts = [(fields, recipe.sketch), (w_offsets, recipe.code), (embeddings, recipe.image)]
+    fused = torch.cat([F.normalize(part.float().cpu(), dim=1) * weight**0.5 for part, weight in parts], dim=1)
+    return fused.numpy().astype(np.float32)
 
 
 class SystemModels:
@@ -92,26 +137,27 @@ class SystemModels:
 
 
 class ArchiveEmbedder:
-    """The `indexing.ingest.Embedder` of a bundle: per image S's masks, x_sk = S(x), w = E(x_sk),
-    e = C(x), and the fused vector."""
+    """The `indexing.ingest.Embedder` of a bundle: per image S's masks, x_sk = S(x), its field f,
+    w = E(x_sk), e = C(x), and the fused vector."""
 
-    def __init__(self, models: SystemModels, image_weight: float = DEFAULT_IMAGE_WEIGHT):
-        fuse_vectors(torch.zeros(1, 1), torch.zeros(1, 1), image_weight)  # validates the weight
-        self.models, self.image_weight = models, image_weight
+    def __init__(self, models: SystemModels, recipe: VectorRecipe = VectorRecipe()):
+        self.models, self.recipe = models, recipe
         self.bundle_path = str(models.bundle)
         # The vector recipe is part of the id: a workspace is only searched the way it was indexed.
-        self.bundle_id = f"{models.bundle_id}{RECIPE_SEPARATOR}{image_weight:g}"
-        self.dim = models.C.embedding_dim + models.generator.G.config.w_dim
+        self.bundle_id = f"{models.bundle_id}{RECIPE_SEPARATOR}{recipe.tag}"
+        self.dim = FIELD_GRID**2 + models.generator.G.config.w_dim + models.C.embedding_dim
 
     def embed_images(self, images: list[np.ndarray]) -> EmbeddedBatch:
         parts = archive_parts(self.models, images)
-        return EmbeddedBatch(fuse_vectors(parts.embeddings, parts.codes - self.models.code_mean.cpu(), self.image_weight), list(parts.labels))
+        vectors = fuse_vectors(parts.fields, parts.codes - self.models.code_mean.cpu(), parts.embeddings, self.recipe)
+        return EmbeddedBatch(vectors, list(parts.labels))
 
 
 @dataclass
 class ArchiveParts:
     embeddings: torch.Tensor  # (N, De) C(x)
     codes: torch.Tensor  # (N, w_dim) E(normalised S(x))
+    fields: torch.Tensor  # (N, FIELD_GRID**2) sketch_field(normalised S(x))
     labels: np.ndarray  # uint8 (N, R, R) S's label maps
     sketches: np.ndarray  # uint8 (N, R, R) normalised synthesized sketches
 
@@ -125,7 +171,7 @@ def archive_parts(models: SystemModels, images: list[np.ndarray]) -> ArchivePart
     embeddings = m.C.embed(pixels.float().to(m.device) / 127.5 - 1)
     sketches = np.stack([_normalized(sketch) for sketch in sketches])
     codes = m.generator.E(sketch_to_tensor(sketches).to(m.device))
-    return ArchiveParts(embeddings.cpu(), codes.cpu(), labels, sketches)
+    return ArchiveParts(embeddings.cpu(), codes.cpu(), sketch_field(sketches), labels, sketches)
 
 
 @dataclass
@@ -171,11 +217,12 @@ class Retriever:
         try:
             stored = self.workspace.bundle_id
             if RECIPE_SEPARATOR not in stored:
-                raise InputError(f"{self.workspace.path}: was not indexed by sketch2medi's `index`; re-index it")
+                raise InputError(f"{self.workspace.path}: was indexed by an older sketch2medi (or not by `index`); "
+                                 f"re-index the images into a new workspace")
             if models is None:
                 models = SystemModels(bundle or self.workspace.bundle_path or None, device)
             self.models = models
-            self.embedder = ArchiveEmbedder(models, float(stored.split(RECIPE_SEPARATOR)[1]))
+            self.embedder = ArchiveEmbedder(models, VectorRecipe.parse(stored.split(RECIPE_SEPARATOR)[1]))
             if self.embedder.bundle_id != stored:
                 raise InputError(f"{self.workspace.path}: was indexed with another bundle than {models.bundle}; "
                                  f"search with the bundle it was built with or re-index into a new workspace")
@@ -221,7 +268,7 @@ class Retriever:
         w = model.E(sketch_tensor)
         lap("E")
         image = refine(model.G, model.H, sketch_tensor, w, steps, on_image=lambda t: lap(f"H{t}" if t else "G"))[-1]
-        vector = fuse_vectors(m.C.embed(image), w - m.code_mean, self.embedder.image_weight)
+        vector = fuse_vectors(sketch_field(canonical[None]), w - m.code_mean, m.C.embed(image), self.embedder.recipe)
         lap("C")
         count = min(max(candidates, k), max(self.workspace.index.ntotal, 1))
         scores, ids = self.workspace.index.search(vector, count)

@@ -12,7 +12,7 @@ from cli import app
 from generation.images import InputError
 from indexing.ingest import index_paths
 from retrieval.metrics import dice_per_image
-from retrieval.search import ArchiveEmbedder, Retriever, SystemModels, fuse_vectors
+from retrieval.search import ArchiveEmbedder, Retriever, SystemModels, VectorRecipe, fuse_vectors, sketch_field
 from training.data import ImageDataset, square_resize
 
 runner = CliRunner()
@@ -28,25 +28,43 @@ def own_sketch(models, image: np.ndarray) -> np.ndarray:
     return models.S.synthesize([square_resize(image, models.S.config.size)], models.resolution)[0][0]
 
 
-def test_fused_vectors_are_unit_and_weight_the_two_cosines():
+def test_fused_vectors_are_unit_and_weight_the_three_cosines():
     import torch
 
-    e, w = torch.randn(4, 6), torch.randn(4, 3)
-    v = fuse_vectors(e, w, 0.3)
-    assert np.allclose(np.linalg.norm(v, axis=1), 1, atol=1e-6)
+    f, w, e = torch.randn(4, 5), torch.randn(4, 3), torch.randn(4, 6)
+    recipe = VectorRecipe(sketch=2, code=1, image=1)  # normalised to 0.5, 0.25, 0.25
+    assert (recipe.sketch, recipe.code, recipe.image) == (0.5, 0.25, 0.25)
+    v = fuse_vectors(f, w, e, recipe)
+    assert v.shape == (4, 14) and np.allclose(np.linalg.norm(v, axis=1), 1, atol=1e-6)
     cos = lambda a, b: float(torch.nn.functional.cosine_similarity(a, b, dim=0))  # noqa: E731
-    assert v[0] @ v[1] == pytest.approx(0.3 * cos(e[0], e[1]) + 0.7 * cos(w[0], w[1]), abs=1e-5)
-    with pytest.raises(InputError, match="between 0 and 1"):
-        fuse_vectors(e, w, 1.5)
+    assert v[0] @ v[1] == pytest.approx(0.5 * cos(f[0], f[1]) + 0.25 * cos(w[0], w[1]) + 0.25 * cos(e[0], e[1]), abs=1e-5)
+    assert VectorRecipe.parse(recipe.tag) == recipe
+    with pytest.raises(InputError, match="expected sketch=A,code=B,image=C"):
+        VectorRecipe.parse("sketch=1,colour=2")
+    with pytest.raises(InputError, match="must be non-negative, not all 0"):
+        VectorRecipe(sketch=-1)
+
+
+def test_sketch_field_tolerates_small_shifts_and_tells_shapes_apart():
+    canvas = np.full((64, 64), 255, np.uint8)
+    ring, shifted, bar = canvas.copy(), canvas.copy(), canvas.copy()
+    yy, xx = np.mgrid[:64, :64]
+    ring[np.abs(np.hypot(yy - 32, xx - 32) - 15) < 1] = 0
+    shifted[np.abs(np.hypot(yy - 34, xx - 33) - 15) < 1] = 0  # the same ring, 2 px down, 1 px right
+    bar[30:33, 8:56] = 0
+    fields = sketch_field(np.stack([ring, shifted, bar, canvas]))
+    assert fields.shape == (4, 256)
+    assert float(fields[0] @ fields[1]) > 0.85 > 0.5 > float(fields[0] @ fields[2])
+    assert float(fields[3].abs().sum()) == 0  # a blank sketch has no field
 
 
 def test_own_synthesized_sketch_finds_its_image_first(tiny_chain, models, tmp_path):
     """The sketch-code path end to end (S -> normalise -> E -> FAISS -> catalog): a query that is an
     archive image's own synthesized sketch gets that image's code exactly, so with the vector made
-    of the code alone (image weight 0) and no re-ranking it must come first, for every image.
-    (The image half of the vector depends on how well G is trained; the tiny bundle's is not.)"""
+    of its sketch field and code alone (image weight 0) and no re-ranking it must come first, for
+    every image. (The image part depends on how well G is trained; the tiny bundle's is not.)"""
     data, _, _ = tiny_chain
-    index_paths(data / "images", tmp_path / "ws", ArchiveEmbedder(models, image_weight=0.0), batch_size=8)
+    index_paths(data / "images", tmp_path / "ws", ArchiveEmbedder(models, VectorRecipe(sketch=0.5, code=0.5, image=0)), batch_size=8)
     dataset = ImageDataset(data)
     with Retriever(tmp_path / "ws", models=models) as retriever:
         for i in range(len(dataset)):

@@ -17,6 +17,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from generation.images import InputError  # noqa: E402
 from indexing.ingest import index_paths  # noqa: E402
+from retrieval.defaults import DEFAULT_LAMBDA  # noqa: E402
 from retrieval.search import ArchiveEmbedder, Retriever, SystemModels  # noqa: E402
 from retrieval.server import check_bind, create_app  # noqa: E402
 from training.data import ImageDataset, square_resize  # noqa: E402
@@ -70,7 +71,7 @@ def test_search_ranks_as_the_retriever(client, retriever, sketch):
         assert response.status_code == 200, response.text
         answer = response.json()
         expected = retriever.search(Image.open(io.BytesIO(sketch)), k=fields["k"], candidates=fields.get("candidates", 100),
-                                    rerank=fields.get("rerank") != "false", lam=fields.get("lambda", 0.5), steps=fields.get("steps"))
+                                    rerank=fields.get("rerank") != "false", lam=fields.get("lambda", DEFAULT_LAMBDA), steps=fields.get("steps"))
         got = [(hit["rank"], hit["id"], hit["path"], hit["score"], hit["dice"]) for hit in answer["results"]]
         assert got == [(hit.rank, hit.id, hit.path, hit.score, hit.dice) for hit in expected.results]
         first = answer["results"][0]

@@ -308,6 +308,8 @@ async function loadInfo() {
     }
     $("info").textContent = `${body.images} images · bundle ${body.bundle_id.split(":")[0]} · ${body.resolution} px · ${body.device}`;
     $("k").max = body.limits.k;
+    $("lambda").value = body.defaults.lambda;
+    $("lambda-value").textContent = Number(body.defaults.lambda).toFixed(2);
   } catch (error) {
     $("info").textContent = `server unreachable: ${error.message}`;
   }
