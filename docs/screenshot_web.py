@@ -1,11 +1,10 @@
 """The screenshot of the search page in the README (docs/web_search.png), with a real bundle.
 
     python cli.py demo --out /tmp/demo
-    python docs/screenshot_web.py --workspace /tmp/demo/workspace --sketch /tmp/demo/query_sketch.png \
-        --template /tmp/demo/archive/images/phantom_00100.png --out docs/web_search.png
+    python docs/screenshot_web.py --workspace /tmp/demo/workspace --sketch /tmp/demo/query_sketch.png --out docs/web_search.png
 
 Starts `cli.py serve` on 127.0.0.1 and a free port, opens the page in headless Chromium (Debian's,
-through Playwright, as the end-to-end test does), shows the template faintly, uploads the sketch,
+through Playwright, as the end-to-end test does), optionally shows a template, uploads the sketch,
 searches, opens the first result and saves a full-page screenshot. Needs the `serve` and `dev` extras.
 """
 
