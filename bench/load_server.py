@@ -200,9 +200,26 @@ def main() -> None:
         if warm.status_code != 200:
             sys.exit(f"error: the first search failed: {warm.status_code} {warm.text[:200]}")
         rss_start = rss_bytes(pid) if pid else None
+        samples: list[float] = []  # the server's RSS every second of the run: growth shows as a trend
+        done = threading.Event()
+
+        def sample() -> None:
+            while pid and not done.wait(1.0):
+                value = rss_bytes(pid)
+                if value is not None:
+                    samples.append(_mb(value))
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
         report = run(url, args.clients, args.seconds, args.bad_every, args.k, args.token)
+        done.set()
+        sampler.join(5)
         rss_end = rss_bytes(pid) if pid else None
-        report["server_rss_mb"] = {"start": _mb(rss_start), "end": _mb(rss_end)}
+        quarter = max(len(samples) // 4, 1)
+        report["server_rss_mb"] = {
+            "start": _mb(rss_start), "end": _mb(rss_end), "every_10s": samples[::10],
+            # the first quarter holds the warm-up (allocator pools, oneDNN caches); a leak keeps growing after it
+            "max_first_quarter": max(samples[:quarter], default=None), "max_last_quarter": max(samples[-quarter:], default=None)}
     finally:
         if server is not None:
             server.send_signal(signal.SIGINT)  # uvicorn's graceful shutdown
@@ -219,7 +236,9 @@ def main() -> None:
           f"p95 {latency['p95']} ms, max {latency['max']} ms")
     print(f"busy (503) {report['busy_503']}, failed searches {report['failed_searches']}, "
           f"bad uploads refused with 4xx {report['bad_uploads_refused_4xx']}, bad uploads not 4xx {report['bad_uploads_not_4xx']}")
-    print(f"server RSS {report['server_rss_mb']['start']} MB at start, {report['server_rss_mb']['end']} MB at end")
+    rss = report["server_rss_mb"]
+    print(f"server RSS {rss['start']} MB at start, {rss['end']} MB at end; highest {rss['max_first_quarter']} MB in the first "
+          f"quarter of the run, {rss['max_last_quarter']} MB in the last; every 10 s: {rss['every_10s']}")
     print("outcomes: " + ", ".join(f"{name}: {n}" for name, n in report["outcomes"].items()))
 
 
