@@ -16,9 +16,9 @@ sketch for an archive image (normalised the same way), and:
   w  E's code of the sketch, compared as an offset from m, E's mean code over its training sketches
      (every code shares that large component, which would otherwise put all cosines close to 1).
   e  C's embedding of the image: x_hat for a query, x itself for an archive image.
-The default weights were chosen on validation splits (docs/RESULTS.md, section "Retrieval"): at
-64 px, the field finds the right image far more often than E's code or C's view of x_hat, which
-add a little on top. Archive sketches go through the same normalisation as queries before E, so a
+The default weights were chosen on validation splits (docs/RESULTS.md, section "Retrieval"): with
+the 64 px `cpu` bundles the field finds the right image far more often than E's code or C's view of
+x_hat, which get small weights (they help a little on vocalfolds and cost a little on the phantom). Archive sketches go through the same normalisation as queries before E, so a
 query that is an archive image's own synthesized sketch gets exactly that image's code and field.
 
 Final score of a candidate: lambda * similarity + (1 - lambda) * DICE / 100 (DICE in percent,
@@ -33,9 +33,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy import ndimage
 import torch.nn.functional as F
 from PIL import Image
+from scipy import ndimage
 
 from generation.bundle import bundle_id_of, default_bundle, network_entries
 from generation.images import InputError, open_image, tensor_to_images
