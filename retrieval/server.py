@@ -25,6 +25,7 @@ taken waits up to `busy_wait_s` for a slot, then gets 503 with Retry-After.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hmac
 import io
@@ -35,6 +36,7 @@ import re
 import threading
 import time
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
@@ -246,14 +248,26 @@ class _PictureCache:
         return value
 
 
+def model_thread() -> ThreadPoolExecutor:
+    """The one thread that runs the networks. It computes one search at a time (the models are not
+    thread-safe), and keeping torch on a single thread matters for speed: every thread that runs
+    parallel torch ops gets its own OpenMP team, and with two teams on a 2-core machine libgomp stops
+    spin-waiting, which made each network stage 1.5-2x slower (docs/BENCHMARKS.md)."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="sketch2medi-models")
+
+
 def create_app(retriever: Retriever | Callable[[], Retriever], token: str | None = None,
-               max_upload_bytes: int = MAX_UPLOAD_BYTES, max_concurrent: int = 32, busy_wait_s: float = 10.0) -> FastAPI:
-    """The web application over one retriever (or a factory called once, here). It does not close
-    the retriever: the caller owns it."""
+               max_upload_bytes: int = MAX_UPLOAD_BYTES, max_concurrent: int = 32, busy_wait_s: float = 10.0,
+               models: ThreadPoolExecutor | None = None) -> FastAPI:
+    """The web application over one retriever (or a factory, called once on the model thread). It
+    does not close the retriever: the caller owns it. `models` is the thread searches run on (see
+    `model_thread`; one is made if not given): pass the one the retriever was loaded on."""
     if max_upload_bytes < 1 or max_concurrent < 1 or busy_wait_s < 0:
         raise InputError("max_upload_bytes and max_concurrent must be positive, busy_wait_s not negative")
-    retriever = retriever() if callable(retriever) else retriever  # anything with Retriever's search, workspace, models
-    model_lock, slots, pictures = threading.Lock(), _Slots(max_concurrent), _PictureCache()
+    models = models or model_thread()
+    # anything with Retriever's search, workspace, models
+    retriever = models.submit(retriever).result() if callable(retriever) else retriever
+    slots, pictures = _Slots(max_concurrent), _PictureCache()
     app = FastAPI(title="sketch2medi", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(_Guard, token=token or None, max_body=max_upload_bytes + FORM_OVERHEAD)
     app.mount("/static", StaticFiles(directory=WEB), name="static")
@@ -328,9 +342,6 @@ def create_app(retriever: Retriever | Callable[[], Retriever], token: str | None
                              "steps": retriever.models.generator.default_steps},
                 "limits": {"k": MAX_K, "candidates": MAX_CANDIDATES, "steps": MAX_STEPS}}
 
-    def run_search(image: Image.Image, k: int, candidates: int, rerank: bool, lam: float, steps: int | None):
-        with model_lock:
-            return retriever.search(image, k=k, candidates=candidates, rerank=rerank, lam=lam, steps=steps)
 
     @app.post("/api/search")
     async def search(sketch: UploadFile = File(..., description="the drawing, a PNG (or any image) file"),
@@ -344,7 +355,8 @@ def create_app(retriever: Retriever | Callable[[], Retriever], token: str | None
         if not await slots.take(busy_wait_s):
             raise _ApiError(503, f"busy: {max_concurrent} searches are running or queued; try again shortly", {"Retry-After": "1"})
         try:
-            result = await run_in_threadpool(run_search, image, k, candidates, rerank, lam, steps)
+            result = await asyncio.wrap_future(
+                models.submit(retriever.search, image, k=k, candidates=candidates, rerank=rerank, lam=lam, steps=steps))
         finally:
             slots.release()
         hits = []
@@ -382,8 +394,10 @@ def serve(workspace: str | Path | None, host: str, port: int, bundle: str | Path
 
     token = token or os.environ.get(ENV_TOKEN) or None
     check_bind(host, token)
-    with Retriever(workspace, bundle, db_url, device) as retriever:
-        app = create_app(retriever, token=token, max_concurrent=max_concurrent)
+    models = model_thread()
+    retriever = models.submit(Retriever, workspace, bundle, db_url, device).result()  # loaded where it will run
+    with retriever:
+        app = create_app(retriever, token=token, max_concurrent=max_concurrent, models=models)
         shown = f"[{host}]" if ":" in host else host
         print(f"sketch2medi: {retriever.workspace.index.ntotal} images; open http://{shown}:{port}/" + ("?token=..." if token else ""), flush=True)
         config = uvicorn.Config(app, host=host, port=port, log_level="info")  # sets up uvicorn's loggers
