@@ -245,3 +245,26 @@ def test_only_loopback_binds_without_a_token(tmp_path):
                                 capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
         assert result.returncode == 2 and "--token" in result.stderr and "Traceback" not in result.stderr, host
         assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_the_networks_load_and_run_on_one_thread(retriever, sketch):
+    """Every search runs on the thread the retriever was made on (see `model_thread`: a second
+    OpenMP team halves torch's speed on 2 cores), however many requests come at once."""
+    threads: list[int] = []
+
+    class Watched:
+        def __init__(self):
+            threads.append(threading.get_ident())
+            self.workspace, self.models = retriever.workspace, retriever.models
+
+        def search(self, image, **options):
+            threads.append(threading.get_ident())
+            return retriever.search(image, **options)
+
+    with TestClient(create_app(Watched)) as watched:
+        workers = [threading.Thread(target=lambda: post(watched, sketch, k=2)) for _ in range(4)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+    assert len(threads) == 5 and len(set(threads)) == 1 and threads[0] != threading.get_ident()
