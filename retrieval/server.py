@@ -342,7 +342,6 @@ def create_app(retriever: Retriever | Callable[[], Retriever], token: str | None
                              "steps": retriever.models.generator.default_steps},
                 "limits": {"k": MAX_K, "candidates": MAX_CANDIDATES, "steps": MAX_STEPS}}
 
-
     @app.post("/api/search")
     async def search(sketch: UploadFile = File(..., description="the drawing, a PNG (or any image) file"),
                      k: int = Form(10, ge=1, le=MAX_K), candidates: int = Form(100, ge=1, le=MAX_CANDIDATES),
