@@ -447,7 +447,7 @@ def evaluate(
     except ValueError:
         raise InputError(f"--strengths {strengths!r}: give numbers between 0 and 1, e.g. 0,0.5,1")
     options = EvaluationOptions(strengths=levels, seeds=tuple(range(seeds)), candidates=candidates, lam=lam, limit=limit,
-                                **({"recipe": VectorRecipe.parse(weights)} if weights else {}))
+                                recipe=VectorRecipe.parse(weights) if weights else VectorRecipe())
     with progress_bar() as progress:
         tasks: dict[str, int] = {}
 

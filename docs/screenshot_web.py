@@ -12,36 +12,16 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import socket
-import subprocess
+import signal
 import sys
-import time
 from pathlib import Path
 
-import httpx
 from playwright.sync_api import sync_playwright
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def wait_until_up(base: str, server: subprocess.Popen, seconds: float = 120) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise SystemExit(f"the server exited with code {server.returncode}")
-        try:
-            if httpx.get(f"{base}/api/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise SystemExit(f"the server did not answer within {seconds:.0f} s")
+from bench.load_server import start_server  # noqa: E402  (starts `serve` on a free port and waits for /api/health)
 
 
 def main() -> None:
@@ -55,11 +35,8 @@ def main() -> None:
     if chromium is None:
         raise SystemExit("Debian's chromium is not installed (apt-get install -y chromium)")
 
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "serve", "--workspace", str(args.workspace), "--port", str(port)])
+    base, server = start_server(argparse.Namespace(workspace=args.workspace, bundle=None, threads=0, max_concurrent=32))
     try:
-        wait_until_up(base, server)
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(
                 executable_path=chromium, args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"])
@@ -78,7 +55,7 @@ def main() -> None:
             browser.close()
         print(f"wrote {args.out}")
     finally:
-        server.terminate()
+        server.send_signal(signal.SIGINT)  # uvicorn's graceful shutdown
         server.wait(30)
 
 

@@ -18,8 +18,9 @@ sketch for an archive image (normalised the same way), and:
   e  C's embedding of the image: x_hat for a query, x itself for an archive image.
 The default weights were chosen on validation splits (docs/RESULTS.md, section "Retrieval"): with
 the 64 px `cpu` bundles the field finds the right image far more often than E's code or C's view of
-x_hat, which get small weights (they help a little on vocalfolds and cost a little on the phantom). Archive sketches go through the same normalisation as queries before E, so a
-query that is an archive image's own synthesized sketch gets exactly that image's code and field.
+x_hat, which get small weights (they help a little on vocalfolds and cost a little on the phantom).
+Archive sketches go through the same normalisation as queries before E, so a query that is an
+archive image's own synthesized sketch gets exactly that image's code and field.
 
 Final score of a candidate: lambda * similarity + (1 - lambda) * DICE / 100 (DICE in percent,
 between S(x_hat) and the candidate's stored masks, 0 when neither has any structure).
@@ -92,10 +93,10 @@ def sketch_field(sketches: np.ndarray) -> torch.Tensor:
     assert sketches.ndim == 3 and sketches.dtype == np.uint8, (sketches.shape, sketches.dtype)
     sigma = FIELD_SIGMA * sketches.shape[-1]
     fields = np.zeros(sketches.shape, np.float32)
-    for field, sketch in zip(fields, sketches):
+    for out, sketch in zip(fields, sketches):
         ink = sketch == INK
         if ink.any():
-            field[:] = np.exp(-ndimage.distance_transform_edt(~ink) / sigma)
+            out[:] = np.exp(-ndimage.distance_transform_edt(~ink) / sigma)
     pooled = F.adaptive_avg_pool2d(torch.from_numpy(fields)[:, None], FIELD_GRID).flatten(1)
     return F.normalize(pooled, dim=1)
 
