@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from typer.core import TyperGroup
 
-from generation.images import InputError
+from generation.errors import InputError
 from retrieval.defaults import DEFAULT_LAMBDA
 
 
@@ -47,7 +47,7 @@ def phantom(
     seed: int = typer.Option(0, "--seed", min=0, help="Seed; the same seed gives the same images."),
 ):
     """Generate the procedural pharyngeal phantom dataset (images, exact masks, splits)."""
-    from training.phantom import write_phantom_dataset
+    from generation.phantom import write_phantom_dataset
 
     with progress_bar() as progress:
         task = progress.add_task("phantom", total=n)
@@ -400,8 +400,8 @@ def train_pix2pix_command(
     """Train the pix2pix baseline on the same (synthesized sketch, image) pairs as E and H."""
     import torch
 
+    from generation.device import pick_device
     from generation.stylegan2 import load_generator
-    from training.distributed import pick_device
     from training.sketch_cache import sketch_cache
     from training.train_pix2pix import Pix2PixOptions, train_pix2pix
 
@@ -498,10 +498,10 @@ def index(
     device: str = typer.Option("auto", "--device"),
 ):
     """Add images to the archive: S's masks, the synthesized sketch's field and E's code, C's embedding; incremental."""
+    import os
+
     from indexing.ingest import index_paths
     from retrieval.search import ArchiveEmbedder, SystemModels, VectorRecipe
-
-    import os
 
     embedder = ArchiveEmbedder(SystemModels(bundle, device), VectorRecipe.parse(weights) if weights else VectorRecipe())
     if os.environ.get("RANK", "0") != "0":  # torchrun: the other ranks embed their shares quietly
@@ -577,7 +577,8 @@ def serve(
     import os
 
     try:
-        from retrieval.server import ENV_TOKEN, check_bind, serve as run_server
+        from retrieval.server import ENV_TOKEN, check_bind
+        from retrieval.server import serve as run_server
     except ImportError as error:
         raise InputError(f"the web app needs the serve extra ({error.name} is missing): pip install 'sketch2medi[serve]'")
     check_bind(host, token or os.environ.get(ENV_TOKEN))  # before loading any network

@@ -39,11 +39,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import indexing.ingest as ingest  # noqa: E402
 from bench.machine import add_common_arguments, describe, finish, measure_peak, peak_rss_mib, set_threads  # noqa: E402
-from generation.images import find_images  # noqa: E402
+from generation.images import (
+    find_images,  # noqa: E402
+    square_resize,  # noqa: E402
+)
 from generation.sketch import sketch_to_tensor  # noqa: E402
 from indexing.files import load  # noqa: E402
 from retrieval.search import ArchiveEmbedder, SystemModels, VectorRecipe, _normalized, archive_parts, fuse_vectors, sketch_field  # noqa: E402
-from training.data import square_resize  # noqa: E402
 
 TARGET_IMAGES_PER_S = 20.0
 

@@ -2,7 +2,7 @@
 
     python bench/bench_search.py --bundle BUNDLE --workspace /tmp/ws10k --archive-size 10000 --threads 2
 
-Archive. With `--archive-size N`, N phantoms (`training.phantom.write_phantom_dataset`, `--phantom-size`
+Archive. With `--archive-size N`, N phantoms (`generation.phantom.write_phantom_dataset`, `--phantom-size`
 px, kept next to the workspace in WORKSPACE-phantomN-SIZEpx unless `--archive-dir`) are written if
 missing and indexed with `cli.py index` in a child process (OMP_NUM_THREADS = --threads), so indexing
 does not count towards this process's memory; `--data FOLDER` indexes a dataset folder instead. Both
@@ -46,13 +46,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.machine import add_common_arguments, describe, finish, measure_peak, peak_rss_mib, percentiles, set_threads  # noqa: E402
+from generation.dataset import ImageDataset  # noqa: E402
+from generation.errors import InputError
 from generation.freehand import freehand_sketch  # noqa: E402
-from generation.images import InputError, tensor_to_images  # noqa: E402
+from generation.images import tensor_to_images  # noqa: E402
+from generation.phantom import write_phantom_dataset  # noqa: E402
 from generation.refiner import accumulate  # noqa: E402
 from generation.sketch import sketch_to_tensor  # noqa: E402
 from retrieval.search import Retriever, SystemModels, fuse_vectors, load_sketch, sketch_field  # noqa: E402
-from training.data import ImageDataset  # noqa: E402
-from training.phantom import write_phantom_dataset  # noqa: E402
 
 TARGET = {"archive_images": 10_000, "threads": 2, "max_p50_ms": 200.0, "max_rss_mib": 1536.0}
 SKETCH_SIZE = 256  # free-hand sketches are drawn at this size (as in retrieval.evaluate), then normalised

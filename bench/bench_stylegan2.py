@@ -31,7 +31,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from generation.stylegan2 import StyleGAN2Config  # noqa: E402
-from training.train_generator import GANTrainer, TrainOptions, d_logistic_loss, d_r1_loss, g_nonsaturating_loss  # noqa: E402
+from training.losses import d_logistic_loss, d_r1_loss, g_nonsaturating_loss  # noqa: E402
+from training.train_generator import GANTrainer, TrainOptions
 
 
 def load_rosinality(root: Path, config: StyleGAN2Config) -> types.ModuleType:

@@ -1,6 +1,6 @@
 """Figure: simulated free-hand sketches at strengths 0, 0.5 and 1 -> docs/freehand_strengths.png.
 
-Rows are masks: phantom samples (`training.phantom.phantom_sample`) when that module works, else
+Rows are masks: phantom samples (`generation.phantom.phantom_sample`) when that module works, else
 four masks of /work/shared/data/vocalfolds256 (read in place, never copied). Columns: the image,
 then the sketch at each strength.
 
@@ -26,7 +26,7 @@ DATASET = Path("/work/shared/data/vocalfolds256")
 def examples(count: int = 4) -> list[tuple[np.ndarray | None, np.ndarray]]:
     """(image or None, class-index mask) pairs, SIZE x SIZE."""
     try:
-        from training.phantom import phantom_sample
+        from generation.phantom import phantom_sample
     except ImportError:  # no phantom module in this checkout: fall back to real masks
         phantom_sample = None
     if phantom_sample is not None:

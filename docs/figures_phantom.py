@@ -18,8 +18,8 @@ from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from anywhere
 
+from generation.phantom import image_seed, phantom_sample  # noqa: E402
 from generation.sketch import sketch_from_mask  # noqa: E402
-from training.phantom import image_seed, phantom_sample  # noqa: E402
 
 SIZE, GAP = 256, 4
 CLASS_COLOURS = np.array([[0, 0, 0], [255, 220, 0], [40, 110, 255], [0, 200, 80], [230, 0, 200]], np.uint8)

@@ -17,9 +17,9 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from anywhere
 
+from generation.dataset import ImageDataset  # noqa: E402
 from generation.solov2 import label_map, load_synthesizer, sketch_of  # noqa: E402
 from retrieval.metrics import dice_per_image  # noqa: E402
-from training.data import ImageDataset  # noqa: E402
 
 PALETTE = np.array(
     [[0, 0, 0], [255, 220, 0], [40, 110, 255], [0, 200, 80], [230, 0, 200], [255, 140, 0], [0, 220, 220], [200, 200, 200]],

@@ -24,7 +24,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from generation.images import InputError, file_sha256
+from generation.errors import InputError
+from generation.images import file_sha256
 
 FORMAT = "sketch2medi-bundle"
 FORMAT_VERSION = 1
@@ -61,9 +62,9 @@ def read_manifest(bundle: str | Path) -> dict[str, Any]:
 def write_manifest(bundle: str | Path, **sections: Any) -> dict[str, Any]:
     """Refresh bundle.json from the networks present; `sections` (e.g. data=, metrics=, command=)
     are merged into what the manifest already holds."""
-    import torch
-
     from importlib.metadata import PackageNotFoundError, version
+
+    import torch
 
     bundle = Path(bundle)
     manifest = read_manifest(bundle)

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from generation.images import InputError
+from generation.errors import InputError
 from generation.resnet import ResNet, ResNetConfig
 from generation.stylegan2 import EqualLinear
 
@@ -96,14 +96,14 @@ class LatentDiscriminator(nn.Module):
 
 
 def save_encoder(E: SketchEncoder, directory: str | Path, meta: dict | None = None) -> None:
-    from training.checkpoints import save_checkpoint
+    from generation.checkpoints import save_checkpoint
 
     save_checkpoint(directory, ENCODER_NAME, {"E": E.state_dict()}, {"config": E.config.to_dict(), **(meta or {})})
 
 
 def load_encoder(directory: str | Path, device: str | torch.device = "cpu") -> SketchEncoder:
     """E of a bundle, in eval mode and frozen."""
-    from training.checkpoints import load_checkpoint
+    from generation.checkpoints import load_checkpoint
 
     states, meta = load_checkpoint(directory, ENCODER_NAME)
     E = SketchEncoder(EncoderConfig.from_dict(meta["config"]))

@@ -65,7 +65,8 @@ from PIL import Image, ImageDraw
 from scipy import ndimage
 from skimage.measure import approximate_polygon
 
-from generation.images import InputError, find_images, load_mask
+from generation.errors import InputError
+from generation.images import find_images, load_mask
 from generation.sketch import PAPER, contour_strokes, draw_strokes, line_width, mask_instances
 
 

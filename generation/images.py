@@ -7,21 +7,23 @@ failure becomes an `InputError` whose message says what is wrong and what to do 
 from __future__ import annotations
 
 import hashlib
+import math
 import warnings
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+from generation.errors import InputError
+
+if TYPE_CHECKING:
+    import torch
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 # Beyond this many pixels per side we refuse to decode: a sketch or archive image that large is a
 # mistake (or a decompression bomb), and decoding it would take gigabytes.
 MAX_SIDE = 8192
-
-
-class InputError(ValueError):
-    """A problem with something the user supplied. The message is one line saying what to do."""
 
 
 def open_image(path: str | Path) -> Image.Image:
@@ -131,3 +133,31 @@ def tensor_to_images(images) -> np.ndarray:
 
     pixels = ((images.detach().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return pixels.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def square_resize(array: np.ndarray, size: int, nearest: bool = False) -> np.ndarray:
+    """Centre-crop to a square, then resize to size x size (area/Lanczos for images, nearest for masks)."""
+    height, width = array.shape[:2]
+    side = min(height, width)
+    top, left = (height - side) // 2, (width - side) // 2
+    array = array[top : top + side, left : left + side]
+    if side == size:
+        return np.ascontiguousarray(array)
+    resample = Image.NEAREST if nearest else Image.LANCZOS
+    return np.asarray(Image.fromarray(array).resize((size, size), resample))
+
+
+def image_grid(images: torch.Tensor, columns: int) -> np.ndarray:
+    """(N, 3, H, W) in [-1, 1] -> uint8 (rows * H, columns * W, 3)."""
+    import torch
+
+    n, _, h, w = images.shape
+    rows = math.ceil(n / columns)
+    images = torch.cat([images, images.new_full((rows * columns - n, 3, h, w), -1.0)])
+    pixels = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+    return pixels.reshape(rows, columns, 3, h, w).permute(0, 3, 1, 4, 2).reshape(rows * h, columns * w, 3).numpy()
+
+
+def save_png(array: np.ndarray, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)

@@ -22,7 +22,8 @@ import numpy as np
 from PIL import Image
 from skimage import morphology
 
-from generation.images import InputError, open_image, to_float_channels
+from generation.errors import InputError
+from generation.images import open_image, to_float_channels
 from generation.sketch import INK, PAPER, line_width
 
 # Decoding work beyond this many pixels per side buys nothing at sketch resolution.

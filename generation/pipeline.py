@@ -17,13 +17,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from generation.checkpoints import checkpoint_exists
+from generation.device import pick_device
 from generation.encoder import SketchEncoder, load_encoder
-from generation.images import InputError
+from generation.errors import InputError
 from generation.refiner import Refiner, load_refiner, refine
 from generation.sketch import sketch_to_tensor
 from generation.stylegan2 import Generator, load_generator
-from training.checkpoints import checkpoint_exists
-from training.distributed import pick_device
 
 
 class Generation(NamedTuple):

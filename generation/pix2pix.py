@@ -55,7 +55,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from generation.images import InputError, tensor_to_images
+from generation.errors import InputError
+from generation.images import tensor_to_images
 from generation.sketch import sketch_to_tensor
 
 Norm = Literal["batch", "instance"]
@@ -258,14 +259,14 @@ def translate(model: UNetGenerator, sketches: np.ndarray | Tensor, batch_size: i
 
 
 def save_pix2pix(model: UNetGenerator, directory: str | Path, meta: dict | None = None) -> None:
-    from training.checkpoints import save_checkpoint
+    from generation.checkpoints import save_checkpoint
 
     save_checkpoint(directory, BUNDLE_NAME, {"G": model.state_dict()}, {"config": asdict(model.config), **(meta or {})})
 
 
 def load_pix2pix(directory: str | Path, device: str | torch.device = "cpu") -> UNetGenerator:
     """The generator of a bundle written by `train_pix2pix`, in eval mode."""
-    from training.checkpoints import load_checkpoint
+    from generation.checkpoints import load_checkpoint
 
     states, meta = load_checkpoint(directory, BUNDLE_NAME)
     model = UNetGenerator(Pix2PixConfig.from_dict(meta["config"]))

@@ -27,7 +27,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from generation.images import InputError
+from generation.errors import InputError
 from generation.resnet import ResNet, ResNetConfig
 from generation.stylegan2 import EqualLinear, Generator
 
@@ -164,14 +164,14 @@ def refine(G: Generator, H: Refiner | None, sketches: Tensor, w: Tensor, steps: 
 
 
 def save_refiner(H: Refiner, directory: str | Path, meta: dict | None = None) -> None:
-    from training.checkpoints import save_checkpoint
+    from generation.checkpoints import save_checkpoint
 
     save_checkpoint(directory, REFINER_NAME, {"H": H.state_dict()}, {"config": H.config.to_dict(), **(meta or {})})
 
 
 def load_refiner(directory: str | Path, device: str | torch.device = "cpu") -> Refiner:
     """H of a bundle, in eval mode and frozen."""
-    from training.checkpoints import load_checkpoint
+    from generation.checkpoints import load_checkpoint
 
     states, meta = load_checkpoint(directory, REFINER_NAME)
     H = Refiner(RefinerConfig.from_dict(meta["config"]))

@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from skimage import measure
 
-from generation.images import InputError
+from generation.errors import InputError
 
 PAPER = 255
 INK = 0

@@ -30,12 +30,12 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, NamedTuple, Sequence
 
 import numpy as np
-from PIL import Image
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import Tensor, nn
 
-from generation.images import InputError
+from generation.errors import InputError
 from generation.resnet import ResNet, ResNetConfig, make_norm
 from generation.sketch import PAPER, Instance, mask_instances, sketch_from_instances
 
@@ -522,14 +522,14 @@ CHECKPOINT_NAME = "synthesizer"
 
 
 def save_synthesizer(model: SOLOv2, bundle, name: str = CHECKPOINT_NAME, meta: dict[str, Any] | None = None) -> None:
-    from training.checkpoints import save_checkpoint
+    from generation.checkpoints import save_checkpoint
 
     save_checkpoint(bundle, name, {"model": model.state_dict()}, {"config": model.config.to_dict(), **(meta or {})})
 
 
 def load_synthesizer(bundle, device: str | torch.device = "cpu", name: str = CHECKPOINT_NAME) -> SOLOv2:
     """The trained synthesizer of a bundle folder, in eval mode."""
-    from training.checkpoints import load_checkpoint
+    from generation.checkpoints import load_checkpoint
 
     states, meta = load_checkpoint(bundle, name)
     if "config" not in meta or "model" not in states:
@@ -554,9 +554,8 @@ def sketch_folder(source, out, bundle, size: int = 256, threshold: float = 0.35,
 
     from PIL import Image
 
-    from generation.images import find_images, load_rgb
-    from training.data import square_resize
-    from training.distributed import pick_device
+    from generation.device import pick_device
+    from generation.images import find_images, load_rgb, square_resize
 
     source, out = Path(source), Path(out)
     paths = find_images(source)

@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from generation.images import InputError
+from generation.errors import InputError
 
 NoiseMode = Literal["const", "random", "none"]
 LRELU_GAIN = math.sqrt(2.0)  # keeps activations' second moment constant through lrelu(0.2)
@@ -488,14 +488,14 @@ class Discriminator(nn.Module):
 
 
 def save_generator(G: Generator, directory: str | Path, meta: dict | None = None, name: str = "generator") -> None:
-    from training.checkpoints import save_checkpoint
+    from generation.checkpoints import save_checkpoint
 
     save_checkpoint(directory, name, {"G": G.state_dict()}, {"config": asdict(G.config), **(meta or {})})
 
 
 def load_generator(directory: str | Path, device: str | torch.device = "cpu", name: str = "generator") -> Generator:
     """The generator (G_ema) of a bundle written by `train generator`, in eval mode."""
-    from training.checkpoints import load_checkpoint
+    from generation.checkpoints import load_checkpoint
 
     states, meta = load_checkpoint(directory, name)
     G = Generator(StyleGAN2Config.from_dict(meta["config"]))

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import sqlalchemy as sa
 
-from generation.images import InputError
+from generation.errors import InputError
 
 # MIGRATIONS[n - 1] upgrades a catalog from schema version n to n + 1 (inside the opening
 # transaction) and must leave the tables as the definitions below describe them, e.g.

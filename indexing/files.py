@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from generation.images import IMAGE_SUFFIXES, InputError, file_sha256, load_rgb
+from generation.errors import InputError
+from generation.images import IMAGE_SUFFIXES, file_sha256, load_rgb
 
 DICOM_SUFFIXES = (".dcm", ".dicom")
 

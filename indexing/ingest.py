@@ -41,11 +41,11 @@ from typing import IO, Any, Protocol
 import numpy as np
 import torch.distributed
 
-from generation.images import InputError
+from generation.device import Distributed, init_distributed
+from generation.errors import InputError
 from indexing.catalog import Catalog, FileEntry, ImageRecord, masked_url
 from indexing.files import FileRecord, discover, file_stat, load, probe, reason
 from indexing.vector_index import AUTO_THRESHOLD, KINDS, VectorIndex, auto_kind
-from training.distributed import Distributed, init_distributed
 
 ENV_WORKSPACE = "SKETCH2MEDI_WORKSPACE"
 CATALOG_FILE = "catalog.sqlite"

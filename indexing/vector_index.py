@@ -22,7 +22,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from generation.images import InputError
+from generation.errors import InputError
 
 KINDS = ("auto", "flat", "ivf", "hnsw")
 # Below this many vectors exact search of one query takes a few milliseconds on one core; above, `auto`

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from generation.images import InputError
+from generation.errors import InputError
 from retrieval.search import SearchResult
 
 THUMBNAIL = 128

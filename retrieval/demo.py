@@ -15,10 +15,10 @@ from PIL import Image
 
 from generation.freehand import freehand_sketch
 from generation.images import load_mask
+from generation.phantom import write_phantom_dataset
 from indexing.ingest import IndexSummary, index_paths
 from retrieval.contact_sheet import write_search_outputs
 from retrieval.search import ArchiveEmbedder, Retriever, SearchResult, SystemModels
-from training.phantom import write_phantom_dataset
 
 ARCHIVE_SEED = 20261123  # not the shipped bundle's training seed (0)
 

@@ -36,15 +36,16 @@ import torch.nn.functional as F
 from PIL import Image
 from scipy import ndimage
 
+from generation.checkpoints import checkpoint_exists
+from generation.dataset import ImageDataset
+from generation.errors import InputError
 from generation.freehand import freehand_sketch
-from generation.images import InputError, tensor_to_images
+from generation.images import square_resize, tensor_to_images
 from generation.sketch import INK, sketch_to_tensor
 from retrieval.defaults import DEFAULT_LAMBDA
 from retrieval.metrics import dice_per_image, fd_c
 from retrieval.perceptual import lpips_unavailable_reason, perceptual_distance
 from retrieval.search import SystemModels, VectorRecipe, archive_parts, fuse_vectors, load_sketch, sketch_field
-from training.checkpoints import checkpoint_exists
-from training.data import ImageDataset, square_resize
 
 METHODS = ("full", "no_refiner", "no_rerank", "w_only", "image_only", "sketch_only", "chamfer", "pix2pix")
 SKETCH_SIZE = 256  # simulated free-hand sketches are drawn at this size, then normalised

@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from generation.images import InputError
-from retrieval.moco import FeatureNetwork
+from generation.errors import InputError
+from generation.moco import FeatureNetwork
 
 DOMAIN_NAME = "LPIPS-C (domain)"
 BACKENDS = ("domain", "lpips")

@@ -39,7 +39,11 @@ from PIL import Image
 from scipy import ndimage
 
 from generation.bundle import bundle_id_of, default_bundle, network_entries
-from generation.images import InputError, open_image, tensor_to_images
+from generation.checkpoints import checkpoint_exists
+from generation.device import pick_device
+from generation.errors import InputError
+from generation.images import open_image, square_resize, tensor_to_images
+from generation.moco import FeatureNetwork
 from generation.normalize import normalize_sketch
 from generation.pipeline import Sketch2MedI
 from generation.refiner import refine
@@ -48,10 +52,6 @@ from generation.solov2 import SOLOv2, load_synthesizer
 from indexing.ingest import EmbeddedBatch, open_workspace_for_search
 from retrieval.defaults import DEFAULT_LAMBDA, DEFAULT_WEIGHTS
 from retrieval.metrics import dice_per_image
-from retrieval.moco import FeatureNetwork
-from training.checkpoints import checkpoint_exists
-from training.data import square_resize
-from training.distributed import pick_device
 
 RECIPE_SEPARATOR = ":vector="
 JSON_SCHEMA_VERSION = 1

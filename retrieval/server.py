@@ -52,7 +52,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 
-from generation.images import InputError, decode_image
+from generation.errors import InputError
+from generation.images import decode_image
 from retrieval.search import DEFAULT_LAMBDA, JSON_SCHEMA_VERSION, Retriever
 
 ENV_TOKEN = "SKETCH2MEDI_TOKEN"

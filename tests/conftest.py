@@ -54,7 +54,7 @@ def tiny_chain(tmp_path_factory):
     stages that reported progress]).
 
     Shared by the generation and retrieval tests (the chain takes ~30 s on one thread)."""
-    from training.phantom import write_phantom_dataset
+    from generation.phantom import write_phantom_dataset
     from training.train_all import train_all
 
     root = tmp_path_factory.mktemp("chain")

@@ -5,11 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import sqlalchemy as sa
+from conftest import fresh_postgres_database
 
 import indexing.catalog as catalog_module
-from generation.images import InputError
-from conftest import fresh_postgres_database
+from generation.errors import InputError
 from indexing.catalog import Catalog, decode_label_map, encode_label_map
+
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def db_url(request, tmp_path):

@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from generation.images import InputError, find_images, load_mask, load_rgb
-from training.data import ImageDataset, square_resize
+from generation.dataset import ImageDataset
+from generation.errors import InputError
+from generation.images import find_images, load_mask, load_rgb, square_resize
 
 
 def write_dataset(root, names=("a.png", "b.png", "c.png"), splits=("train", "train", "test")):

@@ -6,12 +6,12 @@ import shutil
 import numpy as np
 import pytest
 from PIL import Image
+from scipy import ndimage
 from typer.testing import CliRunner
 
 from cli import app
 from generation.sketch import INK, PAPER
 from retrieval.evaluate import METHODS, chamfer_distances, rank_of, recall_table, rerank_order
-from scipy import ndimage
 
 runner = CliRunner()
 

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from PIL import Image
 from scipy import ndimage
 
+from generation.errors import InputError
 from generation.freehand import (
     Stroke,
     edit_objects,
@@ -19,7 +20,6 @@ from generation.freehand import (
     freehand_sketches_from_folder,
     render_strokes,
 )
-from generation.images import InputError
 from generation.sketch import PAPER, mask_instances, sketch_from_mask
 
 

@@ -14,14 +14,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import fresh_postgres_database
 from PIL import Image
 
-from conftest import fresh_postgres_database
-from generation.images import InputError
+from generation.errors import InputError
 from indexing import files
 from indexing.catalog import Catalog
 from indexing.ingest import (
-    EmbeddedBatch, IndexSummary, catalog_url, index_path, index_paths, open_workspace_for_search, resolve_workspace,
+    EmbeddedBatch,
+    IndexSummary,
+    catalog_url,
+    index_path,
+    index_paths,
+    open_workspace_for_search,
+    resolve_workspace,
 )  # fmt: skip
 from indexing.vector_index import VectorIndex
 
@@ -211,7 +217,7 @@ def test_a_changed_file_is_reindexed_and_a_vanished_one_removed(tmp_path, db_url
 
 
 def test_a_dataset_folder_indexes_its_images_not_its_masks(tmp_path):
-    from training.phantom import write_phantom_dataset
+    from generation.phantom import write_phantom_dataset
 
     write_phantom_dataset(tmp_path / "phantom", n=3, size=64, seed=0)
     summary = index_paths(tmp_path / "phantom", tmp_path / "ws", FakeEmbedder())

@@ -14,9 +14,9 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file
 
-from generation.images import InputError
+from generation.errors import InputError
+from generation.moco import FeatureNetwork, MoCo, MocoConfig, info_nce_loss, moco_logits, moco_preset
 from generation.resnet import ResNet, ResNetConfig, load_backbone_weights
-from retrieval.moco import FeatureNetwork, MoCo, MocoConfig, info_nce_loss, moco_logits, moco_preset
 from training.augment import AugmentConfig, adjust_hue, augment_batch, gaussian_blur
 from training.evaluate_moco import evaluate_moco, neighbour_mask_dice
 from training.train_moco import batch_indices, configure_moco, read_metrics, train_moco

@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
-from generation.images import InputError, open_image
+from generation.errors import InputError
+from generation.images import open_image
 from generation.normalize import normalize_sketch, normalize_sketch_file
 from generation.sketch import INK, PAPER, line_width, sketch_from_mask
 

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from generation.images import InputError
+from generation.errors import InputError
+from generation.moco import FeatureNetwork, MocoConfig
 from generation.resnet import ResNetConfig
-from retrieval.moco import FeatureNetwork, MocoConfig
 from retrieval.perceptual import (
     DOMAIN_NAME,
     BackendUnavailable,

@@ -10,10 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from generation.images import InputError
-from generation.sketch import mask_instances
-from training.data import ImageDataset
-from training.phantom import (
+from generation.dataset import ImageDataset
+from generation.errors import InputError
+from generation.phantom import (
     PART_CLASS,
     PHANTOM_CLASSES,
     image_seed,
@@ -24,6 +23,7 @@ from training.phantom import (
     rasterise,
     write_phantom_dataset,
 )
+from generation.sketch import mask_instances
 
 UVULA, WALL, TONSIL, TONGUE = 1, 2, 3, 4
 

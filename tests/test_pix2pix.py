@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-from generation.images import InputError
+from generation.checkpoints import load_checkpoint
+from generation.errors import InputError
 from generation.pix2pix import (
     PatchDiscriminator,
     Pix2PixConfig,
@@ -28,7 +29,6 @@ from generation.pix2pix import (
     translate,
 )
 from generation.sketch import sketch_to_tensor
-from training.checkpoints import load_checkpoint
 from training.loop import read_metrics
 from training.train_pix2pix import (
     CHECKPOINT,
@@ -36,8 +36,8 @@ from training.train_pix2pix import (
     Pix2PixOptions,
     Pix2PixTrainer,
     d_loss,
-    gan_loss,
     g_loss,
+    gan_loss,
     train_pix2pix,
 )
 

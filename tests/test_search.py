@@ -9,11 +9,12 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from cli import app
-from generation.images import InputError
+from generation.dataset import ImageDataset
+from generation.errors import InputError
+from generation.images import square_resize
 from indexing.ingest import index_paths
 from retrieval.metrics import dice_per_image
 from retrieval.search import ArchiveEmbedder, Retriever, SystemModels, VectorRecipe, fuse_vectors, sketch_field
-from training.data import ImageDataset, square_resize
 
 runner = CliRunner()
 

@@ -14,16 +14,16 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from cli import app
+from generation.checkpoints import load_checkpoint
+from generation.device import Distributed
 from generation.encoder import LatentDiscriminator, SketchEncoder, encoder_preset
-from generation.images import InputError
+from generation.errors import InputError
+from generation.moco import FeatureNetwork, moco_preset
+from generation.phantom import phantom_sample
 from generation.pipeline import Sketch2MedI
 from generation.refiner import Refiner, refine, refiner_preset
 from generation.sketch import sketch_from_mask, sketch_to_tensor
 from generation.stylegan2 import Generator, StyleGAN2Config
-from retrieval.moco import FeatureNetwork, moco_preset
-from training.checkpoints import load_checkpoint
-from training.distributed import Distributed
-from training.phantom import phantom_sample
 from training.sketch_cache import SketchCache
 from training.train_all import train_all
 from training.train_sketch2medi import EncoderTrainer, RefinerTrainer, phase_options, train_phase

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from generation.images import InputError
+from generation.errors import InputError
 from generation.sketch import INK, PAPER, line_width
 from generation.solov2 import (
     Instance,

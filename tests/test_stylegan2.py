@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from generation.images import InputError
+from generation.checkpoints import load_checkpoint
+from generation.errors import InputError
 from generation.stylegan2 import (
     Discriminator,
     EqualConv2d,
@@ -28,7 +29,6 @@ from generation.stylegan2 import (
     load_generator,
     upsample2x,
 )
-from training.checkpoints import load_checkpoint
 from training.diffaugment import diff_augment, random_xflip, translation
 from training.train_generator import GANTrainer, TrainOptions, generate, lazy_adam, train_generator
 
@@ -319,13 +319,13 @@ def test_torchrun_ddp_two_processes(tmp_path):
 
 
 def test_fd_c_hook_measures_with_a_c_bundle_and_is_skipped_without(tmp_path, one_thread):
-    from training.checkpoints import save_checkpoint
+    from generation.checkpoints import save_checkpoint
     from training.train_generator import fd_c_hook
 
     reals = ((two_modes().repeat(4, 1, 1, 1) + 1) * 127.5).round().to(torch.uint8)
     measure, why = fd_c_hook(tmp_path, reals, torch.device("cpu"))
     assert measure is None and "no C bundle" in why
-    moco = pytest.importorskip("retrieval.moco")
+    moco = pytest.importorskip("generation.moco")
     config = moco.moco_preset("tiny")
     torch.manual_seed(0)
     save_checkpoint(tmp_path, moco.BUNDLE_NAME, {"model": moco.MocoEncoder(config).state_dict()},

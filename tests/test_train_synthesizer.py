@@ -5,11 +5,10 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from generation.images import InputError
-from training.checkpoints import checkpoint_exists
-from training.train_synthesizer import SynthesizerTraining, augment, evaluate_synthesizer, train_synthesizer
-
+from generation.checkpoints import checkpoint_exists
+from generation.errors import InputError
 from tests.test_solov2 import ellipse_scene
+from training.train_synthesizer import SynthesizerTraining, augment, evaluate_synthesizer, train_synthesizer
 
 COLOURS = np.array([(0, 0, 0), (250, 0, 0), (0, 250, 0)], np.uint8)
 
@@ -110,10 +109,10 @@ def test_init_backbone_from_c_bundle(tmp_path):
 
     import torch
 
+    from generation.checkpoints import save_checkpoint
+    from generation.moco import BUNDLE_NAME, MocoEncoder, config_to_dict, moco_preset
     from generation.resnet import ResNetConfig
     from generation.solov2 import SOLOv2, solov2_preset
-    from retrieval.moco import BUNDLE_NAME, MocoEncoder, config_to_dict, moco_preset
-    from training.checkpoints import save_checkpoint
     from training.train_synthesizer import init_backbone_from
 
     torch.manual_seed(0)

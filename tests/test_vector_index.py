@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import indexing.vector_index as vector_index
-from generation.images import InputError
+from generation.errors import InputError
 from indexing.vector_index import VectorIndex
 
 

@@ -23,10 +23,10 @@ CHROMIUM = shutil.which("chromium")
 if CHROMIUM is None:
     pytest.skip("Debian's chromium is not installed (apt-get install -y chromium)", allow_module_level=True)
 
+from generation.dataset import ImageDataset  # noqa: E402
 from indexing.ingest import index_paths  # noqa: E402
 from retrieval.search import ArchiveEmbedder, Retriever, SystemModels  # noqa: E402
 from retrieval.server import create_app  # noqa: E402
-from training.data import ImageDataset  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "e2e-token"

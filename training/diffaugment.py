@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from generation.images import InputError
+from generation.errors import InputError
 
 
 def _rand(x: Tensor, generator: torch.Generator | None) -> Tensor:

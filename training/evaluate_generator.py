@@ -18,11 +18,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from generation.dataset import ImageDataset
+from generation.images import image_grid, save_png
+from generation.moco import FeatureNetwork
 from generation.stylegan2 import Generator, load_generator
 from retrieval.metrics import fd_c
-from retrieval.moco import FeatureNetwork
-from training.data import ImageDataset
-from training.train_generator import generate, image_grid, save_png
+from training.train_generator import generate
 
 
 def real_features(network: FeatureNetwork, data: str | Path, split: str | None, size: int, limit: int | None = None) -> torch.Tensor:

@@ -25,10 +25,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from generation.dataset import ImageDataset
+from generation.moco import FeatureNetwork
 from retrieval.metrics import dice_per_image, dice_summary
-from retrieval.moco import FeatureNetwork
 from training.augment import AugmentConfig, augment_batch, resize_images
-from training.data import ImageDataset
 
 
 def evaluation_augmentations(size: int) -> dict[str, AugmentConfig]:

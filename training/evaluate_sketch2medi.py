@@ -18,11 +18,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from generation.dataset import ImageDataset
+from generation.errors import InputError
 from generation.freehand import freehand_sketch
-from generation.images import InputError, tensor_to_images
+from generation.images import square_resize, tensor_to_images
 from retrieval.evaluate import SKETCH_SIZE, _dice
 from retrieval.search import SystemModels, load_sketch
-from training.data import ImageDataset, square_resize
 
 
 def sketches_of(models: SystemModels, dataset: ImageDataset, index: int, strengths: tuple[float, ...], seed: int) -> dict[str, np.ndarray]:

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as torch_dist
 from torch import nn
 
-from training.distributed import Distributed
+from generation.device import Distributed
 
 
 class StopFlag:

@@ -9,13 +9,15 @@ trunk). C is the project's MoCo v2 network; its pooled, normalised trunk feature
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from retrieval.moco import FeatureNetwork
+from generation.moco import FeatureNetwork
 from retrieval.perceptual import lpips_formula, perceptual_distance
 
 
@@ -59,3 +61,36 @@ class SimilarityLoss(nn.Module):
         w = self.weights
         terms["total"] = w.l2 * terms["l2"] + w.perceptual * terms["perceptual"] + w.cosine * terms["cosine"]
         return terms
+
+
+def d_logistic_loss(real_logits: Tensor, fake_logits: Tensor) -> Tensor:
+    """D's logistic loss: -log sigmoid(D(x)) - log(1 - sigmoid(D(G(z))))."""
+    return F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()
+
+
+def g_nonsaturating_loss(fake_logits: Tensor) -> Tensor:
+    """-log sigmoid(D(G(z))): strong gradients while D still rejects the fakes."""
+    return F.softplus(-fake_logits).mean()
+
+
+def d_r1_loss(real_logits: Tensor, reals: Tensor) -> Tensor:
+    """R1: squared norm of D's gradient at the reals (penalises D for being steep on the data).
+
+    Any real shape: images (N, 3, H, W) here, codes (N, w_dim) for the latent discriminator."""
+    (grad,) = torch.autograd.grad(real_logits.sum(), reals, create_graph=True)
+    return grad.square().flatten(1).sum(dim=1).mean()
+
+
+def g_path_length_loss(fakes: Tensor, ws: Tensor, pl_mean: Tensor, decay: float = 0.01,
+                       reduce_mean: Callable[[Tensor], Tensor] = lambda t: t) -> tuple[Tensor, Tensor]:
+    """Path-length regularisation: a fixed-size step in W should change the image by a fixed amount.
+
+    Returns (penalty, updated running mean of the path lengths). `reduce_mean` averages a scalar
+    across ranks so that every rank uses the same target.
+    """
+    height, width = fakes.shape[2:]
+    noise = torch.randn_like(fakes) / math.sqrt(height * width)  # image-size independent scale
+    (grad,) = torch.autograd.grad((fakes * noise).sum(), ws, create_graph=True)
+    lengths = grad.square().sum(dim=2).mean(dim=1).sqrt()  # (N,)
+    pl_mean = pl_mean.lerp(reduce_mean(lengths.mean().detach()), decay)
+    return (lengths - pl_mean).square().mean(), pl_mean

@@ -17,9 +17,11 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from generation.images import InputError, file_sha256
-from generation.solov2 import CHECKPOINT_NAME as SYNTHESIZER_NAME, load_synthesizer
-from training.data import ImageDataset, square_resize
+from generation.dataset import ImageDataset
+from generation.errors import InputError
+from generation.images import file_sha256, square_resize
+from generation.solov2 import CHECKPOINT_NAME as SYNTHESIZER_NAME
+from generation.solov2 import load_synthesizer
 
 
 @dataclass

@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Callable
 
 from generation.bundle import write_manifest
-from generation.images import InputError
+from generation.checkpoints import checkpoint_exists
+from generation.dataset import ImageDataset
+from generation.errors import InputError
 from generation.stylegan2 import StyleGAN2Config
-from training.checkpoints import checkpoint_exists
-from training.data import ImageDataset
 
 # Per preset: C steps (None = preset's), S epochs from a budget of images shown, G kimg.
 BUDGETS = {
@@ -62,7 +62,7 @@ def train_all(data: str | Path, out: str | Path, preset: str = "cpu", split: str
               device: str = "auto", command: str = "", progress: Progress | None = None,
               log: Callable[[str], None] = print) -> list[StageReport]:
     """Train every missing stage of the bundle `out` on `data`; returns what each stage did."""
-    from training.distributed import pick_device
+    from generation.device import pick_device
     from training.sketch_cache import sketch_cache
     from training.train_generator import TrainOptions, train_generator
     from training.train_moco import configure_moco, train_moco
@@ -101,8 +101,8 @@ def train_all(data: str | Path, out: str | Path, preset: str = "cpu", split: str
     epochs = synthesizer_epochs(budget["synthesizer_images"], len(dataset))
 
     def train_s() -> str:
+        from generation.moco import moco_preset
         from generation.solov2 import solov2_preset
-        from retrieval.moco import moco_preset
 
         on_step = report("S")
         # S starts from C's trunk when the presets give them the same trunk width (cpu, paper).

@@ -26,17 +26,17 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from generation.images import InputError
+from generation.checkpoints import checkpoint_exists, load_checkpoint, save_checkpoint
+from generation.device import Distributed, init_distributed, pick_device
+from generation.errors import InputError
+from generation.images import image_grid, save_png
 from generation.stylegan2 import Discriminator, Generator, StyleGAN2Config, save_generator
-from training.checkpoints import checkpoint_exists, load_checkpoint, save_checkpoint
 from training.diffaugment import diff_augment, parse_policy, random_xflip
-from training.distributed import Distributed, init_distributed, pick_device
 from training.loop import StopFlag, append_metrics, assert_same_weights, broadcast_module, optimise
+from training.losses import d_logistic_loss, d_r1_loss, g_nonsaturating_loss, g_path_length_loss
 
 CHECKPOINT = "generator_checkpoint"
 METRICS = "generator_metrics.jsonl"
@@ -44,39 +44,6 @@ METRICS = "generator_metrics.jsonl"
 
 # --------------------------------------------------------------------------------------------
 # Losses.
-
-
-def d_logistic_loss(real_logits: Tensor, fake_logits: Tensor) -> Tensor:
-    """D's logistic loss: -log sigmoid(D(x)) - log(1 - sigmoid(D(G(z))))."""
-    return F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()
-
-
-def g_nonsaturating_loss(fake_logits: Tensor) -> Tensor:
-    """-log sigmoid(D(G(z))): strong gradients while D still rejects the fakes."""
-    return F.softplus(-fake_logits).mean()
-
-
-def d_r1_loss(real_logits: Tensor, reals: Tensor) -> Tensor:
-    """R1: squared norm of D's gradient at the reals (penalises D for being steep on the data).
-
-    Any real shape: images (N, 3, H, W) here, codes (N, w_dim) for the latent discriminator."""
-    (grad,) = torch.autograd.grad(real_logits.sum(), reals, create_graph=True)
-    return grad.square().flatten(1).sum(dim=1).mean()
-
-
-def g_path_length_loss(fakes: Tensor, ws: Tensor, pl_mean: Tensor, decay: float = 0.01,
-                       reduce_mean: Callable[[Tensor], Tensor] = lambda t: t) -> tuple[Tensor, Tensor]:
-    """Path-length regularisation: a fixed-size step in W should change the image by a fixed amount.
-
-    Returns (penalty, updated running mean of the path lengths). `reduce_mean` averages a scalar
-    across ranks so that every rank uses the same target.
-    """
-    height, width = fakes.shape[2:]
-    noise = torch.randn_like(fakes) / math.sqrt(height * width)  # image-size independent scale
-    (grad,) = torch.autograd.grad((fakes * noise).sum(), ws, create_graph=True)
-    lengths = grad.square().sum(dim=2).mean(dim=1).sqrt()  # (N,)
-    pl_mean = pl_mean.lerp(reduce_mean(lengths.mean().detach()), decay)
-    return (lengths - pl_mean).square().mean(), pl_mean
 
 
 # --------------------------------------------------------------------------------------------
@@ -259,23 +226,6 @@ class GANTrainer:
 # Snapshots: sample grids and the optional FD_C hook.
 
 
-def image_grid(images: Tensor, columns: int) -> np.ndarray:
-    """(N, 3, H, W) in [-1, 1] -> uint8 (rows * H, columns * W, 3)."""
-    n, _, h, w = images.shape
-    rows = math.ceil(n / columns)
-    images = torch.cat([images, images.new_full((rows * columns - n, 3, h, w), -1.0)])
-    pixels = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
-    return pixels.reshape(rows, columns, 3, h, w).permute(0, 3, 1, 4, 2).reshape(rows * h, columns * w, 3).numpy()
-
-
-def save_png(array: np.ndarray, path: Path) -> None:
-    from PIL import Image
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(array).save(path)
-
-
-@torch.no_grad()
 def generate(G: Generator, count: int, seed: int, batch: int = 32, noise_mode: str = "const") -> Tensor:
     """`count` images from fixed latents (float, [-1, 1] roughly), batch by batch."""
     rng = torch.Generator(G.w_avg.device).manual_seed(seed)
@@ -287,14 +237,14 @@ def fd_c_hook(c_bundle: Path | None, reals: Tensor, device: torch.device, count:
               seed: int = 1) -> tuple[Callable[[Generator], float] | None, str]:
     """FD_C of G_ema's samples against the reals, in the space of the project's feature network C.
 
-    Returns (measure(G) or None, why not). Skipped when retrieval.moco / retrieval.metrics are not
+    Returns (measure(G) or None, why not). Skipped when generation.moco / retrieval.metrics are not
     importable or there is no C bundle (BUNDLE/moco.*); real features are computed once.
     """
     if c_bundle is None or not checkpoint_exists(c_bundle, "moco"):
         return None, f"no C bundle ({c_bundle}/moco.safetensors)" if c_bundle else "no C bundle"
     try:
+        from generation.moco import FeatureNetwork
         from retrieval.metrics import fd_c
-        from retrieval.moco import FeatureNetwork
     except ImportError as error:
         return None, f"retrieval.metrics.fd_c not available ({error})"
     network = FeatureNetwork.from_bundle(c_bundle, device)
@@ -329,7 +279,7 @@ def train_generator(data: str | Path, out: str | Path, preset: str | StyleGAN2Co
 
     on_step(kimg, stats) is called on rank 0 after every iteration (for a progress bar).
     """
-    from training.data import ImageDataset
+    from generation.dataset import ImageDataset
 
     options = options or TrainOptions()
     config = StyleGAN2Config.preset(preset) if isinstance(preset, str) else preset

@@ -26,13 +26,14 @@ from typing import Any
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from generation.images import InputError
-from retrieval.moco import BUNDLE_NAME, MoCo, MocoConfig, config_from_dict, config_to_dict, info_nce_loss, moco_preset
+from generation.checkpoints import checkpoint_exists, load_checkpoint, save_checkpoint
+from generation.dataset import ImageDataset
+from generation.device import Distributed, init_distributed, pick_device
+from generation.errors import InputError
+from generation.moco import BUNDLE_NAME, MoCo, MocoConfig, config_from_dict, config_to_dict, info_nce_loss, moco_preset
 from training.augment import AugmentConfig, augment_batch
-from training.checkpoints import checkpoint_exists, load_checkpoint, save_checkpoint
-from training.data import ImageDataset
-from training.distributed import Distributed, init_distributed, pick_device
-from training.loop import append_metrics, read_metrics as read_metrics_file
+from training.loop import append_metrics
+from training.loop import read_metrics as read_metrics_file
 
 CHECKPOINT_NAME = "moco_checkpoint"
 METRICS_FILE = "moco_metrics.jsonl"

@@ -33,13 +33,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from generation.images import InputError
+from generation.checkpoints import checkpoint_exists, load_checkpoint, save_checkpoint
+from generation.device import Distributed, init_distributed, pick_device
+from generation.errors import InputError
+from generation.images import image_grid, save_png
 from generation.pix2pix import PatchDiscriminator, Pix2PixConfig, UNetGenerator, save_pix2pix
 from generation.sketch import sketch_to_tensor
-from training.checkpoints import checkpoint_exists, load_checkpoint, save_checkpoint
-from training.distributed import Distributed, init_distributed, pick_device
 from training.loop import StopFlag, append_metrics, assert_same_weights, broadcast_module, optimise
-from training.train_generator import image_grid, save_png
 
 CHECKPOINT = "pix2pix_checkpoint"
 METRICS = "pix2pix_metrics.jsonl"

@@ -23,20 +23,20 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from generation.checkpoints import checkpoint_exists, load_checkpoint, save_checkpoint
+from generation.device import Distributed, init_distributed, pick_device
 from generation.encoder import LatentDiscriminator, SketchEncoder, encoder_preset, load_encoder, save_encoder
+from generation.errors import InputError
 from generation.freehand import freehand_sketch
-from generation.images import InputError
+from generation.images import image_grid, save_png
+from generation.moco import FeatureNetwork
 from generation.refiner import Refiner, accumulate, refiner_preset, save_refiner
 from generation.resnet import load_backbone_weights
 from generation.sketch import sketch_to_tensor
 from generation.stylegan2 import Generator, load_generator
-from retrieval.moco import FeatureNetwork
-from training.checkpoints import checkpoint_exists, load_checkpoint, save_checkpoint
-from training.distributed import Distributed, init_distributed, pick_device
 from training.loop import StopFlag, append_metrics, broadcast_module, optimise
-from training.losses import SimilarityLoss, SimilarityWeights
+from training.losses import SimilarityLoss, SimilarityWeights, d_logistic_loss, d_r1_loss, g_nonsaturating_loss
 from training.sketch_cache import SketchCache, sketch_cache
-from training.train_generator import d_logistic_loss, d_r1_loss, g_nonsaturating_loss, image_grid, save_png
 
 
 @dataclass

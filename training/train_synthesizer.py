@@ -26,7 +26,10 @@ import torch
 from PIL import Image
 from torch.nn.parallel import DistributedDataParallel
 
-from generation.images import InputError
+from generation.checkpoints import checkpoint_exists, load_checkpoint, save_checkpoint
+from generation.dataset import ImageDataset
+from generation.device import init_distributed, pick_device
+from generation.errors import InputError
 from generation.solov2 import (
     SOLOv2,
     SOLOv2Config,
@@ -36,9 +39,6 @@ from generation.solov2 import (
     solov2_loss,
     solov2_preset,
 )
-from training.checkpoints import checkpoint_exists, load_checkpoint, save_checkpoint
-from training.data import ImageDataset
-from training.distributed import init_distributed, pick_device
 from training.loop import append_metrics
 
 STATE_NAME = "synthesizer_state"
@@ -177,8 +177,8 @@ def init_backbone_from(model: SOLOv2, bundle: str | Path) -> int:
 
     Tensors whose shapes differ keep their own initialisation (see `load_backbone_weights`).
     """
+    from generation.moco import FeatureNetwork
     from generation.resnet import load_backbone_weights
-    from retrieval.moco import FeatureNetwork
 
     loaded = load_backbone_weights(model.backbone, FeatureNetwork.from_bundle(bundle).backbone_state())
     weights = [name for name in loaded if not name.endswith("num_batches_tracked")]  # scalars always match

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from generation.images import InputError
+from generation.errors import InputError
 
 
 def _atomic_write(path: Path, write) -> None:

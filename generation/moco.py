@@ -24,7 +24,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from generation.images import InputError
+from generation.errors import InputError
 from generation.resnet import ResNet, ResNetConfig
 
 BUNDLE_NAME = "moco"  # BUNDLE/moco.safetensors + BUNDLE/moco.json
@@ -287,7 +287,7 @@ class FeatureNetwork(nn.Module):
 
     @classmethod
     def from_bundle(cls, bundle: str | Path, device: torch.device | str = "cpu") -> FeatureNetwork:
-        from training.checkpoints import load_checkpoint
+        from generation.checkpoints import load_checkpoint
 
         states, meta = load_checkpoint(bundle, BUNDLE_NAME)
         if "config" not in meta or "model" not in states:

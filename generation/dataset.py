@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
-from generation.images import InputError, find_images, load_mask, load_rgb
+from generation.errors import InputError
+from generation.images import find_images, load_mask, load_rgb, square_resize
 
 
 @dataclass(frozen=True)
@@ -28,18 +28,6 @@ class Sample:
     image_path: Path
     mask_path: Path | None
     split: str | None
-
-
-def square_resize(array: np.ndarray, size: int, nearest: bool = False) -> np.ndarray:
-    """Centre-crop to a square, then resize to size x size (area/Lanczos for images, nearest for masks)."""
-    height, width = array.shape[:2]
-    side = min(height, width)
-    top, left = (height - side) // 2, (width - side) // 2
-    array = array[top : top + side, left : left + side]
-    if side == size:
-        return np.ascontiguousarray(array)
-    resample = Image.NEAREST if nearest else Image.LANCZOS
-    return np.asarray(Image.fromarray(array).resize((size, size), resample))
 
 
 class ImageDataset:

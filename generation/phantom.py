@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage  # a dependency of scikit-image
 
-from generation.images import InputError
+from generation.errors import InputError
 
 PHANTOM_CLASSES: dict[int, str] = {0: "background", 1: "uvula", 2: "pharyngeal wall", 3: "tonsil", 4: "tongue"}
 MIN_SIZE, MAX_SIZE = 32, 512
