@@ -150,7 +150,7 @@ def test_loss_goes_down_on_a_tiny_problem():
     optimizer = torch.optim.SGD(moco.encoder_q.parameters(), lr=0.03, momentum=0.9)
     images = torch.rand(32, 3, 16, 16) * 2 - 1
     losses = []
-    for step in range(64):
+    for step in range(128):  # at 64 steps the drop was within noise of 0.3 on some CPUs
         batch = images[(step % 4) * 8 : (step % 4) * 8 + 8]
         generator = torch.Generator().manual_seed(step)
         view_q = batch + 0.1 * torch.randn(batch.shape, generator=generator)
