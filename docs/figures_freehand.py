@@ -1,8 +1,7 @@
 """Figure: simulated free-hand sketches at strengths 0, 0.5 and 1 -> docs/freehand_strengths.png.
 
-Rows are masks: phantom samples (`generation.phantom.phantom_sample`) when that module works, else
-four masks of /work/shared/data/vocalfolds256 (read in place, never copied). Columns: the image,
-then the sketch at each strength.
+Rows are phantom samples (`generation.phantom.phantom_sample`). Columns: the image, then the
+sketch at each strength.
 
     python docs/figures_freehand.py [--seed 0] [--out docs/freehand_strengths.png]
 """
@@ -16,28 +15,15 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from generation.freehand import freehand_sketch
-from generation.images import load_mask, load_rgb
+from generation.phantom import phantom_sample
 
 STRENGTHS = (0.0, 0.5, 1.0)
 SIZE = 256
-DATASET = Path("/work/shared/data/vocalfolds256")
 
 
-def examples(count: int = 4) -> list[tuple[np.ndarray | None, np.ndarray]]:
-    """(image or None, class-index mask) pairs, SIZE x SIZE."""
-    try:
-        from generation.phantom import phantom_sample
-    except ImportError:  # no phantom module in this checkout: fall back to real masks
-        phantom_sample = None
-    if phantom_sample is not None:
-        return [phantom_sample(seed, SIZE) for seed in range(count)]
-    masks = sorted((DATASET / "masks").glob("*.png"))
-    picks = [masks[round(i * (len(masks) - 1) / (count - 1))] for i in range(count)]
-    pairs = []
-    for path in picks:
-        image_path = next((DATASET / "images").glob(path.stem + ".*"), None)
-        pairs.append((load_rgb(image_path) if image_path else None, load_mask(path)))
-    return pairs
+def examples(count: int = 4) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(image, class-index mask) pairs, SIZE x SIZE."""
+    return [phantom_sample(seed, SIZE) for seed in range(count)]
 
 
 def figure(seed: int) -> Image.Image:
@@ -50,7 +36,7 @@ def figure(seed: int) -> Image.Image:
     for column, title in enumerate(titles):
         draw.text((column * (SIZE + gap) + 4, 5), title, fill="black")
     for row, (image, mask) in enumerate(pairs):
-        tiles = [image if image is not None else np.full((SIZE, SIZE, 3), 200, np.uint8)]
+        tiles = [image]
         tiles += [freehand_sketch(mask, s, seed * 1000 + row) for s in STRENGTHS]
         for column, tile in enumerate(tiles):
             tile_image = Image.fromarray(tile).convert("RGB").resize((SIZE, SIZE))
