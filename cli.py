@@ -495,25 +495,35 @@ def index(
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Images per batch (each batch is committed before it is reported)."),
     index_kind: str = typer.Option("auto", "--index", help="auto (exact up to 100k images, then HNSW) | flat | ivf | hnsw."),
     weights: str = typer.Option(None, "--weights", help="Vector weights, e.g. sketch=0.9,code=0.05,image=0.05 (the default; docs/SEARCH.md)."),
+    verify: bool = typer.Option(False, "--verify", help="Re-hash every file, also those whose size, mtime, inode and ctime are unchanged."),
     device: str = typer.Option("auto", "--device"),
 ):
     """Add images to the archive: S's masks, the synthesized sketch's field and E's code, C's embedding; incremental."""
     import os
 
-    from indexing.ingest import index_paths
+    from indexing.ingest import index_folders
     from retrieval.search import ArchiveEmbedder, SystemModels, VectorRecipe
 
     embedder = ArchiveEmbedder(SystemModels(bundle, device), VectorRecipe.parse(weights) if weights else VectorRecipe())
+    options = dict(db_url=db_url, batch_size=batch_size, index_kind=index_kind, verify=verify)
     if os.environ.get("RANK", "0") != "0":  # torchrun: the other ranks embed their shares quietly
-        index_paths(paths, workspace, embedder, db_url=db_url, batch_size=batch_size, index_kind=index_kind)
+        index_folders(paths, workspace, embedder, **options)
         return
-    with progress_bar() as progress:
-        task = progress.add_task("index", total=None)
+    progress = progress_bar()  # shown once the workspace is open and its bundle checked
+    task = None
 
-        def on_progress(done: int, total: int, path: Path) -> None:
-            progress.update(task, completed=done, total=total, description=f"index {path.name[:40]}")
+    def on_start(total: int) -> None:
+        nonlocal task
+        progress.start()
+        task = progress.add_task("index", total=total)
 
-        summary = index_paths(paths, workspace, embedder, db_url=db_url, batch_size=batch_size, index_kind=index_kind, on_progress=on_progress)
+    def on_progress(done: int, total: int, path: Path) -> None:
+        progress.update(task, completed=done, total=total, description=f"index {path.name[:40]}")
+
+    try:
+        summary = index_folders(paths, workspace, embedder, **options, on_start=on_start, on_progress=on_progress)
+    finally:
+        progress.stop()
     typer.echo(f"added {summary.added}, unchanged {summary.unchanged}, duplicates {summary.duplicates}, "
                f"skipped {len(summary.skipped)}, removed {summary.removed}")
     for path, why in summary.skipped:
