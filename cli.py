@@ -523,7 +523,8 @@ def index(
     try:
         summary = index_folders(paths, workspace, embedder, **options, on_start=on_start, on_progress=on_progress)
     finally:
-        progress.stop()
+        if task is not None:
+            progress.stop()
     typer.echo(f"added {summary.added}, unchanged {summary.unchanged}, duplicates {summary.duplicates}, "
                f"skipped {len(summary.skipped)}, removed {summary.removed}")
     for path, why in summary.skipped:

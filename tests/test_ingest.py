@@ -740,3 +740,25 @@ def test_each_batch_reports_where_its_time_went(tmp_path):
     index_folders(tmp_path / "archive", tmp_path / "ws", FakeEmbedder(), batch_size=2, on_batch=batches.append)
     assert [(b.files, b.embedded) for b in batches] == [(2, 2), (2, 2), (1, 1)]
     assert all(b.embed_s >= 0 and b.commit_s >= 0 for b in batches)
+
+
+def test_cli_index_refuses_another_bundle_before_any_progress_bar(tiny_chain, tmp_path):
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    _, bundle, _ = tiny_chain
+    other = tmp_path / "other"  # the same networks but a retrained E: another bundle
+    shutil.copytree(bundle, other, ignore=shutil.ignore_patterns("cache", "samples"))
+    with open(other / "encoder.safetensors", "r+b") as handle:
+        handle.seek(-4, 2)
+        handle.write(b"\x00\x00\x80\x3f")
+    write_images(tmp_path / "archive", 2)
+    runner, options = CliRunner(), ["--workspace", str(tmp_path / "ws"), "--device", "cpu"]
+    assert runner.invoke(app, ["index", str(tmp_path / "archive"), *options, "--bundle", str(bundle)]).exit_code == 0
+    result = runner.invoke(app, ["index", str(tmp_path / "archive"), *options, "--bundle", str(other)])
+    assert result.exit_code == 2 and result.output.count("\n") == 1  # the message alone, no bar
+    assert result.output.startswith(f"error: {tmp_path / 'ws'}: was indexed with bundle {bundle.resolve()} (")
+    assert f", not {other.resolve()} (" in result.output
+    result = runner.invoke(app, ["index", str(tmp_path / "missing"), "--workspace", str(tmp_path / "new"), "--bundle", str(bundle), "--device", "cpu"])
+    assert result.exit_code == 2 and "no such file or folder" in result.output and not (tmp_path / "new").exists()
