@@ -39,6 +39,32 @@ def progress_bar():
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
 
 
+PROGRESS_LINE_EVERY_S = 5.0
+
+
+class ProgressLines:
+    """A progress bar's calls as a line every PROGRESS_LINE_EVERY_S seconds, for output that is not a
+    terminal (a log), where rich would draw the bar only at the end."""
+
+    def start(self) -> None:
+        import time
+
+        self.last = time.monotonic()
+
+    def add_task(self, description: str, total: int | None = None) -> int:
+        return 0
+
+    def update(self, task: int, completed: int, total: int | None, description: str) -> None:
+        import time
+
+        if time.monotonic() - self.last >= PROGRESS_LINE_EVERY_S:
+            typer.echo(f"{description}: {completed}/{total}")
+            self.last = time.monotonic()
+
+    def stop(self) -> None:
+        pass
+
+
 @app.command()
 def phantom(
     out: Path = typer.Argument(..., help="Folder to write images/, masks/, classes.json, split.csv into."),
@@ -509,7 +535,9 @@ def index(
     if os.environ.get("RANK", "0") != "0":  # torchrun: the other ranks embed their shares quietly
         index_folders(paths, workspace, embedder, **options)
         return
-    progress = progress_bar()  # shown once the workspace is open and its bundle checked
+    from rich.console import Console
+
+    progress = progress_bar() if Console().is_terminal else ProgressLines()  # started once the workspace is open and checked
     task = None
 
     def on_start(total: int) -> None:

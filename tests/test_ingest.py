@@ -762,3 +762,20 @@ def test_cli_index_refuses_another_bundle_before_any_progress_bar(tiny_chain, tm
     assert f", not {other.resolve()} (" in result.output
     result = runner.invoke(app, ["index", str(tmp_path / "missing"), "--workspace", str(tmp_path / "new"), "--bundle", str(bundle), "--device", "cpu"])
     assert result.exit_code == 2 and "no such file or folder" in result.output and not (tmp_path / "new").exists()
+
+
+def test_cli_index_without_a_terminal_prints_progress_lines(tiny_chain, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    import cli
+
+    _, bundle, _ = tiny_chain
+    write_images(tmp_path / "archive", 3)
+    monkeypatch.setattr(cli, "PROGRESS_LINE_EVERY_S", 0.0)  # a line at each report
+    result = CliRunner().invoke(cli.app, ["index", str(tmp_path / "archive"), "--workspace", str(tmp_path / "ws"),
+                                          "--bundle", str(bundle), "--device", "cpu", "--batch-size", "2"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines() == [
+        "index image_000.png: 1/3", "index image_001.png: 2/3", "index image_002.png: 3/3",
+        "added 3, unchanged 0, duplicates 0, skipped 0, removed 0",
+    ]  # fmt: skip
