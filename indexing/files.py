@@ -97,7 +97,7 @@ def discover(paths: Iterable[str | Path]) -> Discovery:
     folders: list[Path] = []
     discovery = Discovery([], folders)
 
-    def unlisted(error: OSError) -> None:
+    def on_walk_error(error: OSError) -> None:
         if isinstance(error, (FileNotFoundError, NotADirectoryError)):
             return  # removed while walking: its files are gone
         folder = Path(error.filename) if error.filename else folders[-1]
@@ -115,7 +115,7 @@ def discover(paths: Iterable[str | Path]) -> Discovery:
             discovery.skipped.append((root.absolute(), "not a regular file or folder (a device, pipe or socket); name image files or folders"))
             continue
         folders.append(root.resolve())
-        for folder, subfolders, names in os.walk(folders[-1], onerror=unlisted):
+        for folder, subfolders, names in os.walk(folders[-1], onerror=on_walk_error):
             if "images" in subfolders and "masks" in subfolders:
                 subfolders.remove("masks")
             for name in names:

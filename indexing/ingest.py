@@ -98,14 +98,14 @@ def _known_gone(path: str, discovery: Discovery) -> bool:
 class _Writer:
     """Rank 0's side of an index run: the only process that touches the workspace."""
 
-    def __init__(self, workspace: Path, embedder: Embedder, ranks: Ranks, db_url: str | None, index_kind: str, verify: bool):
+    def __init__(self, workspace: Path, embedder: Embedder, ranks: Ranks, db_url: str | None, index_kind: str, verify: bool,
+                 on_progress: Progress | None, on_batch: Callable[[BatchTiming], None] | None):  # fmt: skip
         self.workspace = open_workspace_for_writing(workspace, str(embedder.bundle_id), int(embedder.dim), db_url=db_url,
                                                     bundle_path=getattr(embedder, "bundle_path", None), index_kind=index_kind)  # fmt: skip
         self.catalog, self.ranks, self.index_kind, self.verify = self.workspace.catalog, ranks, index_kind, verify
+        self.on_progress, self.on_batch = on_progress, on_batch
         self.unsaved = 0
-        self.doomed: list[int] = []  # deleted from the catalog, still in an HNSW index (see _commit)
-        self.on_progress: Progress | None = None
-        self.on_batch: Callable[[BatchTiming], None] | None = None
+        self.doomed: list[int] = []  # deleted from the catalog, still in an HNSW index (see _update_index)
 
     def close(self) -> None:
         self.workspace.close()
@@ -221,7 +221,8 @@ class _Writer:
             self._add_file(record, image_id)
             summary.duplicates += 1
         for record in batch.touched:
-            self.catalog.touch_file(str(record.path), record.size, record.mtime_ns, record.stat.inode, record.stat.ctime_ns)
+            stat = record.stat
+            self.catalog.touch_file(str(record.path), stat.size, stat.mtime_ns, stat.inode, stat.ctime_ns)
         return new_ids, new_vectors
 
     def _add_file(self, record: FileRecord, image_id: int) -> None:
@@ -273,9 +274,8 @@ def index_folders(
         if not paths:
             raise InputError("no paths to index; name image files or folders")
         discovery = discover(paths)  # before the workspace is touched: a wrong path leaves it as it was
-        writer = _Writer(resolve_workspace(workspace), embedder, ranks, db_url, index_kind, verify)
+        writer = _Writer(resolve_workspace(workspace), embedder, ranks, db_url, index_kind, verify, on_progress, on_batch)
         try:
-            writer.on_progress, writer.on_batch = on_progress, on_batch
             if on_start is not None:
                 on_start(len(discovery.files))
             summary = writer.run(discovery, int(batch_size) * ranks.world_size)

@@ -215,7 +215,7 @@ def open_workspace_for_search(
     except BaseException:
         catalog.close()
         raise
-    return Workspace(path, catalog, index, stored_bundle, dim, _read_info(path).get("bundle_path"))
+    return Workspace(path, catalog, index, stored_bundle, dim, info.get("bundle_path"))
 
 
 def open_workspace_for_writing(
@@ -223,6 +223,7 @@ def open_workspace_for_writing(
 ) -> Workspace:
     """Open (creating it if need be) a workspace for one index run: take the writer lock, bind the
     workspace to the bundle or refuse another one, and patch the index to the catalog."""
+    bundle_path = str(Path(bundle_path).resolve()) if bundle_path else None  # lets `search` find the bundle
     workspace.mkdir(parents=True, exist_ok=True)
     lock = _lock_for_writing(workspace)
     try:
@@ -238,8 +239,7 @@ def open_workspace_for_writing(
             if other != faiss_path(workspace, catalog):
                 other.unlink(missing_ok=True)
         index, changed = _synced_index(workspace, catalog, index_kind)
-        shown_path = str(Path(bundle_path).resolve()) if bundle_path else None
-        opened = Workspace(workspace, catalog, index, bundle_id, dim, shown_path, lock)
+        opened = Workspace(workspace, catalog, index, bundle_id, dim, bundle_path, lock)
         if changed:
             opened.save_index()
     except BaseException:
@@ -249,11 +249,9 @@ def open_workspace_for_writing(
     return opened
 
 
-def _bind_bundle(workspace: Path, catalog: Catalog, bundle_id: str, dim: int, bundle_path: str | Path | None, db_url: str | None) -> None:
+def _bind_bundle(workspace: Path, catalog: Catalog, bundle_id: str, dim: int, bundle_path: str | None, db_url: str | None) -> None:
     """Record the bundle in a new workspace; in one already indexed, refuse another bundle."""
     info = _read_info(workspace)
-    if bundle_path:  # lets `search` find the bundle without --bundle
-        bundle_path = str(Path(bundle_path).resolve())
     with catalog.transaction():
         stored_bundle, stored_dim = catalog.get_meta("bundle_id"), catalog.get_meta("dim")
         if stored_bundle is None:
