@@ -39,6 +39,32 @@ def progress_bar():
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
 
 
+PROGRESS_LINE_EVERY_S = 5.0
+
+
+class ProgressLines:
+    """A progress bar's calls as a line every PROGRESS_LINE_EVERY_S seconds, for output that is not a
+    terminal (a log), where rich would draw the bar only at the end."""
+
+    def start(self) -> None:
+        import time
+
+        self.last = time.monotonic()
+
+    def add_task(self, description: str, total: int | None = None) -> int:
+        return 0
+
+    def update(self, task: int, completed: int, total: int | None, description: str) -> None:
+        import time
+
+        if time.monotonic() - self.last >= PROGRESS_LINE_EVERY_S:
+            typer.echo(f"{description}: {completed}/{total}")
+            self.last = time.monotonic()
+
+    def stop(self) -> None:
+        pass
+
+
 @app.command()
 def phantom(
     out: Path = typer.Argument(..., help="Folder to write images/, masks/, classes.json, split.csv into."),
@@ -495,25 +521,38 @@ def index(
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Images per batch (each batch is committed before it is reported)."),
     index_kind: str = typer.Option("auto", "--index", help="auto (exact up to 100k images, then HNSW) | flat | ivf | hnsw."),
     weights: str = typer.Option(None, "--weights", help="Vector weights, e.g. sketch=0.9,code=0.05,image=0.05 (the default; docs/SEARCH.md)."),
+    verify: bool = typer.Option(False, "--verify", help="Re-hash every file, also those whose size, mtime, inode and ctime are unchanged."),
     device: str = typer.Option("auto", "--device"),
 ):
     """Add images to the archive: S's masks, the synthesized sketch's field and E's code, C's embedding; incremental."""
     import os
 
-    from indexing.ingest import index_paths
+    from indexing.ingest import index_folders
     from retrieval.search import ArchiveEmbedder, SystemModels, VectorRecipe
 
     embedder = ArchiveEmbedder(SystemModels(bundle, device), VectorRecipe.parse(weights) if weights else VectorRecipe())
+    options = dict(db_url=db_url, batch_size=batch_size, index_kind=index_kind, verify=verify)
     if os.environ.get("RANK", "0") != "0":  # torchrun: the other ranks embed their shares quietly
-        index_paths(paths, workspace, embedder, db_url=db_url, batch_size=batch_size, index_kind=index_kind)
+        index_folders(paths, workspace, embedder, **options)
         return
-    with progress_bar() as progress:
-        task = progress.add_task("index", total=None)
+    from rich.console import Console
 
-        def on_progress(done: int, total: int, path: Path) -> None:
-            progress.update(task, completed=done, total=total, description=f"index {path.name[:40]}")
+    progress = progress_bar() if Console().is_terminal else ProgressLines()  # started once the workspace is open and checked
+    task = None
 
-        summary = index_paths(paths, workspace, embedder, db_url=db_url, batch_size=batch_size, index_kind=index_kind, on_progress=on_progress)
+    def on_start(total: int) -> None:
+        nonlocal task
+        progress.start()
+        task = progress.add_task("index", total=total)
+
+    def on_progress(done: int, total: int, path: Path) -> None:
+        progress.update(task, completed=done, total=total, description=f"index {path.name[:40]}")
+
+    try:
+        summary = index_folders(paths, workspace, embedder, **options, on_start=on_start, on_progress=on_progress)
+    finally:
+        if task is not None:
+            progress.stop()
     typer.echo(f"added {summary.added}, unchanged {summary.unchanged}, duplicates {summary.duplicates}, "
                f"skipped {len(summary.skipped)}, removed {summary.removed}")
     for path, why in summary.skipped:

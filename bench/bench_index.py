@@ -1,4 +1,4 @@
-"""Indexing throughput: images/s of `index_paths` with the bundle's `ArchiveEmbedder`, and where the time goes.
+"""Indexing throughput: images/s of `index_folders` with the bundle's `ArchiveEmbedder`, and where the time goes.
 
     python bench/bench_index.py --bundle BUNDLE --data DATASET_FOLDER --threads 2 --batch-size 32
 
@@ -7,12 +7,12 @@ indexed into a new workspace (`--workspace`, default a temporary folder that is 
 exactly as `cli.py index` does (index kind auto), after one untimed warm-up batch through the
 networks. With `--threads` torch and faiss threads, this process measures:
 
-  index_run      wall seconds and images/s of the whole `index_paths` call, split into
+  index_run      wall seconds and images/s of the whole `index_folders` call, split into
                  embed (`embed_images`: S, E, C and the fused vector), load (reading and decoding the
                  files for embedding), commit (the catalog transaction, the FAISS add and the periodic
                  index saves) and discover_plan (finding, stat'ing and hashing the files, and the final
-                 save). The split comes from timing wrappers put around `ArchiveEmbedder.embed_images`
-                 and the private `indexing.ingest._embed_shard` and `_Writer._commit` for the run.
+                 save). The split comes from a timing wrapper put around `ArchiveEmbedder.embed_images`
+                 and from the run's `on_batch` reports (`indexing.ingest.BatchTiming`).
   parts_ms_per_image  the pieces of `retrieval.search.archive_parts`, timed separately, on the first
                  `--part-images` of the same images in batches of `--batch-size`: S (resize, SOLOv2,
                  masks to sketches and label maps), C (pixels and C.embed), sketch_normalize (each
@@ -28,8 +28,6 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +35,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import indexing.ingest as ingest  # noqa: E402
 from bench.machine import add_common_arguments, describe, finish, measure_peak, peak_rss_mib, set_threads  # noqa: E402
 from generation.images import (
     find_images,  # noqa: E402
@@ -45,41 +42,35 @@ from generation.images import (
 )
 from generation.sketch import sketch_to_tensor  # noqa: E402
 from indexing.files import load  # noqa: E402
+from indexing.ingest import BatchTiming, index_folders  # noqa: E402
 from retrieval.search import ArchiveEmbedder, SystemModels, VectorRecipe, _normalized, archive_parts, fuse_vectors, sketch_field  # noqa: E402
 
 TARGET_IMAGES_PER_S = 20.0
 
 
-@contextmanager
-def timing(owner: object, name: str, totals: dict[str, float], key: str) -> Iterator[None]:
-    """Add the seconds spent in `owner.name` to totals[key] while the block runs."""
-    original = getattr(owner, name)
+def index_run(files: list[Path], workspace: Path, embedder: ArchiveEmbedder, batch_size: int) -> dict:
+    embed_images, totals = embedder.embed_images, {"embed": 0.0, "load_embed": 0.0, "commit": 0.0}
 
-    def timed(*args, **kwargs):
+    def timed_embed_images(images):
         start = time.perf_counter()
         try:
-            return original(*args, **kwargs)
+            return embed_images(images)
         finally:
-            totals[key] += time.perf_counter() - start
+            totals["embed"] += time.perf_counter() - start
 
-    setattr(owner, name, timed)
+    def on_batch(batch: BatchTiming) -> None:
+        totals["load_embed"] += batch.embed_s
+        totals["commit"] += batch.commit_s
+
+    embedder.embed_images = timed_embed_images
     try:
-        yield
-    finally:
-        setattr(owner, name, original)
-
-
-def index_run(files: list[Path], workspace: Path, embedder: ArchiveEmbedder, batch_size: int) -> dict:
-    totals = {"embed": 0.0, "shard": 0.0, "commit": 0.0}
-    with ExitStack() as stack:
-        stack.enter_context(timing(embedder, "embed_images", totals, "embed"))
-        stack.enter_context(timing(ingest, "_embed_shard", totals, "shard"))
-        stack.enter_context(timing(ingest._Writer, "_commit", totals, "commit"))
         start = time.perf_counter()
-        summary = ingest.index_paths(files, workspace, embedder, batch_size=batch_size)
+        summary = index_folders(files, workspace, embedder, batch_size=batch_size, on_batch=on_batch)
         seconds = time.perf_counter() - start
-    split = {"embed": totals["embed"], "load": totals["shard"] - totals["embed"],
-             "commit": totals["commit"] - totals["shard"], "discover_plan": seconds - totals["commit"]}
+    finally:
+        del embedder.embed_images
+    split = {"embed": totals["embed"], "load": totals["load_embed"] - totals["embed"], "commit": totals["commit"],
+             "discover_plan": seconds - totals["load_embed"] - totals["commit"]}
     return {"images": summary.added, "skipped": len(summary.skipped), "seconds": round(seconds, 3),
             "images_per_s": round(summary.added / seconds, 2),
             "split_s": {key: round(value, 3) for key, value in split.items()},

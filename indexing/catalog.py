@@ -10,8 +10,9 @@ Tables:
     images   one row per distinct content (sha256 of the file bytes, frame): pixel size, modality,
              time added, the float32 vector as bytes, the mask shape. Ids are never reused
              (AUTOINCREMENT / sequences), so an id always names the same vector.
-    files    (path, frame) -> image id, with the file's size and mtime; a second path with the
-             same content is a second row here (an alias), not a second image
+    files    (path, frame) -> image id, with the file's size, mtime, inode and ctime (NULL when
+             written before schema 2); a second path with the same content is a second row here
+             (an alias), not a second image
     masks    (image id, class index) -> np.packbits + zlib of that class's binary mask
 
 Schema changes: bump by appending a function to `MIGRATIONS`; catalogs are upgraded on open.
@@ -35,7 +36,16 @@ from generation.errors import InputError
 # MIGRATIONS[n - 1] upgrades a catalog from schema version n to n + 1 (inside the opening
 # transaction) and must leave the tables as the definitions below describe them, e.g.
 #     lambda conn: conn.execute(sa.text("ALTER TABLE images ADD COLUMN note TEXT"))
-MIGRATIONS: list[Callable[[sa.Connection], None]] = []
+
+
+def _add_file_identity(connection: sa.Connection) -> None:
+    # 1 -> 2: inode and ctime, which change when a file is replaced by one of the same size and
+    # mtime; left NULL, so the next index run re-hashes each file once and records them.
+    for column in ("inode", "ctime_ns"):
+        connection.execute(sa.text(f"ALTER TABLE files ADD COLUMN {column} BIGINT"))
+
+
+MIGRATIONS: list[Callable[[sa.Connection], None]] = [_add_file_identity]
 
 
 def schema_version() -> int:
@@ -74,6 +84,8 @@ files_table = sa.Table(
     sa.Column("image_id", _ID, sa.ForeignKey("images.id"), nullable=False, index=True),
     sa.Column("size", sa.BigInteger, nullable=False),
     sa.Column("mtime_ns", sa.BigInteger, nullable=False),
+    sa.Column("inode", sa.BigInteger),
+    sa.Column("ctime_ns", sa.BigInteger),
     sa.UniqueConstraint("path", "frame", name="files_path_frame"),
     sqlite_autoincrement=True,
 )
@@ -96,6 +108,8 @@ class FileEntry:
     size: int
     mtime_ns: int
     sha256: str
+    inode: int | None  # None: recorded before the catalog kept it
+    ctime_ns: int | None
 
 
 @dataclass(frozen=True)
@@ -272,16 +286,21 @@ class Catalog:
                 )
         return int(image_id)
 
-    def add_file(self, path: str, frame: int, image_id: int, size: int, mtime_ns: int) -> None:
+    def add_file(
+        self, path: str, frame: int, image_id: int, size: int, mtime_ns: int, inode: int | None = None, ctime_ns: int | None = None
+    ) -> None:
         with self._connect() as c:
             c.execute(
-                files_table.insert().values(path=path, frame=frame, image_id=image_id, size=size, mtime_ns=mtime_ns)
+                files_table.insert().values(path=path, frame=frame, image_id=image_id, size=size, mtime_ns=mtime_ns,
+                                            inode=inode, ctime_ns=ctime_ns)  # fmt: skip
             )
 
-    def touch_file(self, path: str, size: int, mtime_ns: int) -> None:
-        """Record a new size/mtime for a file whose content did not change."""
+    def touch_file(self, path: str, size: int, mtime_ns: int, inode: int | None = None, ctime_ns: int | None = None) -> None:
+        """Record a new size/mtime/inode/ctime for a file whose content did not change."""
         with self._connect() as c:
-            c.execute(files_table.update().where(files_table.c.path == path).values(size=size, mtime_ns=mtime_ns))
+            c.execute(
+                files_table.update().where(files_table.c.path == path).values(size=size, mtime_ns=mtime_ns, inode=inode, ctime_ns=ctime_ns)
+            )
 
     def remove_files(self, paths: Iterable[str]) -> None:
         """Forget these paths (all frames); their images stay until `prune()`."""
@@ -315,7 +334,7 @@ class Catalog:
         """Every indexed path and its entries (one per frame)."""
         query = (
             sa.select(files_table.c.path, files_table.c.frame, files_table.c.image_id, files_table.c.size,
-                      files_table.c.mtime_ns, images_table.c.sha256)
+                      files_table.c.mtime_ns, images_table.c.sha256, files_table.c.inode, files_table.c.ctime_ns)
             .join(images_table, images_table.c.id == files_table.c.image_id)
             .order_by(files_table.c.path, files_table.c.frame)
         )  # fmt: skip

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -27,14 +28,32 @@ DICOM_SUFFIXES = (".dcm", ".dicom")
 
 
 @dataclass(frozen=True)
+class FileStat:
+    """What tells an unchanged file without reading it. A replacement keeping size and mtime (cp -p,
+    rsync, tar) still changes the inode or the ctime."""
+
+    size: int  # bytes
+    mtime_ns: int
+    inode: int
+    ctime_ns: int
+
+
+@dataclass(frozen=True)
 class FileRecord:
     path: Path  # absolute
     frame: int  # 0 unless a multi-frame DICOM
     sha256: str  # of the whole file's bytes
-    size: int
-    mtime_ns: int
+    stat: FileStat  # taken before hashing: a change while the file is read shows up next run
     modality: str  # 'PNG', 'JPEG', 'TIFF', 'BMP', 'DICOM:CT', ...
     frames: int = 1  # of the file
+
+    @property
+    def size(self) -> int:
+        return self.stat.size
+
+    @property
+    def mtime_ns(self) -> int:
+        return self.stat.mtime_ns
 
     @property
     def key(self) -> tuple[str, int]:
@@ -55,58 +74,88 @@ def is_dicom(path: Path) -> bool:
     return suffix in DICOM_SUFFIXES or (suffix not in IMAGE_SUFFIXES and has_dicom_magic(path))
 
 
-def discover(paths: Iterable[str | Path]) -> list[Path]:
-    """Candidate files under `paths` (folders recursively; a file named explicitly always counts), absolute, sorted.
+@dataclass
+class Discovery:
+    """What `discover` found under the paths it was given."""
+
+    files: list[Path]  # candidate files, absolute, sorted
+    folders: list[Path]  # the folders named (resolved): files indexed under them and now gone are pruned
+    unlisted: list[Path] = field(default_factory=list)  # folders that could not be listed: their entries stay
+    skipped: list[tuple[Path, str]] = field(default_factory=list)  # unlisted folders and named non-files, with the reason
+
+
+def discover(paths: Iterable[str | Path]) -> Discovery:
+    """Candidate files under `paths` (folders recursively; a file named explicitly always counts).
 
     Candidates have an image or DICOM suffix or the DICM magic; whether they really are readable
     images is decided when they are probed and loaded. In a dataset folder (`images/` beside
-    `masks/`, docs/DATA.md) the masks are labels, not archive images, and are left out.
+    `masks/`, docs/DATA.md) the masks are labels, not archive images, and are left out. A file is
+    kept under the path it was found at, also when it is a symbolic link (so it goes when the link
+    goes). A folder that cannot be listed is reported, not taken for empty.
     """
     found: set[Path] = set()
+    folders: list[Path] = []
+    discovery = Discovery([], folders)
+
+    def on_walk_error(error: OSError) -> None:
+        if isinstance(error, (FileNotFoundError, NotADirectoryError)):
+            return  # removed while walking: its files are gone
+        folder = Path(error.filename) if error.filename else folders[-1]
+        discovery.unlisted.append(folder)
+        discovery.skipped.append((folder, f"cannot list this folder ({error.strerror or error}); its indexed files are kept"))
+
     for root in paths:
         root = Path(root).expanduser()
         if not root.exists():
             raise InputError(f"{root}: no such file or folder; check the path")
         if root.is_file():
-            found.add(root.resolve())
+            found.add(root.parent.resolve() / root.name)
             continue
-        for folder, folders, names in os.walk(root):
-            if "images" in folders and "masks" in folders:
-                folders.remove("masks")
+        if not root.is_dir():
+            discovery.skipped.append((root.absolute(), "not a regular file or folder (a device, pipe or socket); name image files or folders"))
+            continue
+        folders.append(root.resolve())
+        for folder, subfolders, names in os.walk(folders[-1], onerror=on_walk_error):
+            if "images" in subfolders and "masks" in subfolders:
+                subfolders.remove("masks")
             for name in names:
                 path = Path(folder) / name
                 if (path.suffix.lower() in IMAGE_SUFFIXES or is_dicom(path)) and path.is_file():
-                    found.add(path.resolve())
-    return sorted(found)
+                    found.add(path)
+    discovery.files = sorted(found)
+    return discovery
 
 
-def file_stat(path: Path) -> tuple[int, int]:
-    """(size in bytes, mtime in ns): what tells an unchanged file without reading it."""
+def file_stat(path: Path) -> FileStat:
     stat = os.stat(path)
-    return stat.st_size, stat.st_mtime_ns
+    return FileStat(stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_ctime_ns)
 
 
 def probe(path: str | Path) -> list[FileRecord]:
     """The entries of one file (one per DICOM frame), without decoding pixels."""
     path = Path(path).absolute()
     try:
-        size, mtime_ns = file_stat(path)  # before hashing: a change while we read shows up next run
+        stat = file_stat(path)
         sha256 = file_sha256(path)
     except OSError as error:
         raise InputError(f"{path}: cannot read ({error.strerror or error}); check its permissions")
     if is_dicom(path):
-        dataset = _read_dicom(path, size, mtime_ns)
+        dataset = _read_dicom(path, stat.size, stat.mtime_ns)
         frames = int(dataset.get("NumberOfFrames", 1) or 1)
         modality = f"DICOM:{dataset.Modality}" if dataset.get("Modality") else "DICOM"
     else:
         try:
-            with Image.open(path) as image:
-                modality, frames = image.format or path.suffix.lstrip(".").upper(), 1
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(path) as image:
+                    modality, frames = image.format or path.suffix.lstrip(".").upper(), 1
         except UnidentifiedImageError:
             raise InputError(f"{path}: not an image PIL can read (PNG, JPEG, TIFF, BMP, ...)")
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):  # as `generation.images` refuses to decode it
+            raise InputError(f"{path}: too many pixels to decode safely; downscale the image first")
         except (OSError, SyntaxError, ValueError) as error:
             raise InputError(f"{path}: corrupt or truncated image ({error}); re-export the file")
-    return [FileRecord(path, frame, sha256, size, mtime_ns, modality, frames) for frame in range(frames)]
+    return [FileRecord(path, frame, sha256, stat, modality, frames) for frame in range(frames)]
 
 
 def load(path: str | Path, frame: int = 0) -> np.ndarray:
@@ -114,10 +163,10 @@ def load(path: str | Path, frame: int = 0) -> np.ndarray:
     path = Path(path)
     if not is_dicom(path):
         return load_rgb(path)
-    size, mtime_ns = file_stat(path)
-    dataset = _read_dicom(path, size, mtime_ns)
+    stat = file_stat(path)
+    dataset = _read_dicom(path, stat.size, stat.mtime_ns)
     try:
-        pixels = _dicom_pixels(path, size, mtime_ns)
+        pixels = _dicom_pixels(path, stat.size, stat.mtime_ns)
     except Exception as error:  # pydicom raises many kinds for undecodable pixel data
         raise InputError(f"{path}: cannot decode its pixel data ({error}); it may need a pydicom codec plugin")
     frames = int(dataset.get("NumberOfFrames", 1) or 1)
@@ -135,8 +184,10 @@ def load(path: str | Path, frame: int = 0) -> np.ndarray:
 
 
 def scan(paths: Iterable[str | Path]) -> Iterator[FileRecord | tuple[Path, str]]:
-    """Every entry under `paths`; an unreadable file gives (path, reason) instead of records."""
-    for path in discover(paths):
+    """Every entry under `paths`; an unreadable file or folder gives (path, reason) instead of records."""
+    discovery = discover(paths)
+    yield from discovery.skipped
+    for path in discovery.files:
         try:
             yield from probe(path)
         except InputError as error:

@@ -35,6 +35,17 @@ def auto_kind(count: int) -> str:
     return "flat" if count < AUTO_THRESHOLD else "hnsw"
 
 
+def target_kind(requested: str, current: str | None, count: int) -> str:
+    """The index kind to have: an explicit request, else the current one, upgraded to HNSW when large."""
+    if count == 0:
+        return "flat"  # ivf cannot be trained on nothing; it is built once there are vectors
+    if requested != "auto":
+        return requested
+    if current is None:
+        return auto_kind(count)
+    return "hnsw" if current == "flat" and count >= AUTO_THRESHOLD else current
+
+
 def _normalised(vectors: np.ndarray, dim: int | None = None) -> np.ndarray:
     vectors = np.array(vectors, dtype=np.float32, order="C", copy=True)
     if vectors.ndim != 2 or (dim is not None and vectors.shape[1] != dim):

@@ -16,7 +16,7 @@ from PIL import Image
 from generation.freehand import freehand_sketch
 from generation.images import load_mask
 from generation.phantom import write_phantom_dataset
-from indexing.ingest import IndexSummary, index_paths
+from indexing.ingest import IndexSummary, index_folders
 from retrieval.contact_sheet import write_search_outputs
 from retrieval.search import ArchiveEmbedder, Retriever, SearchResult, SystemModels
 
@@ -42,7 +42,7 @@ def run_demo(out: str | Path, bundle: str | Path | None = None, images: int = 20
         log(f"generating {images} phantom images of {size} px in {archive}")
         write_phantom_dataset(archive, n=images, size=size, seed=ARCHIVE_SEED)
     log(f"indexing {archive / 'images'} with bundle {models.bundle}")
-    summary = index_paths(archive / "images", out / "workspace", ArchiveEmbedder(models), batch_size=32)
+    summary = index_folders(archive / "images", out / "workspace", ArchiveEmbedder(models), batch_size=32)
 
     # The query: one image's exact mask, drawn by the free-hand simulator as a clinician might.
     target = sorted((archive / "images").glob("*.png"))[len(list((archive / "images").glob("*.png"))) // 2]

@@ -49,7 +49,8 @@ from generation.pipeline import Sketch2MedI
 from generation.refiner import refine
 from generation.sketch import INK, sketch_to_tensor
 from generation.solov2 import SOLOv2, load_synthesizer
-from indexing.ingest import EmbeddedBatch, open_workspace_for_search
+from indexing.embedding import EmbeddedBatch
+from indexing.workspace import check_bundle, open_workspace_for_search
 from retrieval.defaults import DEFAULT_LAMBDA, DEFAULT_WEIGHTS
 from retrieval.metrics import dice_per_image
 
@@ -138,7 +139,7 @@ class SystemModels:
 
 
 class ArchiveEmbedder:
-    """The `indexing.ingest.Embedder` of a bundle: per image S's masks, x_sk = S(x), its field f,
+    """The `indexing.embedding.Embedder` of a bundle: per image S's masks, x_sk = S(x), its field f,
     w = E(x_sk), e = C(x), and the fused vector."""
 
     def __init__(self, models: SystemModels, recipe: VectorRecipe = VectorRecipe()):
@@ -224,9 +225,9 @@ class Retriever:
                 models = SystemModels(bundle or self.workspace.bundle_path or None, device)
             self.models = models
             self.embedder = ArchiveEmbedder(models, VectorRecipe.parse(stored.split(RECIPE_SEPARATOR)[1]))
-            if self.embedder.bundle_id != stored:
-                raise InputError(f"{self.workspace.path}: was indexed with another bundle than {models.bundle}; "
-                                 f"search with the bundle it was built with or re-index into a new workspace")
+            check_bundle(self.workspace.path, stored, self.embedder.bundle_id,
+                         "search with the bundle it was built with (another bundle makes other vectors) or re-index into a new workspace",
+                         indexed_path=self.workspace.bundle_path, bundle_path=models.bundle)  # fmt: skip
         except BaseException:
             self.workspace.close()
             raise

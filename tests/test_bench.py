@@ -3,7 +3,7 @@
 import json
 
 from bench import bench_faiss, bench_index, bench_search
-from indexing.ingest import index_paths
+from indexing.ingest import index_folders
 from retrieval.search import ArchiveEmbedder, SystemModels
 
 PEAK = ["--threads", "1", "--matmul-size", "128", "--copy-mb", "8"]  # conftest runs tests on one thread
@@ -35,7 +35,7 @@ def test_faiss_reports_every_index_and_the_exact_bound(tmp_path):
 
 def test_search_reports_stages_flops_and_memory(tiny_chain, tmp_path):
     data, bundle, _ = tiny_chain
-    index_paths(data / "images", tmp_path / "ws", ArchiveEmbedder(SystemModels(bundle, "cpu")), batch_size=8)
+    index_folders(data / "images", tmp_path / "ws", ArchiveEmbedder(SystemModels(bundle, "cpu")), batch_size=8)
     result = bench_search.main(["--bundle", str(bundle), "--workspace", str(tmp_path / "ws"), "--queries", "3",
                                 "--warmup", "1", "--batch", "2", *PEAK])
     assert COMMON | {"archive", "queries", "stages_ms", "end_to_end_ms", "batched", "flops", "peak_rss_mib", "target"} <= result.keys()

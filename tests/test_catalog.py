@@ -205,3 +205,18 @@ def test_label_maps_compress_losslessly(shape):
     masks = encode_label_map(label_map)
     assert [c for c, _ in masks] == sorted(set(np.unique(label_map)) - {0})
     np.testing.assert_array_equal(decode_label_map(shape, masks), label_map)
+
+
+def test_a_version_1_catalog_gains_inode_and_ctime(db_url):
+    with Catalog(db_url) as catalog:
+        image_id = add(catalog, "a", 1)
+        with catalog.engine.begin() as connection:  # the schema before inodes and ctimes were kept
+            for column in ("inode", "ctime_ns"):
+                connection.execute(sa.text(f"ALTER TABLE files DROP COLUMN {column}"))
+            connection.execute(sa.text("UPDATE meta SET value = '1' WHERE key = 'schema_version'"))
+    with Catalog(db_url) as catalog:
+        assert catalog.get_meta("schema_version") == str(catalog_module.schema_version())
+        [entry] = catalog.entries()["/archive/a.png"]
+        assert (entry.image_id, entry.size, entry.inode, entry.ctime_ns) == (image_id, 1001, None, None)
+        catalog.touch_file("/archive/a.png", 1001, 10**9, inode=42, ctime_ns=7)
+        assert catalog.entries()["/archive/a.png"][0].inode == 42

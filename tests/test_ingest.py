@@ -7,29 +7,26 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import struct
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
+import sqlalchemy as sa
 from conftest import fresh_postgres_database
 from PIL import Image
 
 from generation.errors import InputError
 from indexing import files
 from indexing.catalog import Catalog
-from indexing.ingest import (
-    EmbeddedBatch,
-    IndexSummary,
-    catalog_url,
-    index_path,
-    index_paths,
-    open_workspace_for_search,
-    resolve_workspace,
-)  # fmt: skip
+from indexing.embedding import EmbeddedBatch
+from indexing.ingest import IndexSummary, index_folders
 from indexing.vector_index import VectorIndex
+from indexing.workspace import catalog_url, faiss_path, open_workspace_for_search, resolve_workspace
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -91,7 +88,7 @@ def db_url(request):
 def assert_consistent(workspace: Path, db_url: str | None, archive_files: list[Path]) -> None:
     """Catalog ids == saved index ids, and every archive file is in the catalog exactly once."""
     with Catalog(catalog_url(workspace, db_url), create=False) as catalog:
-        saved = VectorIndex.load(index_path(workspace, catalog))
+        saved = VectorIndex.load(faiss_path(workspace, catalog))
         np.testing.assert_array_equal(saved.ids(), catalog.ids())
         entries = catalog.entries()
         assert sorted(entries) == sorted(str(p) for p in archive_files)
@@ -110,7 +107,7 @@ def test_each_image_ranks_first_for_its_own_vector(tmp_path, db_url):
     (archive / "notes.txt").write_text("not an image, not a candidate")
     embedder = FakeEmbedder()
 
-    summary = index_paths(archive, tmp_path / "ws", embedder, db_url=db_url, batch_size=3)
+    summary = index_folders(archive, tmp_path / "ws", embedder, db_url=db_url, batch_size=3)
     assert (summary.added, summary.unchanged, summary.duplicates, summary.skipped) == (11, 0, 0, [])
     assert summary.total == 11 and embedder.embedded == 11
 
@@ -129,17 +126,17 @@ def test_each_image_ranks_first_for_its_own_vector(tmp_path, db_url):
 
 def test_a_second_run_adds_nothing(tmp_path, db_url):
     archive_files = write_images(tmp_path / "archive", 6)
-    index_paths(tmp_path / "archive", tmp_path / "ws", FakeEmbedder(), db_url=db_url, batch_size=4)
+    index_folders(tmp_path / "archive", tmp_path / "ws", FakeEmbedder(), db_url=db_url, batch_size=4)
     with Catalog(catalog_url(tmp_path / "ws", db_url)) as catalog:
         before = catalog.vectors()
 
     embedder = FakeEmbedder()
-    summary = index_paths(tmp_path / "archive", tmp_path / "ws", embedder, db_url=db_url, batch_size=4)
+    summary = index_folders(tmp_path / "archive", tmp_path / "ws", embedder, db_url=db_url, batch_size=4)
     assert (summary.added, summary.unchanged, summary.total, embedder.embedded) == (0, 6, 6, 0)
 
     # A new mtime with the same bytes: hashed again, found unchanged, not embedded again.
     os.utime(archive_files[2], ns=(10**18, 10**18))
-    summary = index_paths(tmp_path / "archive", tmp_path / "ws", embedder, db_url=db_url)
+    summary = index_folders(tmp_path / "archive", tmp_path / "ws", embedder, db_url=db_url)
     assert (summary.added, summary.unchanged, embedder.embedded) == (0, 6, 0)
     with Catalog(catalog_url(tmp_path / "ws", db_url)) as catalog:
         after = catalog.vectors()
@@ -152,13 +149,13 @@ def test_a_second_run_adds_nothing(tmp_path, db_url):
 def test_duplicate_content_is_stored_once(tmp_path, db_url):
     archive = tmp_path / "archive"
     originals = write_images(archive, 4)
-    index_paths(archive, tmp_path / "ws", FakeEmbedder(), db_url=db_url)
+    index_folders(archive, tmp_path / "ws", FakeEmbedder(), db_url=db_url)
     shutil.copy(originals[0], archive / "copy_of_0.png")  # same content as an indexed entry
     (archive / "new").mkdir()
     for name in ("twin_a.png", "twin_b.png"):  # two new files with the same content, in one batch
         Image.fromarray(blocky(99)).save(archive / "new" / name)
     embedder = FakeEmbedder()
-    summary = index_paths(archive, tmp_path / "ws", embedder, db_url=db_url)
+    summary = index_folders(archive, tmp_path / "ws", embedder, db_url=db_url)
     assert (summary.added, summary.duplicates, summary.unchanged, embedder.embedded) == (1, 2, 4, 1)
 
     with open_workspace_for_search(tmp_path / "ws", db_url=db_url) as workspace:
@@ -169,7 +166,7 @@ def test_duplicate_content_is_stored_once(tmp_path, db_url):
         assert workspace.records_for(ids[0])[int(ids[0, 1])].path != record.path  # the copy is not a second hit
 
     originals[0].unlink()  # the alias keeps the entry alive, now under the other path
-    summary = index_paths(archive, tmp_path / "ws", embedder, db_url=db_url)
+    summary = index_folders(archive, tmp_path / "ws", embedder, db_url=db_url)
     assert (summary.added, summary.removed) == (0, 0)
     with open_workspace_for_search(tmp_path / "ws", db_url=db_url) as workspace:
         assert workspace.records_for([int(ids[0, 0])])[int(ids[0, 0])].path == str(archive / "copy_of_0.png")
@@ -184,7 +181,7 @@ def test_unreadable_files_are_skipped_with_a_reason(tmp_path, db_url):
     (archive / "letter.png").write_text("Dear colleague, this is not a picture.")
     (archive / "empty.jpg").write_bytes(b"")
     (archive / "fake.dcm").write_bytes(b"\0" * 200)
-    summary = index_paths(archive, tmp_path / "ws", FakeEmbedder(), db_url=db_url)
+    summary = index_folders(archive, tmp_path / "ws", FakeEmbedder(), db_url=db_url)
     reasons = {path.name: why for path, why in summary.skipped}
     assert set(reasons) == {"truncated.png", "letter.png", "empty.jpg", "fake.dcm"}
     assert "truncated" in reasons["truncated.png"] and "not an image" in reasons["letter.png"]
@@ -192,20 +189,20 @@ def test_unreadable_files_are_skipped_with_a_reason(tmp_path, db_url):
     assert (summary.added, summary.total) == (3, 7)
     assert_consistent(tmp_path / "ws", db_url, good)
     # skipped again, not crashed on, by the next run
-    again = index_paths(archive, tmp_path / "ws", FakeEmbedder(), db_url=db_url)
+    again = index_folders(archive, tmp_path / "ws", FakeEmbedder(), db_url=db_url)
     assert (again.unchanged, len(again.skipped)) == (3, 4)
 
 
 def test_a_changed_file_is_reindexed_and_a_vanished_one_removed(tmp_path, db_url):
     archive_files = write_images(tmp_path / "archive", 5)
     embedder = FakeEmbedder()
-    index_paths(tmp_path / "archive", tmp_path / "ws", embedder, db_url=db_url)
+    index_folders(tmp_path / "archive", tmp_path / "ws", embedder, db_url=db_url)
     with open_workspace_for_search(tmp_path / "ws", db_url=db_url) as workspace:
         old_id = int(workspace.index.search(embedder.vector(blocky(1))[None], 1)[1][0, 0])
 
     Image.fromarray(blocky(77)).save(archive_files[1])  # new content under the same name
     archive_files[4].unlink()
-    summary = index_paths(tmp_path / "archive", tmp_path / "ws", embedder, db_url=db_url)
+    summary = index_folders(tmp_path / "archive", tmp_path / "ws", embedder, db_url=db_url)
     assert (summary.added, summary.unchanged, summary.removed) == (1, 3, 2)
     with open_workspace_for_search(tmp_path / "ws", db_url=db_url) as workspace:
         assert old_id not in workspace.index.ids() and workspace.index.ntotal == 4
@@ -220,7 +217,7 @@ def test_a_dataset_folder_indexes_its_images_not_its_masks(tmp_path):
     from generation.phantom import write_phantom_dataset
 
     write_phantom_dataset(tmp_path / "phantom", n=3, size=64, seed=0)
-    summary = index_paths(tmp_path / "phantom", tmp_path / "ws", FakeEmbedder())
+    summary = index_folders(tmp_path / "phantom", tmp_path / "ws", FakeEmbedder())
     assert summary.added == 3 and not summary.skipped
     assert_consistent(tmp_path / "ws", None, sorted((tmp_path / "phantom" / "images").iterdir()))
 
@@ -234,18 +231,18 @@ def test_progress_is_reported_after_each_commit(tmp_path):
             assert str(path) in reader.entries()  # reported only once committed
         reports.append((done, total, path))
 
-    index_paths(tmp_path / "archive", tmp_path / "ws", FakeEmbedder(), batch_size=3, on_progress=on_progress)
+    index_folders(tmp_path / "archive", tmp_path / "ws", FakeEmbedder(), batch_size=3, on_progress=on_progress)
     assert reports == [(i + 1, 7, p) for i, p in enumerate(archive_files)]
 
 
 def test_a_workspace_of_another_bundle_is_refused(tmp_path):
     write_images(tmp_path / "archive", 2)
-    index_paths(tmp_path / "archive", tmp_path / "ws", FakeEmbedder("bundle-a"))
+    index_folders(tmp_path / "archive", tmp_path / "ws", FakeEmbedder("bundle-a"))
     with pytest.raises(InputError, match="'bundle-a', not 'bundle-b'.*new workspace") as caught:
-        index_paths(tmp_path / "archive", tmp_path / "ws", FakeEmbedder("bundle-b"))
+        index_folders(tmp_path / "archive", tmp_path / "ws", FakeEmbedder("bundle-b"))
     assert "\n" not in str(caught.value)
     with pytest.raises(InputError, match="dimensional"):
-        index_paths(tmp_path / "archive", tmp_path / "ws", FakeEmbedder("bundle-a", side=4))
+        index_folders(tmp_path / "archive", tmp_path / "ws", FakeEmbedder("bundle-a", side=4))
     with pytest.raises(InputError, match="bundle 'bundle-a', not 'bundle-b'"):
         open_workspace_for_search(tmp_path / "ws", bundle_id="bundle-b")
     with open_workspace_for_search(tmp_path / "ws", bundle_id="bundle-a") as workspace:
@@ -255,9 +252,9 @@ def test_a_workspace_of_another_bundle_is_refused(tmp_path):
 def test_the_index_file_is_repaired_from_the_catalog(tmp_path):
     archive_files = write_images(tmp_path / "archive", 6)
     embedder = FakeEmbedder()
-    index_paths(tmp_path / "archive", tmp_path / "ws", embedder)
+    index_folders(tmp_path / "archive", tmp_path / "ws", embedder)
     with Catalog(catalog_url(tmp_path / "ws"), create=False) as catalog:
-        path, catalog_ids = index_path(tmp_path / "ws", catalog), catalog.ids()
+        path, catalog_ids = faiss_path(tmp_path / "ws", catalog), catalog.ids()
 
     stale = VectorIndex.load(path)  # as if saved mid-run, then edited by a later, killed run
     stale.remove(catalog_ids[:2])
@@ -273,7 +270,7 @@ def test_the_index_file_is_repaired_from_the_catalog(tmp_path):
         damage()
         with open_workspace_for_search(tmp_path / "ws") as workspace:
             np.testing.assert_array_equal(workspace.index.ids(), catalog_ids)
-    summary = index_paths(tmp_path / "archive", tmp_path / "ws", embedder)
+    summary = index_folders(tmp_path / "archive", tmp_path / "ws", embedder)
     assert summary.unchanged == 6
     assert_consistent(tmp_path / "ws", None, archive_files)
 
@@ -284,7 +281,7 @@ import sys, time
 from pathlib import Path
 sys.path[:0] = [sys.argv[1], sys.argv[2]]
 from test_ingest import FakeEmbedder
-from indexing.ingest import index_paths
+from indexing.ingest import index_folders
 
 archive, workspace, progress, blocked, db_url = sys.argv[3:8]
 
@@ -300,7 +297,7 @@ def report(done, total, path):
     with open(progress, "a") as handle:
         handle.write(f"{path}\\n")
 
-index_paths(archive, workspace, Blocking(), db_url=None if db_url == "-" else db_url, batch_size=2, on_progress=report)
+index_folders(archive, workspace, Blocking(), db_url=None if db_url == "-" else db_url, batch_size=2, on_progress=report)
 """
 
 
@@ -336,17 +333,17 @@ def test_kill_9_in_the_middle_of_a_run_loses_nothing_reported(tmp_path, db_url):
     with Catalog(catalog_url(workspace, db_url), create=False) as catalog:
         assert set(reported) <= set(catalog.entries())  # nothing reported as indexed was lost
     embedder = FakeEmbedder()
-    summary = index_paths(tmp_path / "archive", workspace, embedder, db_url=db_url, batch_size=2)
+    summary = index_folders(tmp_path / "archive", workspace, embedder, db_url=db_url, batch_size=2)
     assert (summary.unchanged, summary.added, embedder.embedded) == (2, 7, 7)
     assert_consistent(workspace, db_url, archive_files)
 
 
 def test_a_catalog_from_a_newer_version_is_refused(tmp_path):
     write_images(tmp_path / "archive", 2)
-    index_paths(tmp_path / "archive", tmp_path / "ws", FakeEmbedder())
+    index_folders(tmp_path / "archive", tmp_path / "ws", FakeEmbedder())
     with Catalog(catalog_url(tmp_path / "ws")) as catalog:
         catalog.set_meta("schema_version", "999")
-    for attempt in (lambda: index_paths(tmp_path / "archive", tmp_path / "ws", FakeEmbedder()),
+    for attempt in (lambda: index_folders(tmp_path / "archive", tmp_path / "ws", FakeEmbedder()),
                     lambda: open_workspace_for_search(tmp_path / "ws")):  # fmt: skip
         with pytest.raises(InputError, match="newer than this sketch2medi supports"):
             attempt()
@@ -377,7 +374,7 @@ def index_both(tmp_path: Path, postgres_url: str) -> dict:
     (archive / "broken.png").write_text("x")
     results = {}
     for name, url in (("sqlite", None), ("postgresql", postgres_url)):
-        summary = index_paths(archive, tmp_path / name, FakeEmbedder(), db_url=url, batch_size=4)
+        summary = index_folders(archive, tmp_path / name, FakeEmbedder(), db_url=url, batch_size=4)
         with open_workspace_for_search(tmp_path / name, db_url=url) as workspace:
             ids, vectors = workspace.catalog.vectors()
             records = workspace.records_for(ids)
@@ -392,29 +389,29 @@ def test_workspace_opening_errors(tmp_path, db_url):
     with pytest.raises(InputError, match="no such workspace"):
         open_workspace_for_search(tmp_path / "nowhere", db_url=db_url)
     write_images(tmp_path / "archive", 2)
-    index_paths(tmp_path / "archive", tmp_path / "ws", FakeEmbedder(), db_url=db_url)
+    index_folders(tmp_path / "archive", tmp_path / "ws", FakeEmbedder(), db_url=db_url)
     if db_url is not None:  # the workspace remembers where its catalog is, without the password
         with pytest.raises(InputError, match="pass that database with --db-url"):
             open_workspace_for_search(tmp_path / "ws")
     with pytest.raises(InputError, match="no such file or folder"):
-        index_paths(tmp_path / "missing", tmp_path / "ws", FakeEmbedder(), db_url=db_url)
+        index_folders(tmp_path / "missing", tmp_path / "ws", FakeEmbedder(), db_url=db_url)
     with pytest.raises(InputError, match="unknown index kind"):
-        index_paths(tmp_path / "archive", tmp_path / "ws", FakeEmbedder(), db_url=db_url, index_kind="exact")
+        index_folders(tmp_path / "archive", tmp_path / "ws", FakeEmbedder(), db_url=db_url, index_kind="exact")
 
 
 def test_index_kinds_can_be_chosen_and_are_kept(tmp_path):
     archive_files = write_images(tmp_path / "archive", 12)
     embedder = FakeEmbedder()
-    index_paths(tmp_path / "archive", tmp_path / "ws", embedder, index_kind="hnsw")
+    index_folders(tmp_path / "archive", tmp_path / "ws", embedder, index_kind="hnsw")
     with open_workspace_for_search(tmp_path / "ws") as workspace:
         assert workspace.index.kind == "hnsw"
     Image.fromarray(blocky(50)).save(archive_files[0])  # a removal, which an HNSW graph handles by rebuilding
-    summary = index_paths(tmp_path / "archive", tmp_path / "ws", embedder, index_kind="hnsw", batch_size=2)
+    summary = index_folders(tmp_path / "archive", tmp_path / "ws", embedder, index_kind="hnsw", batch_size=2)
     assert (summary.added, summary.removed) == (1, 1)
     assert_consistent(tmp_path / "ws", None, archive_files)
-    index_paths(tmp_path / "archive", tmp_path / "ws", embedder, index_kind="ivf")  # rebuilt as ivf
+    index_folders(tmp_path / "archive", tmp_path / "ws", embedder, index_kind="ivf")  # rebuilt as ivf
     archive_files += write_images(tmp_path / "archive", 1, start=12)
-    index_paths(tmp_path / "archive", tmp_path / "ws", embedder)  # auto keeps the chosen kind
+    index_folders(tmp_path / "archive", tmp_path / "ws", embedder)  # auto keeps the chosen kind
     with open_workspace_for_search(tmp_path / "ws") as workspace:
         assert workspace.index.kind == "ivf" and workspace.index.ntotal == 13
         for seed, path in zip([50, *range(1, 13)], archive_files):
@@ -441,10 +438,10 @@ import json, os, sys
 sys.path[:0] = [sys.argv[1], sys.argv[2]]
 import torch.distributed
 from test_ingest import FakeEmbedder
-from indexing.ingest import index_paths
+from indexing.ingest import index_folders
 
 embedder = FakeEmbedder()
-summary = index_paths(sys.argv[3], sys.argv[4], embedder, batch_size=2)
+summary = index_folders(sys.argv[3], sys.argv[4], embedder, batch_size=2)
 with open(os.path.join(sys.argv[5], f"rank{os.environ['RANK']}.json"), "w") as handle:
     json.dump({"added": summary.added, "duplicates": summary.duplicates, "embedded": embedder.embedded}, handle)
 torch.distributed.destroy_process_group()
@@ -470,7 +467,7 @@ def test_torchrun_two_ranks_index_like_one_process(tmp_path):
     assert ranks[0]["embedded"] > 0 and ranks[1]["embedded"] > 0  # both ranks embedded a share
     assert ranks[0]["embedded"] + ranks[1]["embedded"] == 9  # disjoint shares, nothing embedded twice
 
-    single = index_paths(archive, tmp_path / "ws1", FakeEmbedder(), batch_size=2)
+    single = index_folders(archive, tmp_path / "ws1", FakeEmbedder(), batch_size=2)
     assert (single.added, single.duplicates) == (9, 1)
     contents = []
     for name in ("ws1", "ws2"):
@@ -546,7 +543,7 @@ def test_multi_frame_dicom_gives_one_entry_per_frame(tmp_path):
         files.load(path, 3)
 
     embedder = FakeEmbedder()
-    summary = index_paths(archive, tmp_path / "ws", embedder)
+    summary = index_folders(archive, tmp_path / "ws", embedder)
     assert (summary.added, summary.total) == (3, 3)
     with open_workspace_for_search(tmp_path / "ws") as workspace:
         records = sorted(workspace.records_for(workspace.index.ids()).values(), key=lambda r: r.frame)
@@ -555,7 +552,7 @@ def test_multi_frame_dicom_gives_one_entry_per_frame(tmp_path):
         for frame, record in enumerate(records):
             _, ids = workspace.index.search(embedder.vector(files.load(path, frame))[None], 1)
             assert ids[0, 0] == record.id
-    assert index_paths(archive, tmp_path / "ws", embedder).unchanged == 3
+    assert index_folders(archive, tmp_path / "ws", embedder).unchanged == 3
 
 
 def test_enhanced_dicom_windows_each_frame_with_its_own_window(tmp_path):
@@ -595,3 +592,190 @@ def test_scan_reports_entries_and_reasons(tmp_path):
 
 def test_summary_is_a_plain_dataclass():
     assert IndexSummary().total == 0 and IndexSummary().skipped == []
+
+
+# -- what is found, what is kept, what is pruned --------------------------------------------------
+
+
+def index_entries(workspace: Path) -> list[str]:
+    with Catalog(catalog_url(workspace), create=False) as catalog:
+        return sorted(catalog.entries())
+
+
+def test_a_folder_that_cannot_be_listed_is_reported_and_its_entries_kept(tmp_path, monkeypatch):
+    archive = tmp_path / "archive"
+    kept = write_images(archive / "a", 2) + write_images(archive / "b", 3, start=2)
+    index_folders(archive, tmp_path / "ws", FakeEmbedder())
+    blocked, listdir = archive / "b", os.scandir
+
+    def scandir(path="."):  # as a permission change or a failing network mount would
+        if Path(path) == blocked:
+            raise PermissionError(13, "Permission denied", str(path))
+        return listdir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    summary = index_folders(archive, tmp_path / "ws", FakeEmbedder())
+    assert (summary.removed, summary.unchanged) == (0, 2)
+    assert summary.skipped == [(blocked, "cannot list this folder (Permission denied); its indexed files are kept")]
+    assert_consistent(tmp_path / "ws", None, kept)
+    monkeypatch.undo()
+    shutil.rmtree(blocked)  # a folder that is really gone takes its entries with it
+    summary = index_folders(archive, tmp_path / "ws", FakeEmbedder())
+    assert (summary.removed, summary.skipped) == (3, [])
+    assert_consistent(tmp_path / "ws", None, kept[:2])
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root lists folders whatever their permissions")
+def test_a_folder_without_permissions_keeps_its_entries(tmp_path):
+    archive = tmp_path / "archive"
+    kept = write_images(archive / "a", 2) + write_images(archive / "b", 3, start=2)
+    index_folders(archive, tmp_path / "ws", FakeEmbedder())
+    (archive / "b").chmod(0)
+    try:
+        summary = index_folders(archive, tmp_path / "ws", FakeEmbedder())
+    finally:
+        (archive / "b").chmod(0o755)
+    assert summary.removed == 0 and [path for path, _ in summary.skipped] == [archive / "b"]
+    assert_consistent(tmp_path / "ws", None, kept)
+
+
+def write_png_header(path: Path, width: int, height: int) -> Path:
+    """A PNG that claims width x height pixels, a few hundred bytes on disk."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(bytes(1000))) + chunk(b"IEND", b""))
+    return path
+
+
+def test_a_decompression_bomb_is_skipped_and_pruning_still_runs(tmp_path):
+    archive = tmp_path / "archive"
+    good = write_images(archive, 3)
+    index_folders(archive, tmp_path / "ws", FakeEmbedder())
+    good.pop().unlink()
+    bomb = write_png_header(archive / "bomb.png", 20000, 20000)
+    summary = index_folders(archive, tmp_path / "ws", FakeEmbedder())
+    assert summary.skipped == [(bomb, "too many pixels to decode safely; downscale the image first")]
+    assert (summary.unchanged, summary.removed) == (2, 1)
+    assert_consistent(tmp_path / "ws", None, good)
+
+
+def test_a_replacement_with_the_same_size_and_mtime_is_reindexed(tmp_path):
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    path = archive / "scan.bmp"  # BMP: every 48 x 48 image has the same size
+    Image.fromarray(blocky(1)).save(path)
+    embedder = FakeEmbedder()
+    index_folders(archive, tmp_path / "ws", embedder)
+    before = path.stat()
+    Image.fromarray(blocky(2)).save(tmp_path / "new.bmp")
+    os.utime(tmp_path / "new.bmp", ns=(before.st_atime_ns, before.st_mtime_ns))  # as cp -p, rsync or tar keep it
+    os.replace(tmp_path / "new.bmp", path)
+    assert (path.stat().st_size, path.stat().st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    summary = index_folders(archive, tmp_path / "ws", embedder)
+    assert (summary.added, summary.removed) == (1, 1)
+    with open_workspace_for_search(tmp_path / "ws") as workspace:
+        scores, _ = workspace.index.search(embedder.vector(blocky(2))[None], 1)
+        assert scores[0, 0] == pytest.approx(1.0, abs=1e-5)
+    assert index_folders(archive, tmp_path / "ws", embedder).unchanged == 1  # and then it is known
+
+
+def test_verify_rehashes_files_whose_stat_is_unchanged(tmp_path):
+    archive_files = write_images(tmp_path / "archive", 3)
+    index_folders(tmp_path / "archive", tmp_path / "ws", FakeEmbedder())
+    with Catalog(catalog_url(tmp_path / "ws")) as catalog, catalog.engine.begin() as connection:
+        connection.execute(sa.text("UPDATE images SET sha256 = :wrong WHERE id = 1"), {"wrong": "0" * 64})  # the catalog no longer matches
+    assert index_folders(tmp_path / "archive", tmp_path / "ws", FakeEmbedder()).unchanged == 3
+    summary = index_folders(tmp_path / "archive", tmp_path / "ws", FakeEmbedder(), verify=True)
+    assert (summary.added, summary.unchanged, summary.removed) == (1, 2, 1)
+    assert_consistent(tmp_path / "ws", None, archive_files)
+
+
+def test_a_symlink_is_indexed_under_its_own_path_and_pruned_with_it(tmp_path):
+    archive, outside = tmp_path / "archive", tmp_path / "elsewhere"
+    write_images(archive, 1)
+    [target] = write_images(outside, 1, start=5)
+    (archive / "link.png").symlink_to(target)
+    index_folders(archive, tmp_path / "ws", FakeEmbedder())
+    assert index_entries(tmp_path / "ws") == [str(archive / "image_000.png"), str(archive / "link.png")]
+    (archive / "link.png").unlink()
+    assert index_folders(archive, tmp_path / "ws", FakeEmbedder()).removed == 1
+    assert index_entries(tmp_path / "ws") == [str(archive / "image_000.png")]
+
+
+def test_a_missing_path_leaves_no_workspace_behind(tmp_path):
+    with pytest.raises(InputError, match="no such file or folder"):
+        index_folders(tmp_path / "missing", tmp_path / "ws", FakeEmbedder())
+    assert not (tmp_path / "ws").exists()
+
+
+def test_a_device_is_skipped_with_its_reason(tmp_path):
+    summary = index_folders(Path("/dev/zero"), tmp_path / "ws", FakeEmbedder())
+    assert summary.skipped == [(Path("/dev/zero"), "not a regular file or folder (a device, pipe or socket); name image files or folders")]
+    assert summary.total == 1 and summary.added == 0
+
+
+def test_another_bundle_is_refused_before_the_run_starts_naming_both_bundles(tmp_path):
+    write_images(tmp_path / "archive", 2)
+    first, second = FakeEmbedder("bundle-a"), FakeEmbedder("bundle-b")
+    first.bundle_path, second.bundle_path = tmp_path / "bundles" / "a", tmp_path / "bundles" / "b"
+    index_folders(tmp_path / "archive", tmp_path / "ws", first)
+    started = []
+    with pytest.raises(InputError) as caught:
+        index_folders(tmp_path / "archive", tmp_path / "ws", second, on_start=started.append)
+    assert str(caught.value) == (
+        f"{tmp_path / 'ws'}: was indexed with bundle {tmp_path / 'bundles' / 'a'} ('bundle-a'), "
+        f"not {tmp_path / 'bundles' / 'b'} ('bundle-b'); index into a new workspace or pass the same bundle"
+    )
+    assert started == []
+    index_folders(tmp_path / "archive", tmp_path / "ws", first, on_start=started.append)
+    assert started == [2]
+
+
+def test_each_batch_reports_where_its_time_went(tmp_path):
+    write_images(tmp_path / "archive", 5)
+    batches = []
+    index_folders(tmp_path / "archive", tmp_path / "ws", FakeEmbedder(), batch_size=2, on_batch=batches.append)
+    assert [(b.files, b.embedded) for b in batches] == [(2, 2), (2, 2), (1, 1)]
+    assert all(b.embed_s >= 0 and b.commit_s >= 0 for b in batches)
+
+
+def test_cli_index_refuses_another_bundle_before_any_progress_bar(tiny_chain, tmp_path):
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    _, bundle, _ = tiny_chain
+    other = tmp_path / "other"  # the same networks but a retrained E: another bundle
+    shutil.copytree(bundle, other, ignore=shutil.ignore_patterns("cache", "samples"))
+    with open(other / "encoder.safetensors", "r+b") as handle:
+        handle.seek(-4, 2)
+        handle.write(b"\x00\x00\x80\x3f")
+    write_images(tmp_path / "archive", 2)
+    runner, options = CliRunner(), ["--workspace", str(tmp_path / "ws"), "--device", "cpu"]
+    assert runner.invoke(app, ["index", str(tmp_path / "archive"), *options, "--bundle", str(bundle)]).exit_code == 0
+    result = runner.invoke(app, ["index", str(tmp_path / "archive"), *options, "--bundle", str(other)])
+    assert result.exit_code == 2 and result.output.count("\n") == 1  # the message alone, no bar
+    assert result.output.startswith(f"error: {tmp_path / 'ws'}: was indexed with bundle {bundle.resolve()} (")
+    assert f", not {other.resolve()} (" in result.output
+    result = runner.invoke(app, ["index", str(tmp_path / "missing"), "--workspace", str(tmp_path / "new"), "--bundle", str(bundle), "--device", "cpu"])
+    assert result.exit_code == 2 and "no such file or folder" in result.output and not (tmp_path / "new").exists()
+
+
+def test_cli_index_without_a_terminal_prints_progress_lines(tiny_chain, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    import cli
+
+    _, bundle, _ = tiny_chain
+    write_images(tmp_path / "archive", 3)
+    monkeypatch.setattr(cli, "PROGRESS_LINE_EVERY_S", 0.0)  # a line at each report
+    result = CliRunner().invoke(cli.app, ["index", str(tmp_path / "archive"), "--workspace", str(tmp_path / "ws"),
+                                          "--bundle", str(bundle), "--device", "cpu", "--batch-size", "2"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines() == [
+        "index image_000.png: 1/3", "index image_001.png: 2/3", "index image_002.png: 3/3",
+        "added 3, unchanged 0, duplicates 0, skipped 0, removed 0",
+    ]  # fmt: skip

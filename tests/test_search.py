@@ -12,7 +12,7 @@ from cli import app
 from generation.dataset import ImageDataset
 from generation.errors import InputError
 from generation.images import square_resize
-from indexing.ingest import index_paths
+from indexing.ingest import index_folders
 from retrieval.metrics import dice_per_image
 from retrieval.search import ArchiveEmbedder, Retriever, SystemModels, VectorRecipe, fuse_vectors, sketch_field
 
@@ -65,7 +65,7 @@ def test_own_synthesized_sketch_finds_its_image_first(tiny_chain, models, tmp_pa
     of its sketch field and code alone (image weight 0) and no re-ranking it must come first, for
     every image. (The image part depends on how well G is trained; the tiny bundle's is not.)"""
     data, _, _ = tiny_chain
-    index_paths(data / "images", tmp_path / "ws", ArchiveEmbedder(models, VectorRecipe(sketch=0.5, code=0.5, image=0)), batch_size=8)
+    index_folders(data / "images", tmp_path / "ws", ArchiveEmbedder(models, VectorRecipe(sketch=0.5, code=0.5, image=0)), batch_size=8)
     dataset = ImageDataset(data)
     with Retriever(tmp_path / "ws", models=models) as retriever:
         for i in range(len(dataset)):
@@ -76,7 +76,7 @@ def test_own_synthesized_sketch_finds_its_image_first(tiny_chain, models, tmp_pa
 
 def test_rerank_orders_by_the_dice_of_S_masks(tiny_chain, models, tmp_path):
     data, _, _ = tiny_chain
-    index_paths(data / "images", tmp_path / "ws", ArchiveEmbedder(models), batch_size=8)
+    index_folders(data / "images", tmp_path / "ws", ArchiveEmbedder(models), batch_size=8)
     sketch = own_sketch(models, ImageDataset(data).image(5))
     with Retriever(tmp_path / "ws", models=models) as retriever:
         result = retriever.search(sketch, k=24, candidates=24, lam=0.0)
@@ -174,7 +174,7 @@ def test_index_command_under_torchrun_matches_one_process(tiny_chain, models, tm
     result = subprocess.run(command, cwd=repo, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert "added 24" in result.stdout
-    index_paths(data / "images", tmp_path / "one", ArchiveEmbedder(models), batch_size=8)
+    index_folders(data / "images", tmp_path / "one", ArchiveEmbedder(models), batch_size=8)
     vectors = {}
     for name in ("ddp", "one"):
         with Catalog(f"sqlite:///{tmp_path / name / 'catalog.sqlite'}", create=False) as catalog:

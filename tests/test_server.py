@@ -18,7 +18,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 from generation.dataset import ImageDataset
 from generation.errors import InputError  # noqa: E402
 from generation.images import square_resize  # noqa: E402
-from indexing.ingest import index_paths  # noqa: E402
+from indexing.ingest import index_folders  # noqa: E402
 from retrieval.defaults import DEFAULT_LAMBDA  # noqa: E402
 from retrieval.search import ArchiveEmbedder, Retriever, SystemModels  # noqa: E402
 from retrieval.server import check_bind, create_app  # noqa: E402
@@ -31,7 +31,7 @@ def retriever(tiny_chain, tmp_path_factory):
     data, bundle, _ = tiny_chain
     models = SystemModels(bundle, "cpu")
     workspace = tmp_path_factory.mktemp("server") / "ws"
-    index_paths(data / "images", workspace, ArchiveEmbedder(models), batch_size=8)
+    index_folders(data / "images", workspace, ArchiveEmbedder(models), batch_size=8)
     with Retriever(workspace, models=models) as opened:
         yield opened
 
@@ -114,7 +114,7 @@ def test_an_image_changed_since_indexing_is_not_shown(tiny_chain, retriever, tmp
     archive.mkdir()
     one = archive / "one.png"
     one.write_bytes((data / "images" / sorted(p.name for p in (data / "images").iterdir())[0]).read_bytes())
-    index_paths([one], tmp_path / "ws", ArchiveEmbedder(retriever.models), batch_size=8)
+    index_folders([one], tmp_path / "ws", ArchiveEmbedder(retriever.models), batch_size=8)
     with Retriever(tmp_path / "ws", models=retriever.models) as small, TestClient(create_app(small)) as client:
         image_id = int(small.workspace.catalog.ids()[0])
         assert client.get(f"/api/images/{image_id}/image.png").status_code == 200

@@ -24,7 +24,7 @@ if CHROMIUM is None:
     pytest.skip("Debian's chromium is not installed (apt-get install -y chromium)", allow_module_level=True)
 
 from generation.dataset import ImageDataset  # noqa: E402
-from indexing.ingest import index_paths  # noqa: E402
+from indexing.ingest import index_folders  # noqa: E402
 from retrieval.search import ArchiveEmbedder, Retriever, SystemModels  # noqa: E402
 from retrieval.server import create_app  # noqa: E402
 
@@ -38,7 +38,7 @@ def server(tiny_chain, tmp_path_factory):
     data, bundle, _ = tiny_chain
     models = SystemModels(bundle, "cpu")
     workspace = tmp_path_factory.mktemp("web") / "ws"
-    index_paths(data / "images", workspace, ArchiveEmbedder(models), batch_size=8)
+    index_folders(data / "images", workspace, ArchiveEmbedder(models), batch_size=8)
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]

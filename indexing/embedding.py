@@ -1,0 +1,141 @@
+"""Embedding an index run's new files: what the run needs from the networks, and sharding over torchrun ranks.
+
+Under torchrun, rank 0 plans every batch and is the only process touching the workspace; each rank
+loads and embeds its share of the batch's new files, and rank 0 gathers the results. Rank 0 tells
+the other ranks what to do with one broadcast per step: ("embed", items), ("done", result), or
+("input" | "error", message) when it fails, so that every rank stops with it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch.distributed
+
+from generation.device import init_distributed
+from generation.errors import InputError
+from indexing.files import load, reason
+
+Key = tuple[str, int]  # (sha256, frame)
+Item = tuple[Key, Path, int]  # an entry to load and embed: (key, path, frame)
+Embedded = tuple[np.ndarray, np.ndarray, tuple[int, int]] | str  # (vector, label map, (height, width)) or why not
+
+
+@dataclass
+class EmbeddedBatch:
+    vectors: np.ndarray  # float32 (N, dim), L2-normalised
+    label_maps: list[np.ndarray]  # uint8 (h, w) each: S's masks, 0 = background, c = class c
+
+
+class Embedder(Protocol):
+    bundle_id: str  # names the model bundle; a workspace indexed with another bundle is refused
+    dim: int
+    # Optional: `bundle_path`, the bundle folder, recorded in workspace.json for `search`.
+
+    def embed_images(self, images: list[np.ndarray]) -> EmbeddedBatch:
+        """uint8 (H, W, 3) images of any size -> their vectors and S's label maps."""
+        ...
+
+
+def embed_files(embedder: Embedder, items: list[Item]) -> dict[Key, Embedded]:
+    """Load and embed some entries; an unreadable one gives the reason instead."""
+    results: dict[Key, Embedded] = {}
+    keys, images = [], []
+    for key, path, frame in items:
+        try:
+            images.append(load(path, frame))
+            keys.append(key)
+        except InputError as error:
+            results[key] = reason(path, error)
+        except Exception as error:  # an odd file must not end the run
+            results[key] = f"cannot read ({type(error).__name__}: {error})"
+    if not images:
+        return results
+    batch = embedder.embed_images(images)
+    vectors = np.asarray(batch.vectors, np.float32)
+    if vectors.shape != (len(images), embedder.dim) or len(batch.label_maps) != len(images):
+        raise RuntimeError(
+            f"the embedder returned vectors {vectors.shape} and {len(batch.label_maps)} label maps "
+            f"for {len(images)} images of dimension {embedder.dim}"
+        )
+    for key, image, vector, label_map in zip(keys, images, vectors, batch.label_maps):
+        results[key] = (vector, np.asarray(label_map, np.uint8), image.shape[:2])
+    return results
+
+
+class Ranks:
+    """The processes of one index run: rank 0 leads (see the module docstring); one process alone is rank 0."""
+
+    def __init__(self, embedder: Embedder):
+        self.embedder = embedder
+        self.dist = init_distributed()
+
+    @property
+    def is_main(self) -> bool:
+        return self.dist.is_main
+
+    @property
+    def world_size(self) -> int:
+        return self.dist.world_size
+
+    def _share(self, message: Any = None) -> Any:
+        """Rank 0's message, on every rank."""
+        if not self.dist.enabled:
+            return message
+        box = [message]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def embed(self, items: list[Item]) -> dict[Key, Embedded]:
+        """On rank 0: every rank embeds its share of `items`; rank 0 gets all the results."""
+        self._share(("embed", items))
+        return self._embed_share(items)
+
+    def _embed_share(self, items: list[Item]) -> dict[Key, Embedded]:
+        if not self.dist.enabled:
+            return embed_files(self.embedder, items)
+        share = [items[i] for i in self.dist.shard(len(items))]
+        try:
+            mine: tuple[dict, str | None] = (embed_files(self.embedder, share), None)
+        except Exception as error:  # reported to rank 0, which stops every rank
+            mine = ({}, f"{type(error).__name__}: {error}")
+        gathered = [None] * self.dist.world_size if self.dist.is_main else None
+        torch.distributed.gather_object(mine, gathered, dst=0)
+        results: dict[Key, Embedded] = {}
+        for rank, (part, error) in enumerate(gathered or []):
+            if error is not None:
+                raise RuntimeError(f"embedding failed on rank {rank}: {error}")
+            results.update(part)
+        return results
+
+    def follow(self) -> Any:
+        """On the other ranks: embed what rank 0 sends until it is done; returns what rank 0 returned."""
+        while True:
+            verb, payload = self._share()
+            if verb == "embed":
+                self._embed_share(payload)
+            elif verb == "done":
+                return payload
+            else:
+                raise (InputError if verb == "input" else RuntimeError)(payload)
+
+    @contextmanager
+    def lead(self) -> Iterator[None]:
+        """On rank 0, around the run: a failure stops the other ranks with the same error."""
+        try:
+            yield
+        except InputError as error:
+            self._share(("input", str(error)))
+            raise
+        except BaseException as error:
+            self._share(("error", f"rank 0 failed: {type(error).__name__}: {error}"))
+            raise
+
+    def finish(self, result: Any) -> None:
+        """On rank 0: the other ranks return `result` too."""
+        self._share(("done", result))
