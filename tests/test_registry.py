@@ -200,7 +200,7 @@ def test_concurrent_manifest_writers_leave_a_valid_manifest(tmp_path):
 
     def write(worker: int) -> None:
         try:
-            for round_ in range(10):
+            for round_ in range(5):
                 write_manifest(bundle, notes=[f"writer {worker} round {round_}"])
         except Exception as error:  # noqa: BLE001 - collected and asserted below
             errors.append(error)
