@@ -131,9 +131,11 @@ def train_moco_command(
     """Train C, the domain feature network (MoCo v2); works under torchrun for DDP."""
     import os
 
-    from training.train_moco import configure_moco, default_split, train_moco
+    from generation.registry import network_config
+    from training.train_moco import default_split, train_moco
 
-    config = configure_moco(preset, size, epochs, steps, batch, queue, lr, seed)
+    config = network_config("moco", preset, image_size=size, epochs=epochs, steps=steps, batch_size=batch, queue_size=queue,
+                            lr=lr, seed=seed)
     split = split if split is not None else default_split(data)
     if os.environ.get("RANK", "0") != "0":  # torchrun: only rank 0 talks
         train_moco(data, out, config, split=split, device=device, resume=resume)
@@ -427,13 +429,13 @@ def train_pix2pix_command(
     import torch
 
     from generation.device import pick_device
-    from generation.stylegan2 import load_generator
+    from generation.registry import load_network
     from training.sketch_cache import sketch_cache
     from training.train_pix2pix import Pix2PixOptions, train_pix2pix
 
     if threads:
         torch.set_num_threads(threads)
-    resolution = load_generator(bundle).config.resolution  # pairs at G's resolution: a like-for-like baseline
+    resolution = load_network("generator", bundle).config.resolution  # pairs at G's resolution: a like-for-like baseline
     cache = sketch_cache(data, bundle, resolution, split, pick_device(device))
     options = Pix2PixOptions(**{k: v for k, v in dict(steps=steps, batch=batch).items() if v is not None})
     with progress_bar() as progress:

@@ -30,6 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from generation.registry import network_config  # noqa: E402
 from generation.stylegan2 import StyleGAN2Config  # noqa: E402
 from training.losses import d_logistic_loss, d_r1_loss, g_nonsaturating_loss  # noqa: E402
 from training.train_generator import GANTrainer, TrainOptions
@@ -133,7 +134,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    config = StyleGAN2Config.preset(args.preset)
+    config = network_config("generator", args.preset)
     options = TrainOptions(batch=args.batch, augment="", mixing=0.9, pl_weight=2.0)
     reals = torch.randint(0, 256, (256, 3, config.resolution, config.resolution), dtype=torch.uint8)
 

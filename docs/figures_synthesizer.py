@@ -18,7 +18,8 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from anywhere
 
 from generation.dataset import ImageDataset  # noqa: E402
-from generation.solov2 import label_map, load_synthesizer, sketch_of  # noqa: E402
+from generation.registry import load_network  # noqa: E402
+from generation.solov2 import label_map, sketch_of  # noqa: E402
 from retrieval.metrics import dice_per_image  # noqa: E402
 
 PALETTE = np.array(
@@ -29,7 +30,7 @@ GAP = 4
 
 
 def render(bundle: Path, data: Path, split: str | None, rows: int, display: int) -> Image.Image:
-    model = load_synthesizer(bundle)
+    model = load_network("synthesizer", bundle)
     size = model.config.size
     dataset = ImageDataset(data, split=split)
     picks = np.linspace(0, len(dataset) - 1, rows).round().astype(int)

@@ -24,19 +24,20 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from generation.checkpoints import atomic_write
 from generation.errors import InputError
 from generation.images import file_sha256
+from generation.registry import BUNDLE_NETWORKS, NETWORK_NAMES
 
 FORMAT = "sketch2medi-bundle"
 FORMAT_VERSION = 1
-NETWORKS = {"C": "moco", "S": "synthesizer", "G": "generator", "E": "encoder", "H": "refiner"}
 MANIFEST = "bundle.json"
 
 
 def network_entries(bundle: Path) -> dict[str, dict[str, Any]]:
     """The manifest entry of every network present in `bundle`."""
     entries = {}
-    for key, name in NETWORKS.items():
+    for key, name in BUNDLE_NETWORKS.items():
         weights, meta_path = bundle / f"{name}.safetensors", bundle / f"{name}.json"
         if not (weights.is_file() and meta_path.is_file()):
             continue
@@ -57,6 +58,14 @@ def read_manifest(bundle: str | Path) -> dict[str, Any]:
     if manifest.get("format") != FORMAT or manifest.get("format_version", 0) > FORMAT_VERSION:
         raise InputError(f"{path}: not a {FORMAT} v{FORMAT_VERSION} manifest; update sketch2medi or use another bundle")
     return manifest
+
+
+def recorded_sha256(bundle: str | Path, file_name: str) -> str | None:
+    """The sha256 that `bundle`'s manifest records for its network file `file_name`, if any."""
+    for entry in read_manifest(bundle).get("networks", {}).values():
+        if isinstance(entry, dict) and entry.get("file") == file_name:
+            return entry.get("sha256")
+    return None
 
 
 def write_manifest(bundle: str | Path, **sections: Any) -> dict[str, Any]:
@@ -82,9 +91,7 @@ def write_manifest(bundle: str | Path, **sections: Any) -> dict[str, Any]:
                     updated=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                     versions={"sketch2medi": package_version, "torch": torch.__version__, "python": platform.python_version()},
                     networks=networks)
-    temporary = bundle / (MANIFEST + ".tmp")
-    temporary.write_text(json.dumps(manifest, indent=1))
-    temporary.replace(bundle / MANIFEST)
+    atomic_write(bundle / MANIFEST, lambda path: path.write_text(json.dumps(manifest, indent=1)))
     return manifest
 
 
@@ -125,7 +132,7 @@ def export_bundle(source: str | Path, target: str | Path, half: bool = True) -> 
     source, target = Path(source), Path(target)
     if source.resolve() == target.resolve():
         raise InputError("export into a different folder than the bundle itself")
-    names = [name for name in (*NETWORKS.values(), "pix2pix") if (source / f"{name}.safetensors").is_file()]
+    names = [name for name in NETWORK_NAMES if (source / f"{name}.safetensors").is_file()]
     if not names:
         raise InputError(f"{source}: no networks to export; is it a bundle folder?")
     target.mkdir(parents=True, exist_ok=True)

@@ -10,17 +10,15 @@ codes from w = mapping(z), which keeps E's codes inside the region of W that G w
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
 from generation.errors import InputError
+from generation.registry import NetworkSpec, register
 from generation.resnet import ResNet, ResNetConfig
 from generation.stylegan2 import EqualLinear
-
-ENCODER_NAME = "encoder"  # BUNDLE/encoder.safetensors + encoder.json
 
 
 @dataclass(frozen=True)
@@ -36,9 +34,6 @@ class EncoderConfig:
         if self.discriminator_layers < 2:
             raise InputError("the latent discriminator needs at least 2 layers")
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
     @classmethod
     def from_dict(cls, values: dict) -> EncoderConfig:
         values = dict(values)
@@ -46,16 +41,15 @@ class EncoderConfig:
         return cls(**values)
 
 
-def encoder_preset(name: str, resolution: int, w_dim: int) -> EncoderConfig:
-    """tiny (tests), cpu (ResNet-18 at width 32), paper (ResNet-50, as in the paper)."""
+def _configure(preset: str, resolution: int, w_dim: int) -> EncoderConfig:
+    """E for a generator of `resolution` and `w_dim`: tiny (tests), cpu (ResNet-18 at width 32),
+    paper (ResNet-50, as in the paper)."""
     backbones = {
         "tiny": ResNetConfig(depth=18, in_channels=1, width=8),
         "cpu": ResNetConfig(depth=18, in_channels=1, width=32),
         "paper": ResNetConfig(depth=50, in_channels=1, width=64),
     }
-    if name not in backbones:
-        raise InputError(f"unknown preset {name!r}; choose one of {', '.join(backbones)}")
-    return EncoderConfig(resolution=resolution, w_dim=w_dim, backbone=backbones[name])
+    return EncoderConfig(resolution=resolution, w_dim=w_dim, backbone=backbones[preset])
 
 
 class SketchEncoder(nn.Module):
@@ -95,18 +89,5 @@ class LatentDiscriminator(nn.Module):
         return self.net(w).squeeze(1)
 
 
-def save_encoder(E: SketchEncoder, directory: str | Path, meta: dict | None = None) -> None:
-    from generation.checkpoints import save_checkpoint
-
-    save_checkpoint(directory, ENCODER_NAME, {"E": E.state_dict()}, {"config": E.config.to_dict(), **(meta or {})})
-
-
-def load_encoder(directory: str | Path, device: str | torch.device = "cpu") -> SketchEncoder:
-    """E of a bundle, in eval mode and frozen."""
-    from generation.checkpoints import load_checkpoint
-
-    states, meta = load_checkpoint(directory, ENCODER_NAME)
-    E = SketchEncoder(EncoderConfig.from_dict(meta["config"]))
-    E.load_state_dict(states["E"])
-    return E.to(device).eval().requires_grad_(False)
-
+register(NetworkSpec(name="encoder", title="sketch encoder E", config_from_dict=EncoderConfig.from_dict, build=SketchEncoder,
+                     configure=_configure, state_key="E", train_command="train encoder"))

@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,9 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from generation.errors import InputError
+from generation.registry import NetworkSpec, register
 from generation.resnet import ResNet, ResNetConfig
-
-BUNDLE_NAME = "moco"  # BUNDLE/moco.safetensors + BUNDLE/moco.json
 
 
 @dataclass
@@ -74,7 +72,7 @@ class MocoConfig:
             raise ValueError("need 0 < crop_min_scale <= 1 and jitter_strength >= 0")
 
 
-def moco_preset(name: str) -> MocoConfig:
+def _preset(name: str) -> MocoConfig:
     """`tiny`: tests (seconds). `cpu`: a useful C on a small archive in well under an hour on a
     laptop CPU. `paper`: the published MoCo v2 recipe (ResNet-50, 224 px, K 65536, 200 epochs)."""
     if name == "tiny":
@@ -97,12 +95,42 @@ def moco_preset(name: str) -> MocoConfig:
             load_size=144, batch_size=64, epochs=20, steps=600, bn_splits=4, log_every=10, checkpoint_every=50,
             crop_min_scale=0.3, jitter_p=0.0, grayscale_p=0.0, blur_p=0.5,
         )  # fmt: skip
-    if name == "paper":
-        return MocoConfig()
-    raise InputError(f"unknown MoCo preset {name!r}; use tiny, cpu or paper")
+    return MocoConfig()  # paper
 
 
-MOCO_PRESETS = ("tiny", "cpu", "paper")
+def _configure(
+    preset: str,
+    image_size: int | None = None,
+    epochs: int | None = None,
+    steps: int | None = None,
+    batch_size: int | None = None,
+    queue_size: int | None = None,
+    lr: float | None = None,
+    seed: int | None = None,
+) -> MocoConfig:
+    """A preset with command-line overrides applied (None = keep the preset's value)."""
+    config = _preset(preset)
+    changes: dict[str, Any] = {}
+    if image_size is not None:
+        # Keep the preset's decode-size margin (e.g. 256 -> 224 crops) at the new size.
+        changes["image_size"] = image_size
+        changes["load_size"] = max(image_size, round(image_size * config.load_size / config.image_size))
+    if epochs is not None:
+        changes.update(epochs=epochs, steps=None)
+    if steps is not None:
+        changes["steps"] = steps
+    if batch_size is not None:
+        changes["batch_size"] = batch_size
+    if queue_size is not None:
+        changes["queue_size"] = queue_size
+    if lr is not None:
+        changes["lr"] = lr
+    if seed is not None:
+        changes["seed"] = seed
+    try:
+        return dataclasses.replace(config, **changes)
+    except ValueError as error:
+        raise InputError(f"invalid MoCo settings: {error}")
 
 
 def config_to_dict(config: MocoConfig) -> dict[str, Any]:
@@ -125,6 +153,7 @@ class MocoEncoder(nn.Module):
 
     def __init__(self, config: MocoConfig):
         super().__init__()
+        self.config = config
         self.backbone = ResNet(config.backbone)
         width = self.backbone.out_channels
         if config.mlp:
@@ -286,21 +315,6 @@ class FeatureNetwork(nn.Module):
             parameter.requires_grad_(False)
 
     @classmethod
-    def from_bundle(cls, bundle: str | Path, device: torch.device | str = "cpu") -> FeatureNetwork:
-        from generation.checkpoints import load_checkpoint
-
-        states, meta = load_checkpoint(bundle, BUNDLE_NAME)
-        if "config" not in meta or "model" not in states:
-            raise InputError(f"{bundle}: moco.json is not a MoCo feature-network bundle; train it with `train moco`")
-        config = config_from_dict(meta["config"])
-        encoder = MocoEncoder(config)
-        try:
-            encoder.load_state_dict(states["model"])
-        except RuntimeError as error:
-            raise InputError(f"{bundle}: moco.safetensors does not match moco.json ({str(error).splitlines()[0]})")
-        return cls(config, encoder).to(device)
-
-    @classmethod
     def random(cls, config: MocoConfig, seed: int = 0) -> FeatureNetwork:
         """Untrained network with the same architecture: the baseline C is compared against."""
         # Full random ResNet: with zero-initialised residual gammas every block would be an
@@ -317,10 +331,6 @@ class FeatureNetwork(nn.Module):
     @property
     def embedding_dim(self) -> int:
         return self.encoder.backbone.out_channels
-
-    @property
-    def feature_channels(self) -> list[int]:
-        return [self.config.backbone.width, *self.encoder.backbone.stage_channels]
 
     def backbone_state(self) -> dict[str, Tensor]:
         """Trunk weights for `generation.resnet.load_backbone_weights` (initialising S, E, H)."""
@@ -355,3 +365,11 @@ class FeatureNetwork(nn.Module):
                 chunk = chunk.float() / 127.5 - 1
             out.append(self.embed(chunk).cpu())
         return torch.cat(out) if out else torch.zeros(0, self.embedding_dim)
+
+
+# ---------------------------------------------------------------------------------------------
+# The registry entry: BUNDLE/moco.safetensors (the query encoder) + moco.json, loaded as C
+
+register(NetworkSpec(name="moco", title="MoCo feature network C", config_from_dict=config_from_dict, build=MocoEncoder,
+                     configure=_configure, state_key="model", train_command="train moco",
+                     finish=lambda encoder, config: FeatureNetwork(config, encoder)))

@@ -17,13 +17,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from generation.checkpoints import checkpoint_exists
 from generation.device import pick_device
-from generation.encoder import SketchEncoder, load_encoder
+from generation.encoder import SketchEncoder
 from generation.errors import InputError
-from generation.refiner import Refiner, load_refiner, refine
+from generation.refiner import Refiner, refine
+from generation.registry import load_network, network_exists
 from generation.sketch import sketch_to_tensor
-from generation.stylegan2 import Generator, load_generator
+from generation.stylegan2 import Generator
 
 
 class Generation(NamedTuple):
@@ -45,11 +45,11 @@ class Sketch2MedI:
         if not bundle.is_dir():
             raise InputError(f"{bundle}: no such bundle folder; pass --bundle with a folder made by `train all`")
         device = pick_device(device) if isinstance(device, str) else device
-        for name, command in (("generator", "train generator"), ("encoder", "train encoder")):
-            if not checkpoint_exists(bundle, name):
-                raise InputError(f"{bundle}: has no {name}.safetensors; train it with `{command}` (or `train all`)")
-        H = load_refiner(bundle, device) if checkpoint_exists(bundle, "refiner") else None
-        return cls(load_generator(bundle, device), load_encoder(bundle, device), H, bundle)
+        for name in ("generator", "encoder"):  # refuse before loading anything
+            if not network_exists(bundle, name):
+                raise InputError(f"{bundle}: has no {name}.safetensors; train it with `train {name}` (or `train all`)")
+        H = load_network("refiner", bundle, device) if network_exists(bundle, "refiner") else None
+        return cls(load_network("generator", bundle, device), load_network("encoder", bundle, device), H, bundle)
 
     @property
     def resolution(self) -> int:

@@ -47,20 +47,16 @@ same image, independent of what else is in the batch: a deterministic baseline.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
-from pathlib import Path
+from dataclasses import dataclass, fields
 from typing import Literal
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
 from generation.errors import InputError
-from generation.images import tensor_to_images
-from generation.sketch import sketch_to_tensor
+from generation.registry import NetworkSpec, register
 
 Norm = Literal["batch", "instance"]
-BUNDLE_NAME = "pix2pix"
 
 
 @dataclass(frozen=True)
@@ -103,12 +99,6 @@ class Pix2PixConfig:
     def patch_grid(self) -> int:
         """Side of the discriminator's logit grid: stride-2 layers, then two 4x4 pad-1 convs (-1 px each)."""
         return self.resolution // 2**self.n_layers - 2
-
-    @classmethod
-    def preset(cls, name: str) -> Pix2PixConfig:
-        if name not in PRESETS:
-            raise InputError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
-        return PRESETS[name]
 
     @classmethod
     def from_dict(cls, values: dict) -> Pix2PixConfig:
@@ -229,46 +219,8 @@ class PatchDiscriminator(nn.Module):
         return size
 
 
-def count_parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
 # --------------------------------------------------------------------------------------------
-# Sketches in, images out.
+# The registry entry: BUNDLE/pix2pix.safetensors + pix2pix.json (config and training summary).
 
-
-def translate(model: UNetGenerator, sketches: np.ndarray | Tensor, batch_size: int = 32) -> np.ndarray:
-    """Canonical uint8 sketches (N, R, R) -> uint8 images (N, R, R, 3), batch by batch, in eval mode."""
-    x = sketch_to_tensor(sketches)
-    if x.shape[-1] != model.config.resolution:
-        raise InputError(f"sketches are {x.shape[-1]} px but this pix2pix model works at "
-                         f"{model.config.resolution} px; resize them first")
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        out = [tensor_to_images(model(x[i : i + batch_size].to(device))) for i in range(0, len(x), batch_size)]
-    finally:
-        model.train(was_training)
-    res = model.config.resolution
-    return np.concatenate(out) if out else np.zeros((0, res, res, model.config.out_channels), np.uint8)
-
-
-# --------------------------------------------------------------------------------------------
-# Bundles: pix2pix.safetensors + pix2pix.json (config and training summary).
-
-
-def save_pix2pix(model: UNetGenerator, directory: str | Path, meta: dict | None = None) -> None:
-    from generation.checkpoints import save_checkpoint
-
-    save_checkpoint(directory, BUNDLE_NAME, {"G": model.state_dict()}, {"config": asdict(model.config), **(meta or {})})
-
-
-def load_pix2pix(directory: str | Path, device: str | torch.device = "cpu") -> UNetGenerator:
-    """The generator of a bundle written by `train_pix2pix`, in eval mode."""
-    from generation.checkpoints import load_checkpoint
-
-    states, meta = load_checkpoint(directory, BUNDLE_NAME)
-    model = UNetGenerator(Pix2PixConfig.from_dict(meta["config"]))
-    model.load_state_dict(states["G"])
-    return model.to(device).eval().requires_grad_(False)
+register(NetworkSpec(name="pix2pix", title="pix2pix baseline", config_from_dict=Pix2PixConfig.from_dict, build=UNetGenerator,
+                     configure=lambda preset: PRESETS[preset], state_key="G", train_command="train pix2pix"))

@@ -20,18 +20,17 @@ The shared bases start at zero, so an untrained H leaves G unchanged (x_t = x_0)
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 from torch import Tensor, nn
 
 from generation.errors import InputError
+from generation.registry import NetworkSpec, register
 from generation.resnet import ResNet, ResNetConfig
 from generation.stylegan2 import EqualLinear, Generator
 
-REFINER_NAME = "refiner"  # BUNDLE/refiner.safetensors + refiner.json
 LayerShape = tuple[int, int, int, int]
 
 
@@ -52,9 +51,6 @@ class RefinerConfig:
         if min(self.code_dim, self.rank) < 1 or self.steps < 0:
             raise InputError("code_dim and rank must be positive and steps >= 0")
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
     @classmethod
     def from_dict(cls, values: dict) -> RefinerConfig:
         values = dict(values)
@@ -63,8 +59,9 @@ class RefinerConfig:
         return cls(**values)
 
 
-def refiner_preset(name: str, G: Generator, layers: list[str] | None = None) -> RefinerConfig:
-    """tiny (tests), cpu (ResNet-18 at width 32, small codes), paper (ResNet-34, 512-d codes).
+def _configure(preset: str, G: Generator, layers: list[str] | None = None) -> RefinerConfig:
+    """H for generator G: tiny (tests), cpu (ResNet-18 at width 32, small codes), paper (ResNet-34,
+    512-d codes).
 
     `layers`: names from `G.conv_layers()`; default every non-ToRGB conv (HyperStyle's default).
     """
@@ -73,14 +70,12 @@ def refiner_preset(name: str, G: Generator, layers: list[str] | None = None) -> 
         "cpu": dict(backbone=ResNetConfig(depth=18, in_channels=4, width=32, maxpool=False), code_dim=64, code_kernel=1, rank=16),
         "paper": dict(backbone=ResNetConfig(depth=34, in_channels=4, width=64, maxpool=False), code_dim=512, rank=64),
     }
-    if name not in presets:
-        raise InputError(f"unknown preset {name!r}; choose one of {', '.join(presets)}")
     available = G.conv_layers()
     chosen = layers if layers is not None else [n for n, info in available.items() if not info.is_torgb]
     unknown = sorted(set(chosen) - set(available))
     if unknown:
         raise InputError(f"G has no conv layers {unknown}; choose from {', '.join(available)}")
-    return RefinerConfig(resolution=G.config.resolution, layers=tuple((n, available[n].shape) for n in chosen), **presets[name])
+    return RefinerConfig(resolution=G.config.resolution, layers=tuple((n, available[n].shape) for n in chosen), **presets[preset])
 
 
 def _shape_key(shape: LayerShape) -> str:
@@ -123,7 +118,7 @@ class Refiner(nn.Module):
     def __init__(self, config: RefinerConfig):
         super().__init__()
         if not config.layers:
-            raise InputError("the refiner config names no G layers; build it with refiner_preset(name, G)")
+            raise InputError("the refiner config names no G layers; build it with network_config('refiner', preset, G=G)")
         self.config = config
         self.trunk = ResNet(config.backbone)
         channels = self.trunk.out_channels
@@ -163,17 +158,5 @@ def refine(G: Generator, H: Refiner | None, sketches: Tensor, w: Tensor, steps: 
     return images
 
 
-def save_refiner(H: Refiner, directory: str | Path, meta: dict | None = None) -> None:
-    from generation.checkpoints import save_checkpoint
-
-    save_checkpoint(directory, REFINER_NAME, {"H": H.state_dict()}, {"config": H.config.to_dict(), **(meta or {})})
-
-
-def load_refiner(directory: str | Path, device: str | torch.device = "cpu") -> Refiner:
-    """H of a bundle, in eval mode and frozen."""
-    from generation.checkpoints import load_checkpoint
-
-    states, meta = load_checkpoint(directory, REFINER_NAME)
-    H = Refiner(RefinerConfig.from_dict(meta["config"]))
-    H.load_state_dict(states["H"])
-    return H.to(device).eval().requires_grad_(False)
+register(NetworkSpec(name="refiner", title="refiner H", config_from_dict=RefinerConfig.from_dict, build=Refiner,
+                     configure=_configure, state_key="H", train_command="train refiner"))

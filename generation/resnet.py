@@ -47,11 +47,6 @@ class ResNetConfig:
     def stage_channels(self) -> tuple[int, int, int, int]:
         return tuple(self.width * m * self.expansion for m in (1, 2, 4, 8))  # type: ignore[return-value]
 
-    @property
-    def total_stride(self) -> int:
-        """Stride of C5 relative to the input (C2..C4 are this / 8, / 4, / 2)."""
-        return 32 if self.maxpool else 16
-
 
 def make_norm(kind: str, channels: int) -> nn.Module:
     if kind == "batch":

@@ -36,6 +36,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from generation.errors import InputError
+from generation.registry import NetworkSpec, load_network, register
 from generation.resnet import ResNet, ResNetConfig, make_norm
 from generation.sketch import PAPER, Instance, mask_instances, sketch_from_instances
 
@@ -112,21 +113,21 @@ class SOLOv2Config:
         return cls(**{k: v for k, v in values.items() if k in known})
 
 
-def solov2_preset(name: str, num_classes: int, size: int | None = None) -> SOLOv2Config:
-    """`tiny` (tests, 64 px), `cpu` (128 px, narrow ResNet-18), `paper` (256 px, ResNet-101)."""
-    if name == "tiny":
+def _configure(preset: str, num_classes: int, size: int | None = None) -> SOLOv2Config:
+    """S for `num_classes` foreground classes: `tiny` (tests, 64 px), `cpu` (128 px, narrow
+    ResNet-18), `paper` (256 px, ResNet-101); `size` overrides the input side."""
+    if preset == "tiny":
         return SOLOv2Config(
             num_classes=num_classes, size=size or 64, backbone=ResNetConfig(depth=18, width=8),
             fpn_channels=16, head_channels=16, stacked_convs=1, mask_channels=16, mask_branch_channels=16,
         )
-    if name == "cpu":
+    if preset == "cpu":
         return SOLOv2Config(
             num_classes=num_classes, size=size or 128, backbone=ResNetConfig(depth=18, width=32),
             fpn_channels=64, head_channels=64, stacked_convs=2, mask_channels=64, mask_branch_channels=32,
         )
-    if name == "paper":  # the published SOLOv2 widths; the Sketch2MedI paper used ResNet-101
-        return SOLOv2Config(num_classes=num_classes, size=size or 256, backbone=ResNetConfig(depth=101))
-    raise InputError(f"unknown synthesizer preset {name!r}; use tiny, cpu or paper")
+    # paper: the published SOLOv2 widths; the Sketch2MedI paper used ResNet-101
+    return SOLOv2Config(num_classes=num_classes, size=size or 256, backbone=ResNetConfig(depth=101))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -275,12 +276,6 @@ class SOLOv2(nn.Module):
         """Per-pixel class (uint8 (H, W)) from the highest-scoring instance with score >= min_score."""
         min_score = self.config.sketch_threshold if min_score is None else min_score
         return [label_map(instances, image.shape[:2], min_score) for instances, image in zip(self.predict(images), _check_images(images))]
-
-    def synthesize_sketch(self, image: np.ndarray, min_score: float | None = None) -> np.ndarray:
-        """The canonical synthesized sketch of one RGB image: contours of instances with score >= delta."""
-        min_score = self.config.sketch_threshold if min_score is None else min_score
-        instances = self.predict([image])[0]
-        return sketch_of(instances, image.shape[:2], min_score)
 
     def synthesize(self, images: np.ndarray | Sequence[np.ndarray], size: int, min_score: float | None = None,
                    batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
@@ -516,27 +511,10 @@ def solov2_loss(output: SOLOv2Output, targets: Sequence[Targets], config: SOLOv2
 
 
 # ----------------------------------------------------------------------------------------------
-# Bundles
+# The registry entry: BUNDLE/synthesizer.safetensors + synthesizer.json
 
-CHECKPOINT_NAME = "synthesizer"
-
-
-def save_synthesizer(model: SOLOv2, bundle, name: str = CHECKPOINT_NAME, meta: dict[str, Any] | None = None) -> None:
-    from generation.checkpoints import save_checkpoint
-
-    save_checkpoint(bundle, name, {"model": model.state_dict()}, {"config": model.config.to_dict(), **(meta or {})})
-
-
-def load_synthesizer(bundle, device: str | torch.device = "cpu", name: str = CHECKPOINT_NAME) -> SOLOv2:
-    """The trained synthesizer of a bundle folder, in eval mode."""
-    from generation.checkpoints import load_checkpoint
-
-    states, meta = load_checkpoint(bundle, name)
-    if "config" not in meta or "model" not in states:
-        raise InputError(f"{bundle}: {name}.json is not a synthesizer checkpoint")
-    model = SOLOv2(SOLOv2Config.from_dict(meta["config"]))
-    model.load_state_dict(states["model"])
-    return model.to(device).eval()
+register(NetworkSpec(name="synthesizer", title="synthesizer S", config_from_dict=SOLOv2Config.from_dict, build=SOLOv2,
+                     configure=_configure, state_key="model", train_command="train synthesizer"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -561,7 +539,7 @@ def sketch_folder(source, out, bundle, size: int = 256, threshold: float = 0.35,
     paths = find_images(source)
     if not paths:
         raise InputError(f"{source}: no images found (PNG, JPEG, TIFF, BMP)")
-    model = load_synthesizer(bundle, pick_device(device))
+    model = load_network("synthesizer", bundle, pick_device(device))
     base = source if source.is_dir() else source.parent
     for start in range(0, len(paths), batch_size):
         chunk = paths[start : start + batch_size]

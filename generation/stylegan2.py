@@ -38,8 +38,7 @@ forces the grouped path everywhere.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
-from pathlib import Path
+from dataclasses import dataclass, fields
 from typing import Literal, NamedTuple
 
 import torch
@@ -47,6 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from generation.errors import InputError
+from generation.registry import NetworkSpec, register
 
 NoiseMode = Literal["const", "random", "none"]
 LRELU_GAIN = math.sqrt(2.0)  # keeps activations' second moment constant through lrelu(0.2)
@@ -82,12 +82,6 @@ class StyleGAN2Config:
     @property
     def num_ws(self) -> int:
         return 2 * self.log2_res - 2
-
-    @classmethod
-    def preset(cls, name: str) -> StyleGAN2Config:
-        if name not in PRESETS:
-            raise InputError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
-        return PRESETS[name]
 
     @classmethod
     def from_dict(cls, values: dict) -> StyleGAN2Config:
@@ -484,20 +478,8 @@ class Discriminator(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------
-# Bundles: generator.safetensors + generator.json (config and training summary).
+# The registry entry: BUNDLE/generator.safetensors + generator.json (config and training summary).
 
-
-def save_generator(G: Generator, directory: str | Path, meta: dict | None = None, name: str = "generator") -> None:
-    from generation.checkpoints import save_checkpoint
-
-    save_checkpoint(directory, name, {"G": G.state_dict()}, {"config": asdict(G.config), **(meta or {})})
-
-
-def load_generator(directory: str | Path, device: str | torch.device = "cpu", name: str = "generator") -> Generator:
-    """The generator (G_ema) of a bundle written by `train generator`, in eval mode."""
-    from generation.checkpoints import load_checkpoint
-
-    states, meta = load_checkpoint(directory, name)
-    G = Generator(StyleGAN2Config.from_dict(meta["config"]))
-    G.load_state_dict(states["G"])
-    return G.to(device).eval().requires_grad_(False)
+register(NetworkSpec(name="generator", title="generator G (G_ema)", config_from_dict=StyleGAN2Config.from_dict,
+                     build=Generator, configure=lambda preset: PRESETS[preset], state_key="G",
+                     train_command="train generator"))

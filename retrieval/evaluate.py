@@ -36,11 +36,11 @@ import torch.nn.functional as F
 from PIL import Image
 from scipy import ndimage
 
-from generation.checkpoints import checkpoint_exists
 from generation.dataset import ImageDataset
 from generation.errors import InputError
 from generation.freehand import freehand_sketch
 from generation.images import square_resize, tensor_to_images
+from generation.registry import load_network, network_exists
 from generation.sketch import INK, sketch_to_tensor
 from retrieval.defaults import DEFAULT_LAMBDA
 from retrieval.metrics import dice_per_image, fd_c
@@ -166,10 +166,8 @@ def evaluate(data: str | Path, split: str = "test", bundle: str | Path | None = 
     if not queries.target:
         raise InputError(f"{data}: no query could be drawn for split {split!r} (no structures in its masks)")
     pix2pix = None
-    if checkpoint_exists(models.bundle, "pix2pix"):
-        from generation.pix2pix import load_pix2pix
-
-        pix2pix = load_pix2pix(models.bundle, models.device)
+    if network_exists(models.bundle, "pix2pix"):
+        pix2pix = load_network("pix2pix", models.bundle, models.device)
         # pix2pix has no latent code: its vector is the recipe's sketch and image parts.
         pix2pix_recipe = VectorRecipe(sketch=recipe.sketch, code=0.0, image=recipe.image)
         pix2pix_archive = torch.from_numpy(fuse_vectors(f_archive, w_archive, e_archive, pix2pix_recipe))

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from generation.errors import InputError
 from generation.moco import FeatureNetwork
+from generation.registry import load_network
 
 DOMAIN_NAME = "LPIPS-C (domain)"
 BACKENDS = ("domain", "lpips")
@@ -133,7 +134,7 @@ def perceptual_distance(
         if network is None:
             if bundle is None:
                 raise InputError("the domain perceptual distance needs C: pass a bundle with moco.safetensors")
-            network = FeatureNetwork.from_bundle(bundle, device)
+            network = load_network("moco", bundle, device)
         return DomainPerceptualDistance(network)
     if backend == "lpips":
         return StandardLpips(lpips_net).to(device)

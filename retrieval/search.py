@@ -39,7 +39,6 @@ from PIL import Image
 from scipy import ndimage
 
 from generation.bundle import bundle_id_of, default_bundle, network_entries
-from generation.checkpoints import checkpoint_exists
 from generation.device import pick_device
 from generation.errors import InputError
 from generation.images import open_image, square_resize, tensor_to_images
@@ -47,8 +46,9 @@ from generation.moco import FeatureNetwork
 from generation.normalize import normalize_sketch
 from generation.pipeline import Sketch2MedI
 from generation.refiner import refine
+from generation.registry import load_network, network_exists
 from generation.sketch import INK, sketch_to_tensor
-from generation.solov2 import SOLOv2, load_synthesizer
+from generation.solov2 import SOLOv2
 from indexing.embedding import EmbeddedBatch
 from indexing.workspace import check_bundle, open_workspace_for_search
 from retrieval.defaults import DEFAULT_LAMBDA, DEFAULT_WEIGHTS
@@ -117,11 +117,11 @@ class SystemModels:
         self.bundle = Path(bundle) if bundle is not None else default_bundle()
         self.device = pick_device(device) if isinstance(device, str) else device
         self.generator = Sketch2MedI.from_bundle(self.bundle, self.device)
-        for name, command in (("synthesizer", "train synthesizer"), ("moco", "train moco")):
-            if not checkpoint_exists(self.bundle, name):
-                raise InputError(f"{self.bundle}: has no {name}.safetensors; train it with `{command}` (or `train all`)")
-        self.S: SOLOv2 = load_synthesizer(self.bundle, self.device)
-        self.C = FeatureNetwork.from_bundle(self.bundle, self.device)
+        for name in ("synthesizer", "moco"):  # refuse before loading either
+            if not network_exists(self.bundle, name):
+                raise InputError(f"{self.bundle}: has no {name}.safetensors; train it with `train {name}` (or `train all`)")
+        self.S: SOLOv2 = load_network("synthesizer", self.bundle, self.device)
+        self.C: FeatureNetwork = load_network("moco", self.bundle, self.device)
         self.bundle_id = bundle_id_of(network_entries(self.bundle))
 
     @property

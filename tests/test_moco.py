@@ -15,11 +15,12 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from generation.errors import InputError
-from generation.moco import FeatureNetwork, MoCo, MocoConfig, info_nce_loss, moco_logits, moco_preset
+from generation.moco import FeatureNetwork, MoCo, MocoConfig, info_nce_loss, moco_logits
+from generation.registry import load_network, network_config
 from generation.resnet import ResNet, ResNetConfig, load_backbone_weights
 from training.augment import AugmentConfig, adjust_hue, augment_batch, gaussian_blur
 from training.evaluate_moco import evaluate_moco, neighbour_mask_dice
-from training.train_moco import batch_indices, configure_moco, read_metrics, train_moco
+from training.train_moco import batch_indices, read_metrics, train_moco
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,7 +50,7 @@ def blob_dataset(tmp_path_factory) -> Path:
 
 
 def tiny_config(**changes) -> MocoConfig:
-    return dataclasses.replace(moco_preset("tiny"), **changes)
+    return dataclasses.replace(network_config("moco", "tiny"), **changes)
 
 
 # --- MoCo pieces -------------------------------------------------------------------------------
@@ -126,9 +127,9 @@ def test_queue_keys_of_the_same_image_are_masked_out():
 def test_augment_config_follows_the_moco_config():
     from training.train_moco import augment_config_for
 
-    paper = augment_config_for(moco_preset("paper"))
+    paper = augment_config_for(network_config("moco", "paper"))
     assert paper.crop_scale == (0.2, 1.0) and paper.hue == 0.1 and paper.jitter_p == 0.8 and paper.grayscale_p == 0.2
-    cpu = augment_config_for(moco_preset("cpu"))
+    cpu = augment_config_for(network_config("moco", "cpu"))
     assert cpu.size == 128 and cpu.crop_scale == (0.3, 1.0) and cpu.jitter_p == 0.0 and cpu.grayscale_p == 0.0
 
 
@@ -216,7 +217,7 @@ def test_batches_cover_each_epoch_and_split_across_ranks():
 
 
 def test_resume_continues_exactly(blob_dataset, tmp_path):
-    config = configure_moco("tiny", steps=8)
+    config = network_config("moco", "tiny", steps=8)
     config = dataclasses.replace(config, log_every=2, checkpoint_every=4)
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
     train_moco(blob_dataset, straight, config, device="cpu")
@@ -239,17 +240,17 @@ def test_resume_continues_exactly(blob_dataset, tmp_path):
 
 
 def test_bundle_loads_as_feature_network(blob_dataset, tmp_path):
-    config = configure_moco("tiny", steps=3)
+    config = network_config("moco", "tiny", steps=3)
     train_moco(blob_dataset, tmp_path, config, device="cpu")
     meta = json.loads((tmp_path / "moco.json").read_text())
     assert meta["config"]["image_size"] == config.image_size and meta["step"] == 3
-    network = FeatureNetwork.from_bundle(tmp_path)
+    network = load_network("moco", tmp_path)
     images = torch.rand(3, 3, 50, 50) * 2 - 1  # any size: resized to the trained 32 px inside
     embedding = network.embed(images)
     assert embedding.shape == (3, network.embedding_dim)
     assert torch.allclose(embedding.norm(dim=1), torch.ones(3), atol=1e-5)
     features = network.features(images)
-    assert [f.shape[1] for f in features] == network.feature_channels
+    assert [f.shape[1] for f in features] == [config.backbone.width, *config.backbone.stage_channels]
     assert [f.shape[-1] for f in features] == [16, 8, 4, 2, 1]
     network.train()
     assert not network.encoder.training  # C is always frozen
@@ -259,9 +260,9 @@ def test_bundle_loads_as_feature_network(blob_dataset, tmp_path):
 
     (tmp_path / "moco.json").write_text(json.dumps({**meta, "config": {**meta["config"], "dim": 7}}))
     with pytest.raises(InputError):
-        FeatureNetwork.from_bundle(tmp_path)
+        load_network("moco", tmp_path)
     with pytest.raises(InputError):
-        FeatureNetwork.from_bundle(tmp_path / "missing")
+        load_network("moco", tmp_path / "missing")
 
 
 def test_neighbour_mask_dice_finds_the_same_anatomy():
@@ -277,7 +278,7 @@ def test_neighbour_mask_dice_finds_the_same_anatomy():
 
 
 def test_evaluate_moco_runs_on_tiny(blob_dataset, tmp_path):
-    train_moco(blob_dataset, tmp_path, configure_moco("tiny", steps=2), device="cpu")
+    train_moco(blob_dataset, tmp_path, network_config("moco", "tiny", steps=2), device="cpu")
     report = evaluate_moco(tmp_path, blob_dataset)
     assert report["images"] == 24 and report["chance_top1"] == pytest.approx(100 / 24)
     for name in ("aug+", "crop"):
@@ -314,5 +315,5 @@ def test_torchrun_two_processes(blob_dataset, tmp_path):
     assert completed.returncode == 0, completed.stdout + completed.stderr
     meta = json.loads((tmp_path / "moco_checkpoint.json").read_text())
     assert meta["step"] == 3
-    network = FeatureNetwork.from_bundle(tmp_path)
+    network = load_network("moco", tmp_path)
     assert network.embed(torch.zeros(1, 3, 32, 32)).shape[0] == 1

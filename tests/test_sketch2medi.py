@@ -16,14 +16,15 @@ from typer.testing import CliRunner
 from cli import app
 from generation.checkpoints import load_checkpoint
 from generation.device import Distributed
-from generation.encoder import LatentDiscriminator, SketchEncoder, encoder_preset
+from generation.encoder import LatentDiscriminator, SketchEncoder
 from generation.errors import InputError
-from generation.moco import FeatureNetwork, moco_preset
+from generation.moco import FeatureNetwork
 from generation.phantom import phantom_sample
 from generation.pipeline import Sketch2MedI
-from generation.refiner import Refiner, refine, refiner_preset
+from generation.refiner import Refiner, refine
+from generation.registry import network_config
 from generation.sketch import sketch_from_mask, sketch_to_tensor
-from generation.stylegan2 import Generator, StyleGAN2Config
+from generation.stylegan2 import Generator
 from training.sketch_cache import SketchCache
 from training.train_all import train_all
 from training.train_sketch2medi import EncoderTrainer, RefinerTrainer, phase_options, train_phase
@@ -34,7 +35,7 @@ CPU = torch.device("cpu")
 
 def tiny_generator() -> Generator:
     torch.manual_seed(0)
-    G = Generator(StyleGAN2Config.preset("tiny")).eval().requires_grad_(False)
+    G = Generator(network_config("generator", "tiny")).eval().requires_grad_(False)
     with torch.no_grad():
         G.mapping.w_avg.copy_(G.mapping(torch.randn(2000, G.config.z_dim)).mean(0))
     return G
@@ -46,7 +47,7 @@ def parts():
     images, masks = zip(*[phantom_sample(seed, 32) for seed in range(16)])
     masks = np.stack(masks)
     cache = SketchCache(np.stack(images), np.stack([sketch_from_mask(m) for m in masks]), masks)
-    return tiny_generator(), FeatureNetwork.random(moco_preset("tiny")), cache
+    return tiny_generator(), FeatureNetwork.random(network_config("moco", "tiny")), cache
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +67,7 @@ def test_sketch_tensor_marks_ink_as_one():
 
 def test_untrained_encoder_returns_the_average_w():
     G = tiny_generator()
-    E = SketchEncoder(encoder_preset("tiny", 32, G.config.w_dim), G.w_avg).eval()
+    E = SketchEncoder(network_config("encoder", "tiny", resolution=32, w_dim=G.config.w_dim), G.w_avg).eval()
     w = E(torch.rand(3, 1, 32, 32))
     assert torch.equal(w, G.w_avg.expand(3, -1))
     with pytest.raises(AssertionError, match=r"E expects sketches \(N, 1, 32, 32\)"):
@@ -81,7 +82,7 @@ def test_latent_discriminator_is_a_four_layer_mlp():
 
 def test_untrained_refiner_reproduces_G_exactly():
     G = tiny_generator()
-    H = Refiner(refiner_preset("tiny", G)).eval()
+    H = Refiner(network_config("refiner", "tiny", G=G)).eval()
     sketches, w = torch.rand(2, 1, 32, 32), G.w_avg.expand(2, -1) + 0.3 * torch.randn(2, G.config.w_dim)
     images = refine(G, H, sketches, w, steps=3)
     assert len(images) == 4
@@ -91,7 +92,7 @@ def test_untrained_refiner_reproduces_G_exactly():
 
 def test_refiner_targets_every_non_torgb_conv_and_shares_heads_by_shape():
     G = tiny_generator()
-    config = refiner_preset("tiny", G)
+    config = network_config("refiner", "tiny", G=G)
     layers = G.conv_layers()
     assert [name for name, _ in config.layers] == [n for n, info in layers.items() if not info.is_torgb]
     H = Refiner(config)
@@ -100,7 +101,7 @@ def test_refiner_targets_every_non_torgb_conv_and_shares_heads_by_shape():
     for name, shape in config.layers:
         assert deltas[name].shape == (2, *shape)
     with pytest.raises(InputError, match="G has no conv layers"):
-        refiner_preset("tiny", G, ["b4.conv9"])
+        network_config("refiner", "tiny", G=G, layers=["b4.conv9"])
 
 
 def test_encoder_training_lowers_the_similarity_loss(trained_encoder):

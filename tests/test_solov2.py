@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 
 from generation.errors import InputError
+from generation.registry import load_network, network_config, save_network
 from generation.sketch import INK, PAPER, line_width
 from generation.solov2 import (
     Instance,
@@ -16,13 +17,10 @@ from generation.solov2 import (
     dice_loss,
     focal_loss,
     level_layout,
-    load_synthesizer,
     matrix_nms,
     points_nms,
-    save_synthesizer,
     sketch_folder,
     solov2_loss,
-    solov2_preset,
 )
 from retrieval.metrics import dice_per_image, dice_summary
 
@@ -47,7 +45,7 @@ def overfit():
     rng = np.random.default_rng(0)
     pairs = [ellipse_scene(rng) for _ in range(2)]
     images, masks = np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
-    config = solov2_preset("tiny", num_classes=2)
+    config = network_config("synthesizer", "tiny", num_classes=2)
     model = SOLOv2(config)
     x = SOLOv2.normalize(torch.from_numpy(images).permute(0, 3, 1, 2))
     targets = [build_targets(m, config) for m in masks]
@@ -76,17 +74,17 @@ def test_layout_scales_with_input_size():
 
 
 def test_config_round_trips_through_json_and_rejects_bad_size():
-    config = solov2_preset("cpu", num_classes=6)
+    config = network_config("synthesizer", "cpu", num_classes=6)
     again = SOLOv2Config.from_dict(json.loads(json.dumps(config.to_dict())))
     assert again == config
     with pytest.raises(InputError):
         SOLOv2Config(size=100)
     with pytest.raises(InputError):
-        solov2_preset("huge", 3)
+        network_config("synthesizer", "huge", num_classes=3)
 
 
 def test_forward_shapes():
-    config = solov2_preset("tiny", num_classes=3)
+    config = network_config("synthesizer", "tiny", num_classes=3)
     output = SOLOv2(config)(torch.zeros(2, 3, 64, 64))
     for categories, kernels, grid in zip(output.categories, output.kernels, config.grids):
         assert categories.shape == (2, 3, grid, grid)
@@ -100,7 +98,7 @@ def test_forward_shapes():
 
 
 def test_target_assignment_centre_cell_on_the_right_level():
-    config = solov2_preset("cpu", num_classes=3)  # 128 px, grids 20, 18, 12, 8, 6
+    config = network_config("synthesizer", "cpu", num_classes=3)  # 128 px, grids 20, 18, 12, 8, 6
     mask = np.zeros((128, 128), np.uint8)
     mask[40:80, 70:110] = 2  # a 40 x 40 square: sqrt(area) 40 -> levels 2 (15.4-61.4) and 3 (30.7-122.9)
     targets = build_targets(mask, config)
@@ -124,7 +122,7 @@ def test_target_assignment_centre_cell_on_the_right_level():
 
 
 def test_targets_two_instances_of_one_class_and_overlapping_ranges():
-    config = solov2_preset("cpu", num_classes=3)
+    config = network_config("synthesizer", "cpu", num_classes=3)
     mask = np.zeros((128, 128), np.uint8)
     mask[10:22, 10:22] = 1  # sqrt(area) 12 -> levels 0 and 1
     mask[60:110, 60:110] = 1  # 50 -> levels 2 and 3
@@ -137,7 +135,7 @@ def test_targets_two_instances_of_one_class_and_overlapping_ranges():
 
 
 def test_targets_reject_unknown_class():
-    config = solov2_preset("tiny", num_classes=2)
+    config = network_config("synthesizer", "tiny", num_classes=2)
     mask = np.zeros((64, 64), np.uint8)
     mask[5:20, 5:20] = 3
     with pytest.raises(InputError):
@@ -145,7 +143,7 @@ def test_targets_reject_unknown_class():
 
 
 def test_empty_mask_gives_no_positive_and_a_finite_loss():
-    config = solov2_preset("tiny", num_classes=2)
+    config = network_config("synthesizer", "tiny", num_classes=2)
     targets = build_targets(np.zeros((64, 64), np.uint8), config)
     assert len(targets.positive_cells) == 0 and int(targets.labels.sum()) == 0
     model = SOLOv2(config)
@@ -219,7 +217,7 @@ def test_predictions_and_sketch_in_canonical_format(overfit):
     assert all(i.mask.shape == (64, 64) and i.mask.dtype == bool and 1 <= i.class_index <= 2 for i in instances)
     labels = model.predict_label_map(images[:1])[0]
     assert labels.shape == (64, 64) and labels.dtype == np.uint8 and set(np.unique(labels)) <= {0, 1, 2}
-    sketch = model.synthesize_sketch(images[0])
+    sketch = model.synthesize(images[:1], 64)[0][0]
     assert sketch.shape == (64, 64) and sketch.dtype == np.uint8
     assert set(np.unique(sketch)) == {INK, PAPER} and line_width(64) == 1
     # Strokes lie on the reference ellipses' outlines (within 2 px).
@@ -236,7 +234,7 @@ def test_predictions_and_sketch_in_canonical_format(overfit):
     big = np.asarray(Image.fromarray(images[0]).resize((96, 80)))
     assert all(i.mask.shape == (80, 96) for i in model.predict(big)[0])
     # Nothing confident enough: blank paper.
-    assert np.all(model.synthesize_sketch(images[0], min_score=1.01) == PAPER)
+    assert np.all(model.synthesize(images[:1], 64, min_score=1.01)[0] == PAPER)
 
 
 def test_bad_input_raises_input_error(overfit):
@@ -251,8 +249,8 @@ def test_bad_input_raises_input_error(overfit):
 
 def test_bundle_round_trip_and_sketch_folder(overfit, tmp_path):
     model, images, _, _ = overfit
-    save_synthesizer(model, tmp_path / "bundle")
-    loaded = load_synthesizer(tmp_path / "bundle")
+    save_network("synthesizer", model, tmp_path / "bundle")
+    loaded = load_network("synthesizer", tmp_path / "bundle")
     assert loaded.config == model.config
     with torch.no_grad():
         x = SOLOv2.normalize(torch.from_numpy(images).permute(0, 3, 1, 2))
@@ -269,7 +267,7 @@ def test_bundle_round_trip_and_sketch_folder(overfit, tmp_path):
         assert sketch.shape == labels.shape == (64, 64)
         assert set(np.unique(sketch)) <= {INK, PAPER} and set(np.unique(labels)) <= {0, 1, 2}
     with pytest.raises(InputError):
-        load_synthesizer(tmp_path / "nothing")
+        load_network("synthesizer", tmp_path / "nothing")
     (source / "broken.png").write_bytes(b"not a png")
     with pytest.raises(InputError):
         sketch_folder(source / "broken.png", tmp_path / "out", tmp_path / "bundle", size=64, device="cpu")

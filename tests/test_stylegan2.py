@@ -18,6 +18,7 @@ from PIL import Image
 
 from generation.checkpoints import load_checkpoint
 from generation.errors import InputError
+from generation.registry import load_network, network_config, save_network
 from generation.stylegan2 import (
     Discriminator,
     EqualConv2d,
@@ -26,14 +27,13 @@ from generation.stylegan2 import (
     ModulatedConv2d,
     StyleGAN2Config,
     blur,
-    load_generator,
     upsample2x,
 )
 from training.diffaugment import diff_augment, random_xflip, translation
 from training.train_generator import GANTrainer, TrainOptions, generate, lazy_adam, train_generator
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = StyleGAN2Config.preset("tiny")
+TINY = network_config("generator", "tiny")
 
 
 @pytest.fixture
@@ -87,7 +87,7 @@ def test_shapes_and_layer_table():
     with pytest.raises(AssertionError):
         G(torch.randn(4, 5, TINY.w_dim))
 
-    paper = StyleGAN2Config.preset("paper")
+    paper = network_config("generator", "paper")
     assert paper.num_ws == 14 and [paper.channels(2**i) for i in range(2, 9)] == [512] * 5 + [256, 128]
     with pytest.raises(InputError):
         StyleGAN2Config(resolution=48)
@@ -289,7 +289,7 @@ def test_checkpoint_resume_restores_progress_and_repeats_the_run(tmp_path, one_t
 
     resumed = train_generator(data, tmp_path / "b", TINY, TrainOptions(kimg=0.048, **options), resume=True, log=quiet)
     assert resumed.steps == 6
-    a, b = load_generator(tmp_path / "a"), load_generator(tmp_path / "b")
+    a, b = load_network("generator", tmp_path / "a"), load_network("generator", tmp_path / "b")
     for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(x, y), name
     summary = json.loads((tmp_path / "a" / "generator.json").read_text())
@@ -312,24 +312,21 @@ def test_torchrun_ddp_two_processes(tmp_path):
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     # every snapshot asserted that both ranks hold identical weights; rank 0 wrote the bundle
-    G = load_generator(out)
+    G = load_network("generator", out)
     meta = json.loads((out / "generator.json").read_text())
     assert meta["training"]["world_size"] == 2 and meta["training"]["steps"] == 4
     assert np.isfinite(G(G.sample_ws(2)).numpy()).all()
 
 
 def test_fd_c_hook_measures_with_a_c_bundle_and_is_skipped_without(tmp_path, one_thread):
-    from generation.checkpoints import save_checkpoint
     from training.train_generator import fd_c_hook
 
     reals = ((two_modes().repeat(4, 1, 1, 1) + 1) * 127.5).round().to(torch.uint8)
     measure, why = fd_c_hook(tmp_path, reals, torch.device("cpu"))
     assert measure is None and "no C bundle" in why
     moco = pytest.importorskip("generation.moco")
-    config = moco.moco_preset("tiny")
     torch.manual_seed(0)
-    save_checkpoint(tmp_path, moco.BUNDLE_NAME, {"model": moco.MocoEncoder(config).state_dict()},
-                    {"config": moco.config_to_dict(config)})
+    save_network("moco", moco.MocoEncoder(network_config("moco", "tiny")), tmp_path)
     measure, why = fd_c_hook(tmp_path, reals, torch.device("cpu"), count=8)
     assert measure is not None, why
     value = measure(seeded_generator().eval())

@@ -7,6 +7,7 @@ from typer.testing import CliRunner
 
 from generation.checkpoints import checkpoint_exists
 from generation.errors import InputError
+from generation.registry import network_config, network_exists, save_network
 from tests.test_solov2 import ellipse_scene
 from training.train_synthesizer import SynthesizerTraining, augment, evaluate_synthesizer, train_synthesizer
 
@@ -57,7 +58,7 @@ def test_train_writes_bundle_metrics_and_resumes(ellipses, tmp_path):
     out = tmp_path / "bundle"
     report = train_synthesizer(options(ellipses, out, epochs=1), log=lambda _: None)
     assert report["epochs"] == 1 and report["steps"] == 3 and report["best_val_dice"] is not None
-    assert checkpoint_exists(out, "synthesizer") and checkpoint_exists(out, "synthesizer_state")
+    assert network_exists(out, "synthesizer") and checkpoint_exists(out, "synthesizer_state")
     with pytest.raises(InputError):  # an existing run is never overwritten silently
         train_synthesizer(options(ellipses, out), log=lambda _: None)
 
@@ -109,20 +110,19 @@ def test_init_backbone_from_c_bundle(tmp_path):
 
     import torch
 
-    from generation.checkpoints import save_checkpoint
-    from generation.moco import BUNDLE_NAME, MocoEncoder, config_to_dict, moco_preset
+    from generation.moco import MocoEncoder
     from generation.resnet import ResNetConfig
-    from generation.solov2 import SOLOv2, solov2_preset
+    from generation.solov2 import SOLOv2
     from training.train_synthesizer import init_backbone_from
 
     torch.manual_seed(0)
-    config = dataclasses.replace(moco_preset("tiny"), backbone=ResNetConfig(depth=18, width=8))
+    config = dataclasses.replace(network_config("moco", "tiny"), backbone=ResNetConfig(depth=18, width=8))
     encoder = MocoEncoder(config)
-    save_checkpoint(tmp_path / "c", BUNDLE_NAME, {"model": encoder.state_dict()}, {"config": config_to_dict(config)})
-    model = SOLOv2(solov2_preset("tiny", num_classes=2))  # ResNet-18 width 8 as well
+    save_network("moco", encoder, tmp_path / "c")
+    model = SOLOv2(network_config("synthesizer", "tiny", num_classes=2))  # ResNet-18 width 8 as well
     assert init_backbone_from(model, tmp_path / "c") == len(model.backbone.state_dict())
     assert torch.equal(model.backbone.layer3[0].conv1.weight, encoder.backbone.layer3[0].conv1.weight)
     narrow = dataclasses.replace(config, backbone=ResNetConfig(depth=18, width=4))
-    save_checkpoint(tmp_path / "narrow", BUNDLE_NAME, {"model": MocoEncoder(narrow).state_dict()}, {"config": config_to_dict(narrow)})
+    save_network("moco", MocoEncoder(narrow), tmp_path / "narrow")
     with pytest.raises(InputError):
         init_backbone_from(model, tmp_path / "narrow")

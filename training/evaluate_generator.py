@@ -21,7 +21,8 @@ import torch
 from generation.dataset import ImageDataset
 from generation.images import image_grid, save_png
 from generation.moco import FeatureNetwork
-from generation.stylegan2 import Generator, load_generator
+from generation.registry import load_network
+from generation.stylegan2 import Generator
 from retrieval.metrics import fd_c
 from training.train_generator import generate
 
@@ -34,8 +35,8 @@ def real_features(network: FeatureNetwork, data: str | Path, split: str | None, 
 
 def evaluate_generator(bundle: str | Path, data: str | Path, split: str, fd_bundle: str | Path | None = None,
                        train_split: str | None = "train", count: int = 1000, seed: int = 1) -> dict:
-    G = load_generator(bundle)
-    network = FeatureNetwork.from_bundle(fd_bundle or bundle)
+    G = load_network("generator", bundle)
+    network = load_network("moco", fd_bundle or bundle)
     size = G.config.resolution
     held_out = real_features(network, data, split, size)
     train = real_features(network, data, train_split, size, limit=count)
@@ -54,7 +55,7 @@ def evaluate_generator(bundle: str | Path, data: str | Path, split: str, fd_bund
 
 def sample_figure(bundle: str | Path, data: str | Path, split: str, out: str | Path, columns: int = 8, seed: int = 2) -> None:
     """Two rows of G samples over one row of held-out real images."""
-    G = load_generator(bundle)
+    G = load_network("generator", bundle)
     fakes = generate(G, 2 * columns, seed)
     images, _ = ImageDataset(data, split).arrays(G.config.resolution)
     reals = torch.from_numpy(images[np.linspace(0, len(images) - 1, columns).astype(int)]).permute(0, 3, 1, 2).float() / 127.5 - 1

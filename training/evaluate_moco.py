@@ -27,6 +27,7 @@ import torch
 
 from generation.dataset import ImageDataset
 from generation.moco import FeatureNetwork
+from generation.registry import load_network
 from retrieval.metrics import dice_per_image, dice_summary
 from training.augment import AugmentConfig, augment_batch, resize_images
 
@@ -117,7 +118,7 @@ def evaluate_moco(
     device: str = "cpu",
     archive_split: str | None = None,
 ) -> dict[str, Any]:
-    trained = FeatureNetwork.from_bundle(bundle, device)
+    trained = load_network("moco", bundle, device)
     dataset = ImageDataset(data, split)
     arrays, masks = dataset.arrays(trained.config.load_size, with_masks=archive_split is not None)
     images = torch.from_numpy(arrays).permute(0, 3, 1, 2).contiguous()

@@ -17,11 +17,11 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from generation.checkpoints import atomic_write
 from generation.dataset import ImageDataset
 from generation.errors import InputError
 from generation.images import file_sha256, square_resize
-from generation.solov2 import CHECKPOINT_NAME as SYNTHESIZER_NAME
-from generation.solov2 import load_synthesizer
+from generation.registry import load_network
 
 
 @dataclass
@@ -55,7 +55,7 @@ def sketch_cache(data: str | Path, bundle: str | Path, resolution: int, split: s
     dataset = ImageDataset(data, split)
     if len(dataset) == 0:
         raise InputError(f"{data}: no images in split {split!r}")
-    synthesizer_file = bundle / f"{SYNTHESIZER_NAME}.safetensors"
+    synthesizer_file = bundle / "synthesizer.safetensors"
     if not synthesizer_file.is_file():
         raise InputError(f"{bundle}: no synthesizer S (synthesizer.safetensors); train it first (`train synthesizer`)")
     names = "\n".join(sample.name for sample in dataset.samples)
@@ -70,7 +70,7 @@ def sketch_cache(data: str | Path, bundle: str | Path, resolution: int, split: s
             tensors = load_file(str(path))
             return SketchCache(tensors["images"].numpy(), tensors["sketches"].numpy(), tensors["label_maps"].numpy())
 
-    S = load_synthesizer(bundle, device)
+    S = load_network("synthesizer", bundle, device)
     images = np.empty((len(dataset), resolution, resolution, 3), np.uint8)
     sketches = np.empty((len(dataset), resolution, resolution), np.uint8)
     labels = np.empty_like(sketches)
@@ -85,8 +85,7 @@ def sketch_cache(data: str | Path, bundle: str | Path, resolution: int, split: s
         if on_progress is not None:
             on_progress(indices.stop, len(dataset))
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(".tmp")
-    save_file({"images": torch.from_numpy(images), "sketches": torch.from_numpy(sketches), "label_maps": torch.from_numpy(labels)},
-              str(temporary), metadata={"fingerprint": fingerprint, "data": str(data), "split": str(split)})
-    temporary.replace(path)
+    tensors = {"images": torch.from_numpy(images), "sketches": torch.from_numpy(sketches), "label_maps": torch.from_numpy(labels)}
+    metadata = {"fingerprint": fingerprint, "data": str(data), "split": str(split)}
+    atomic_write(path, lambda temporary: save_file(tensors, str(temporary), metadata=metadata))
     return SketchCache(images, sketches, labels)

@@ -19,10 +19,9 @@ from pathlib import Path
 from typing import Callable
 
 from generation.bundle import write_manifest
-from generation.checkpoints import checkpoint_exists
 from generation.dataset import ImageDataset
 from generation.errors import InputError
-from generation.stylegan2 import StyleGAN2Config
+from generation.registry import network_config, network_exists
 
 # Per preset: C steps (None = preset's), S epochs from a budget of images shown, G kimg.
 BUDGETS = {
@@ -53,7 +52,7 @@ def _synthesizer_complete(bundle: Path, epochs: int) -> bool:
     """S is written while it trains (best epoch so far), so its training state says when it is done;
     an S without a training state was finished elsewhere (e.g. an exported bundle)."""
     state = bundle / "synthesizer_state.json"
-    if not checkpoint_exists(bundle, "synthesizer"):
+    if not network_exists(bundle, "synthesizer"):
         return False
     return not state.is_file() or json.loads(state.read_text()).get("epoch", 0) >= epochs
 
@@ -65,7 +64,7 @@ def train_all(data: str | Path, out: str | Path, preset: str = "cpu", split: str
     from generation.device import pick_device
     from training.sketch_cache import sketch_cache
     from training.train_generator import TrainOptions, train_generator
-    from training.train_moco import configure_moco, train_moco
+    from training.train_moco import train_moco
     from training.train_sketch2medi import phase_options, train_phase
     from training.train_synthesizer import SynthesizerTraining, train_synthesizer
 
@@ -74,7 +73,7 @@ def train_all(data: str | Path, out: str | Path, preset: str = "cpu", split: str
     budget = BUDGETS[preset]
     out = Path(out)
     dataset = ImageDataset(data, split)
-    if not dataset.has_masks and not checkpoint_exists(out, "synthesizer"):
+    if not dataset.has_masks and not network_exists(out, "synthesizer"):
         raise InputError(f"{data}: S needs training masks (masks/ folder; see docs/DATA.md), or put a trained synthesizer.safetensors in {out}")
     out.mkdir(parents=True, exist_ok=True)
     report = (lambda stage: (lambda done, total=None: progress(stage, done, total))) if progress else (lambda stage: None)
@@ -94,19 +93,16 @@ def train_all(data: str | Path, out: str | Path, preset: str = "cpu", split: str
 
     def train_c() -> str:
         on_step = report("C")
-        summary = train_moco(data, out, configure_moco(preset, steps=budget["moco_steps"]), split=split, device=device,
+        summary = train_moco(data, out, network_config("moco", preset, steps=budget["moco_steps"]), split=split, device=device,
                              resume=True, on_step=(lambda step, total: on_step(step, total)) if on_step else None, on_note=log)
         return f"{summary['step']} steps"
 
     epochs = synthesizer_epochs(budget["synthesizer_images"], len(dataset))
 
     def train_s() -> str:
-        from generation.moco import moco_preset
-        from generation.solov2 import solov2_preset
-
         on_step = report("S")
         # S starts from C's trunk when the presets give them the same trunk width (cpu, paper).
-        shares_trunk = moco_preset(preset).backbone.width == solov2_preset(preset, 1).backbone.width
+        shares_trunk = network_config("moco", preset).backbone.width == network_config("synthesizer", preset, num_classes=1).backbone.width
         options = SynthesizerTraining(data=str(data), out=str(out), size=budget["synthesizer_size"], preset=preset, split=split,
                                       val_split=val_split, epochs=epochs, device=device, resume=True,
                                       init_from=str(out) if shares_trunk else None, **budget["synthesizer_options"])
@@ -122,7 +118,7 @@ def train_all(data: str | Path, out: str | Path, preset: str = "cpu", split: str
             raise InputError(f"G stopped at {result.kimg:.2f} kimg; run the same command again to resume")
         return f"{result.kimg:.2f} kimg"
 
-    resolution = StyleGAN2Config.preset(preset).resolution
+    resolution = network_config("generator", preset).resolution
 
     def build_cache() -> str:
         cache = sketch_cache(data, out, resolution, split, pick_device(device), on_progress=report("sketches"))
@@ -142,11 +138,11 @@ def train_all(data: str | Path, out: str | Path, preset: str = "cpu", split: str
             return f"{result.steps} steps, last window L_sim {result.last['sim_step0']} (E alone) -> {final} (step {options.refine_steps})"
         return train
 
-    run("C", checkpoint_exists(out, "moco"), train_c)
+    run("C", network_exists(out, "moco"), train_c)
     run("S", _synthesizer_complete(out, epochs), train_s)
-    run("G", checkpoint_exists(out, "generator"), train_g)
-    run("sketches", checkpoint_exists(out, "refiner"), build_cache)  # reloads the cache when it is still valid
-    run("E", checkpoint_exists(out, "encoder"), train_phase_stage("encoder"))
-    run("H", checkpoint_exists(out, "refiner"), train_phase_stage("refiner"))
+    run("G", network_exists(out, "generator"), train_g)
+    run("sketches", network_exists(out, "refiner"), build_cache)  # reloads the cache when it is still valid
+    run("E", network_exists(out, "encoder"), train_phase_stage("encoder"))
+    run("H", network_exists(out, "refiner"), train_phase_stage("refiner"))
     write_manifest(out, data={"path": str(data), "split": split, "images": len(dataset)}, preset=preset)
     return reports

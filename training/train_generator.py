@@ -33,7 +33,8 @@ from generation.checkpoints import checkpoint_exists, load_checkpoint, save_chec
 from generation.device import Distributed, init_distributed, pick_device
 from generation.errors import InputError
 from generation.images import image_grid, save_png
-from generation.stylegan2 import Discriminator, Generator, StyleGAN2Config, save_generator
+from generation.registry import load_network, network_config, network_exists, save_network
+from generation.stylegan2 import Discriminator, Generator, StyleGAN2Config
 from training.diffaugment import diff_augment, parse_policy, random_xflip
 from training.loop import StopFlag, append_metrics, assert_same_weights, broadcast_module, optimise
 from training.losses import d_logistic_loss, d_r1_loss, g_nonsaturating_loss, g_path_length_loss
@@ -240,14 +241,13 @@ def fd_c_hook(c_bundle: Path | None, reals: Tensor, device: torch.device, count:
     Returns (measure(G) or None, why not). Skipped when generation.moco / retrieval.metrics are not
     importable or there is no C bundle (BUNDLE/moco.*); real features are computed once.
     """
-    if c_bundle is None or not checkpoint_exists(c_bundle, "moco"):
+    if c_bundle is None or not network_exists(c_bundle, "moco"):
         return None, f"no C bundle ({c_bundle}/moco.safetensors)" if c_bundle else "no C bundle"
     try:
-        from generation.moco import FeatureNetwork
         from retrieval.metrics import fd_c
     except ImportError as error:
         return None, f"retrieval.metrics.fd_c not available ({error})"
-    network = FeatureNetwork.from_bundle(c_bundle, device)
+    network = load_network("moco", c_bundle, device)
     count = min(count, len(reals))
     real_features = network.embed_many(reals[:count])
 
@@ -282,7 +282,7 @@ def train_generator(data: str | Path, out: str | Path, preset: str | StyleGAN2Co
     from generation.dataset import ImageDataset
 
     options = options or TrainOptions()
-    config = StyleGAN2Config.preset(preset) if isinstance(preset, str) else preset
+    config = network_config("generator", preset) if isinstance(preset, str) else preset
     out = Path(out)
     device_ = pick_device(device)
     dist = init_distributed(device_)
@@ -347,6 +347,6 @@ def train_generator(data: str | Path, out: str | Path, preset: str | StyleGAN2Co
         summary = {"kimg": trainer.kimg, "steps": trainer.step_count, "seconds": round(seconds, 1),
                    "images": len(reals), "data": str(data), "split": split, "world_size": dist.world_size,
                    "options": dataclasses.asdict(options), "r1_gamma": trainer.gamma}
-        save_generator(trainer.G_ema, out, {"training": summary})
+        save_network("generator", trainer.G_ema, out, {"training": summary})
     dist.barrier()
     return RunResult(trainer.kimg, trainer.step_count, seconds, out, stopped_early)

@@ -6,7 +6,7 @@
 Writes into BUNDLE:
     moco_checkpoint.safetensors/.json   every `checkpoint_every` steps (model, optimiser, step, config)
     moco_metrics.jsonl                  one JSON line per logged step (loss, acc1, lr, ...)
-    moco.safetensors/.json              final query encoder + config (`FeatureNetwork.from_bundle`)
+    moco.safetensors/.json              final query encoder + config (`load_network("moco", BUNDLE)`)
 
 Resuming is exact: the batch order, the augmentations and the BN shuffles of a step are functions of
 (seed, step, rank) only, and the checkpoint holds every other piece of state (weights, key encoder,
@@ -30,7 +30,8 @@ from generation.checkpoints import checkpoint_exists, load_checkpoint, save_chec
 from generation.dataset import ImageDataset
 from generation.device import Distributed, init_distributed, pick_device
 from generation.errors import InputError
-from generation.moco import BUNDLE_NAME, MoCo, MocoConfig, config_from_dict, config_to_dict, info_nce_loss, moco_preset
+from generation.moco import MoCo, MocoConfig, config_from_dict, config_to_dict, info_nce_loss
+from generation.registry import save_network
 from training.augment import AugmentConfig, augment_batch
 from training.loop import append_metrics
 from training.loop import read_metrics as read_metrics_file
@@ -39,41 +40,6 @@ CHECKPOINT_NAME = "moco_checkpoint"
 METRICS_FILE = "moco_metrics.jsonl"
 # Fields that may differ between the interrupted run and the resumed one without changing the result.
 RESUME_FREE_FIELDS = {"log_every", "checkpoint_every"}
-
-
-def configure_moco(
-    preset: str = "cpu",
-    image_size: int | None = None,
-    epochs: int | None = None,
-    steps: int | None = None,
-    batch_size: int | None = None,
-    queue_size: int | None = None,
-    lr: float | None = None,
-    seed: int | None = None,
-) -> MocoConfig:
-    """A preset with command-line overrides applied (None = keep the preset's value)."""
-    config = moco_preset(preset)
-    changes: dict[str, Any] = {}
-    if image_size is not None:
-        # Keep the preset's decode-size margin (e.g. 256 -> 224 crops) at the new size.
-        changes["image_size"] = image_size
-        changes["load_size"] = max(image_size, round(image_size * config.load_size / config.image_size))
-    if epochs is not None:
-        changes.update(epochs=epochs, steps=None)
-    if steps is not None:
-        changes["steps"] = steps
-    if batch_size is not None:
-        changes["batch_size"] = batch_size
-    if queue_size is not None:
-        changes["queue_size"] = queue_size
-    if lr is not None:
-        changes["lr"] = lr
-    if seed is not None:
-        changes["seed"] = seed
-    try:
-        return dataclasses.replace(config, **changes)
-    except ValueError as error:
-        raise InputError(f"invalid MoCo settings: {error}")
 
 
 def default_split(data: str | Path) -> str | None:
@@ -284,14 +250,13 @@ def train_moco(
         last_logged = logged[-1] if logged else {}
     if finished and distributed.is_main:
         meta = {
-            "config": config_to_dict(config),
             "step": step,
             "images": len(images),
             "data": str(data),
             "split": split,
             "final_metrics": last_logged,
         }
-        save_checkpoint(out, BUNDLE_NAME, {"model": moco.encoder_q.state_dict()}, meta)
+        save_network("moco", moco.encoder_q, out, meta)
     distributed.barrier()
     return {"step": step, "total_steps": total_steps, "finished": finished, "config": config, "metrics": last_logged}
 

@@ -37,7 +37,8 @@ from generation.checkpoints import checkpoint_exists, load_checkpoint, save_chec
 from generation.device import Distributed, init_distributed, pick_device
 from generation.errors import InputError
 from generation.images import image_grid, save_png
-from generation.pix2pix import PatchDiscriminator, Pix2PixConfig, UNetGenerator, save_pix2pix
+from generation.pix2pix import PatchDiscriminator, Pix2PixConfig, UNetGenerator
+from generation.registry import network_config, save_network
 from generation.sketch import sketch_to_tensor
 from training.loop import StopFlag, append_metrics, assert_same_weights, broadcast_module, optimise
 
@@ -263,7 +264,7 @@ def train_pix2pix(images: np.ndarray, sketches: np.ndarray, out: str | Path, con
     continues from the checkpoint in `out`.
     """
     options = options or Pix2PixOptions()
-    config = Pix2PixConfig.preset(config) if isinstance(config, str) else config
+    config = network_config("pix2pix", config) if isinstance(config, str) else config
     out = Path(out)
     device_ = pick_device(device)
     dist = init_distributed(device_)
@@ -317,6 +318,6 @@ def train_pix2pix(images: np.ndarray, sketches: np.ndarray, out: str | Path, con
         summary = {"steps": trainer.step_count, "seconds": round(seconds, 1), "pairs": len(images),
                    "world_size": dist.world_size, "options": dataclasses.asdict(options),
                    **{f"final_{k}": v for k, v in last.items()}}
-        save_pix2pix(trainer.G, out, {"training": summary})
+        save_network("pix2pix", trainer.G, out, {"training": summary})
     dist.barrier()
     return Pix2PixResult(trainer.step_count, seconds, out, stopped_early, dict(last))

@@ -25,15 +25,16 @@ from torch import Tensor
 
 from generation.checkpoints import checkpoint_exists, load_checkpoint, save_checkpoint
 from generation.device import Distributed, init_distributed, pick_device
-from generation.encoder import LatentDiscriminator, SketchEncoder, encoder_preset, load_encoder, save_encoder
+from generation.encoder import LatentDiscriminator, SketchEncoder
 from generation.errors import InputError
 from generation.freehand import freehand_sketch
 from generation.images import image_grid, save_png
 from generation.moco import FeatureNetwork
-from generation.refiner import Refiner, accumulate, refiner_preset, save_refiner
+from generation.refiner import Refiner, accumulate
+from generation.registry import load_network, network_config, network_exists, save_network
 from generation.resnet import load_backbone_weights
 from generation.sketch import sketch_to_tensor
-from generation.stylegan2 import Generator, load_generator
+from generation.stylegan2 import Generator
 from training.loop import StopFlag, append_metrics, broadcast_module, optimise
 from training.losses import SimilarityLoss, SimilarityWeights, d_logistic_loss, d_r1_loss, g_nonsaturating_loss
 from training.sketch_cache import SketchCache, sketch_cache
@@ -170,7 +171,7 @@ class EncoderTrainer(PhaseTrainer):
     def __init__(self, G, C, cache, options, device, dist, preset: str):
         super().__init__(G, C, cache, options, device, dist)
         torch.manual_seed(options.seed)  # identical initial weights on every rank
-        config = encoder_preset(preset, G.config.resolution, G.config.w_dim)
+        config = network_config("encoder", preset, resolution=G.config.resolution, w_dim=G.config.w_dim)
         self.E = SketchEncoder(config, G.w_avg).to(device).train()
         self.init_loaded = load_backbone_weights(self.E.backbone, C.backbone_state()) if options.init_from_c else []
         self.D = LatentDiscriminator(config.w_dim, config.discriminator_layers).to(device).train()
@@ -241,7 +242,7 @@ class EncoderTrainer(PhaseTrainer):
         broadcast_module(self.E, self.dist)  # BN running statistics differ per rank; ship rank 0's
         self.set_code_mean()
         if self.dist.is_main:
-            save_encoder(self.E, bundle, {"training": summary})
+            save_network("encoder", self.E, bundle, {"training": summary})
 
 
 class RefinerTrainer(PhaseTrainer):
@@ -251,7 +252,7 @@ class RefinerTrainer(PhaseTrainer):
         super().__init__(G, C, cache, options, device, dist)
         torch.manual_seed(options.seed)
         self.E = E.to(device).eval().requires_grad_(False)
-        config = replace(refiner_preset(preset, G, layers), steps=options.refine_steps)
+        config = replace(network_config("refiner", preset, G=G, layers=layers), steps=options.refine_steps)
         self.H = Refiner(config).to(device).train()
         self.init_loaded = load_backbone_weights(self.H.trunk, C.backbone_state()) if options.init_from_c else []
         broadcast_module(self.H, dist)
@@ -303,7 +304,7 @@ class RefinerTrainer(PhaseTrainer):
     def finish(self, bundle: Path, summary: dict) -> None:
         broadcast_module(self.H, self.dist)
         if self.dist.is_main:
-            save_refiner(self.H, bundle, {"training": summary})
+            save_network("refiner", self.H, bundle, {"training": summary})
 
 
 @dataclass
@@ -331,15 +332,15 @@ def train_phase(phase: str, data: str | Path, bundle: str | Path, preset: str = 
     if device_.type == "cuda" and dist.enabled:
         device_ = torch.device("cuda", dist.local_rank)
     for needed, what in (("moco", "C (`train moco`)"), ("synthesizer", "S (`train synthesizer`)"), ("generator", "G (`train generator`)")):
-        if not checkpoint_exists(bundle, needed):
+        if not network_exists(bundle, needed):
             raise InputError(f"{bundle}: has no {needed}.safetensors; train {what} into this bundle first")
-    if phase == "refiner" and not checkpoint_exists(bundle, "encoder"):
+    if phase == "refiner" and not network_exists(bundle, "encoder"):
         raise InputError(f"{bundle}: has no encoder.safetensors; train E first (`train encoder`)")
     if checkpoint_exists(bundle, f"{phase}_checkpoint") and not resume:
         raise InputError(f"{bundle}: already holds a {phase} training checkpoint; pass --resume to continue it")
 
-    G = load_generator(bundle, device_)
-    C = FeatureNetwork.from_bundle(bundle, device_)
+    G = load_network("generator", bundle, device_)
+    C = load_network("moco", bundle, device_)
     if dist.is_main:  # rank 0 synthesizes the cache; the others then read it
         cache = sketch_cache(data, bundle, G.config.resolution, split, device_, on_progress=on_cache)
     dist.barrier()
@@ -348,7 +349,7 @@ def train_phase(phase: str, data: str | Path, bundle: str | Path, preset: str = 
     if phase == "encoder":
         trainer: PhaseTrainer = EncoderTrainer(G, C, cache, options, device_, dist, preset)
     else:
-        trainer = RefinerTrainer(G, C, cache, options, device_, dist, preset, load_encoder(bundle, device_), layers)
+        trainer = RefinerTrainer(G, C, cache, options, device_, dist, preset, load_network("encoder", bundle, device_), layers)
     if resume and checkpoint_exists(bundle, f"{phase}_checkpoint"):
         trainer.load(bundle)
         if dist.is_main:

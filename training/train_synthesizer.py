@@ -30,15 +30,8 @@ from generation.checkpoints import checkpoint_exists, load_checkpoint, save_chec
 from generation.dataset import ImageDataset
 from generation.device import init_distributed, pick_device
 from generation.errors import InputError
-from generation.solov2 import (
-    SOLOv2,
-    SOLOv2Config,
-    build_targets,
-    load_synthesizer,
-    save_synthesizer,
-    solov2_loss,
-    solov2_preset,
-)
+from generation.registry import load_network, network_config, save_network
+from generation.solov2 import SOLOv2, SOLOv2Config, build_targets, solov2_loss
 from training.loop import append_metrics
 
 STATE_NAME = "synthesizer_state"
@@ -150,7 +143,7 @@ def dice_of_model(model: SOLOv2, images: np.ndarray, masks: np.ndarray, class_na
 
 def evaluate_synthesizer(bundle: str | Path, data: str | Path, split: str | None = None, device: str = "auto") -> dict[str, Any]:
     """Mean DICE (x100, overall and per class) of the bundle's synthesizer on a dataset split."""
-    model = load_synthesizer(bundle, pick_device(device))
+    model = load_network("synthesizer", bundle, pick_device(device))
     dataset = ImageDataset(data, split)
     if not dataset.has_masks:
         raise InputError(f"{data}: evaluation needs a mask for every image in masks/")
@@ -177,10 +170,9 @@ def init_backbone_from(model: SOLOv2, bundle: str | Path) -> int:
 
     Tensors whose shapes differ keep their own initialisation (see `load_backbone_weights`).
     """
-    from generation.moco import FeatureNetwork
     from generation.resnet import load_backbone_weights
 
-    loaded = load_backbone_weights(model.backbone, FeatureNetwork.from_bundle(bundle).backbone_state())
+    loaded = load_backbone_weights(model.backbone, load_network("moco", bundle).backbone_state())
     weights = [name for name in loaded if not name.endswith("num_batches_tracked")]  # scalars always match
     if not weights:
         raise InputError(f"{bundle}: C's trunk shares no weight shape with the synthesizer's; use the same ResNet depth and width")
@@ -221,7 +213,7 @@ def train_synthesizer(options: SynthesizerTraining, on_step: Callable[[int, int,
         if config.size != options.size:
             raise InputError(f"{out}: the run to resume is at {config.size} px, not --size {options.size}")
     else:
-        config = solov2_preset(options.preset, num_classes, options.size)
+        config = network_config("synthesizer", options.preset, num_classes=num_classes, size=options.size)
     torch.manual_seed(options.seed)
     model = SOLOv2(config).to(device)
     if states:
@@ -296,10 +288,10 @@ def train_synthesizer(options: SynthesizerTraining, on_step: Callable[[int, int,
                 record["val_dice"], record["val_dice_per_class"] = summary["mean"], summary.get("per_class")
                 if best_epoch < 0 or summary["mean"] > best:  # the first epoch always counts (DICE may be NaN)
                     best, best_epoch = summary["mean"], epoch
-                    save_synthesizer(model, out, meta={"epoch": epoch, "val_dice": best, "classes": classes})
+                    save_network("synthesizer", model, out, meta={"epoch": epoch, "val_dice": best, "classes": classes})
             else:
                 best_epoch = epoch
-                save_synthesizer(model, out, meta={"epoch": epoch, "classes": classes})
+                save_network("synthesizer", model, out, meta={"epoch": epoch, "classes": classes})
             append_metrics(metrics_path, record)
             log(" ".join(f"{k}={v}" for k, v in record.items() if k != "val_dice_per_class"))
         save_state(epoch + 1, 0)
