@@ -188,3 +188,23 @@ def test_server_answers_each_bad_upload_with_one_line(workspace, corpus, not_ske
             error = response.json()["error"]
             assert error and "\n" not in error and "Traceback" not in error, (path.name, error)
     assert stored_state(workspace) == before
+
+
+def test_a_damaged_bundle_is_refused_by_every_command_that_loads_it(tiny_chain, workspace, tmp_path):
+    data, bundle, _ = tiny_chain
+    damaged = tmp_path / "damaged"
+    shutil.copytree(bundle, damaged, ignore=shutil.ignore_patterns("cache", "samples", "*checkpoint*"))
+    with open(damaged / "encoder.safetensors", "r+b") as handle:  # one flipped bit in the last weight
+        handle.seek(-3, 2)
+        byte = handle.read(1)
+        handle.seek(-3, 2)
+        handle.write(bytes([byte[0] ^ 0x10]))
+    sketch = tmp_path / "sketch.png"
+    Image.fromarray(np.pad(np.full((60, 60), 255, np.uint8), 34)).save(sketch)
+    before = stored_state(workspace)
+    for args in (["generate", str(sketch), "--out", str(tmp_path / "g.png"), "--bundle", str(damaged), "--device", "cpu"],
+                 ["index", str(data / "images"), "--workspace", str(tmp_path / "new_ws"), "--bundle", str(damaged), "--device", "cpu"],
+                 ["search", str(sketch), "--workspace", str(workspace), "--bundle", str(damaged), "--device", "cpu"]):
+        assert_one_line_failure(runner.invoke(app, args), "encoder.safetensors", "re-download")
+    assert stored_state(workspace) == before
+    assert not (tmp_path / "new_ws" / "catalog.sqlite").exists()
