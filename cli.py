@@ -43,6 +43,7 @@ SEARCH_STAGES = {"normalize": "sketch normalisation", "E": "E (encoder)", "G": "
 def print_results(hits, labels: list[str], note: str | None = None) -> None:
     """The results as a table, one label (path or name) per hit, printed literally and never wrapped."""
     from rich.console import Console
+    from rich.measure import Measurement
     from rich.table import Table
     from rich.text import Text
 
@@ -51,7 +52,7 @@ def print_results(hits, labels: list[str], note: str | None = None) -> None:
     for hit, label in zip(hits, labels):
         table.add_row(str(hit.rank), f"{hit.score:.4f}", f"{hit.similarity:.4f}", "-" if hit.dice is None else f"{hit.dice:.1f}", Text(label))
     console = Console()
-    width = console.measure(table).maximum
+    width = Measurement.get(console, console.options.update(max_width=100_000), table).maximum
     if width > console.width:  # a wider table rather than cut or wrapped paths, so they can be copied
         console = Console(width=width)
     if note:
@@ -73,14 +74,19 @@ def shortened_paths(paths: list[str]) -> tuple[str | None, list[str]]:
 
 
 def timing_line(timings_ms: dict[str, float]) -> str:
-    """'searched in 7.7 s, most of it in G (generator): 5.2 s'; H's refinement steps count as one stage."""
+    """'searched in 7.7 s, most of it in G (generator): 5.2 s'; H's refinement steps count as one stage.
+    (On a cold start the first call of each network dominates: torch's one-time set-up.)"""
     stages: dict[str, float] = {}
     for stage, ms in timings_ms.items():
         if stage != "total":
             name = "H" if stage[:1] == "H" and stage[1:].isdigit() else stage
             stages[name] = stages.get(name, 0.0) + ms
     slowest = max(stages, key=stages.get)
-    return f"searched in {timings_ms['total'] / 1000:.1f} s, most of it in {SEARCH_STAGES.get(slowest, slowest)}: {stages[slowest] / 1000:.1f} s"
+    return f"searched in {duration(timings_ms['total'])}, most of it in {SEARCH_STAGES.get(slowest, slowest)}: {duration(stages[slowest])}"
+
+
+def duration(ms: float) -> str:
+    return f"{ms / 1000:.1f} s" if ms >= 1000 else f"{ms:.0f} ms"
 
 
 def report_skipped(skipped: list[tuple[Path, str]]) -> None:

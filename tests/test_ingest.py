@@ -452,6 +452,7 @@ torch.distributed.destroy_process_group()
 
 
 @pytest.mark.skipif(TORCHRUN is None, reason="torchrun is not installed")
+@pytest.mark.slow  # starts two torchrun processes
 def test_torchrun_two_ranks_index_like_one_process(tmp_path):
     archive = tmp_path / "archive"
     write_images(archive, 9)

@@ -302,6 +302,7 @@ def test_cli_train_moco(blob_dataset, tmp_path):
 
 
 @pytest.mark.skipif(shutil.which("torchrun", path=os.path.dirname(sys.executable)) is None, reason="no torchrun")
+@pytest.mark.slow  # starts two torchrun processes
 def test_torchrun_two_processes(blob_dataset, tmp_path):
     """DDP (gloo): keys gathered across ranks into one queue, shuffle BN across ranks."""
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
