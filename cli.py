@@ -5,16 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from typer.core import TyperGroup
 
-from generation.console import check_folder_out, check_image_out, finite, literal_printer, progress_bar
+from generation.console import WholeHelpGroup, check_folder_out, check_image_out, finite, literal_printer, progress_bar
 from generation.device import is_main_process, set_threads
 from generation.errors import InputError
 from retrieval.defaults import DEFAULT_LAMBDA
 from training.commands import DEVICE_HELP, train_app
 
 
-class UserErrorGroup(TyperGroup):
+class UserErrorGroup(WholeHelpGroup):
     """Turns the library's `InputError`s into one line on stderr and exit code 2, no traceback."""
 
     def invoke(self, ctx):

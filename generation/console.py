@@ -8,8 +8,22 @@ from pathlib import Path
 from typing import Callable
 
 import typer
+from typer.core import TyperGroup
 
 from generation.errors import InputError
+
+
+class WholeHelpGroup(TyperGroup):
+    """A command group whose --help lists each command's first paragraph whole, wrapped to the
+    terminal, where click would cut it to one line."""
+
+    def format_commands(self, ctx, formatter) -> None:
+        commands = [(name, self.get_command(ctx, name)) for name in self.list_commands(ctx)]
+        rows = [(name, " ".join((command.help or "").split("\n\n")[0].split())) for name, command in commands
+                if command is not None and not command.hidden]
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
 
 
 def progress_bar():

@@ -144,3 +144,6 @@ def test_help_is_whole_at_80_columns():
     assert "$SKETCH2MEDI_WORKSPACE, else ~/.local/share/sketch2medi/workspace" in text
     assert "DICE / 100" in text and "…" not in text and "<bool>" not in text
     assert "--device <str> auto (the GPU if there is one)" in text
+    listing = " ".join(runner.invoke(app, ["--help"], env={"COLUMNS": "80"}, terminal_width=80).output.split())
+    assert "demo Generate a phantom archive, index it, sketch one image free-hand, search, show the results." in listing
+    assert "train Train the networks (each writes safetensors + JSON into a bundle folder)." in listing

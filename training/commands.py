@@ -10,11 +10,12 @@ from pathlib import Path
 
 import typer
 
-from generation.console import finite, literal_printer, progress_bar
+from generation.console import WholeHelpGroup, finite, literal_printer, progress_bar
 from generation.device import is_main_process, set_threads
 from training.loop import TrainResult
 
-train_app = typer.Typer(no_args_is_help=True, help="Train the networks (each writes safetensors + JSON into a bundle folder).")
+train_app = typer.Typer(cls=WholeHelpGroup, no_args_is_help=True, rich_markup_mode=None,
+                        help="Train the networks (each writes safetensors + JSON into a bundle folder).")
 
 DEVICE_HELP = "auto (the GPU if there is one) | cpu | cuda | cuda:N"
 THREADS_HELP = "CPU threads per process (0 = torch's default; use 1 on a machine shared with other jobs)."
