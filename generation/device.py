@@ -62,3 +62,14 @@ def pick_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def is_main_process() -> bool:
+    """True outside torchrun and on its rank 0: the one process that reports to the terminal."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def set_threads(count: int) -> None:
+    """Run torch on `count` CPU threads; 0 keeps torch's default."""
+    if count:
+        torch.set_num_threads(count)

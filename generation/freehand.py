@@ -471,12 +471,14 @@ def file_seed(seed: int, name: str) -> int:
     return int.from_bytes(digest, "little")
 
 
-def freehand_sketches_from_folder(source: Path, out: Path, strength: float, seed: int) -> int:
+def freehand_sketches_from_folder(source: Path, out: Path, strength: float, seed: int,
+                                  on_skip: Callable[[Path, str], None] | None = None) -> int:
     """Write `out/NAME.png`, a simulated free-hand sketch, for every mask under `source`.
 
     `source` is one mask file, a folder of masks, or a dataset folder with `masks/`. Relative
-    names are mirrored; each file's randomness depends only on (seed, relative name).
-    Returns the number of sketches written.
+    names are mirrored; each file's randomness depends only on (seed, relative name). A mask that
+    cannot be used is passed to `on_skip(path, why)` and the others are still drawn; when none can
+    be, the first one's error is raised. Returns the number of sketches written.
     """
     source, out = Path(source), Path(out)
     if not (0.0 <= strength <= 1.0):  # also rejects NaN
@@ -492,18 +494,31 @@ def freehand_sketches_from_folder(source: Path, out: Path, strength: float, seed
     paths = find_images(root)
     if not paths:
         raise InputError(f"{root}: no mask images found; pass a mask PNG or a folder of class-index mask PNGs")
-    count = 0
+    count, failures = 0, []
     for path in paths:
         name = Path(path.name) if root.is_file() else path.relative_to(root)
-        mask = load_mask(path)
-        if len(np.unique(mask)) > MAX_MASK_VALUES:
-            raise InputError(
-                f"{path}: {len(np.unique(mask))} distinct values looks like a grayscale picture, "
-                "not a class-index mask; pass segmentation masks"
-            )
+        try:
+            mask = _class_index_mask(path)
+        except InputError as error:
+            failures.append(error)
+            if on_skip is not None:
+                on_skip(path, str(error).removeprefix(f"{path}: "))
+            continue
         sketch = freehand_sketch(mask, strength, file_seed(seed, name.as_posix()))
         target = out / name.with_suffix(".png")
         target.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(sketch).save(target)
         count += 1
+    if count == 0:
+        raise failures[0]
     return count
+
+
+def _class_index_mask(path: Path) -> np.ndarray:
+    mask = load_mask(path)
+    if len(np.unique(mask)) > MAX_MASK_VALUES:
+        raise InputError(
+            f"{path}: {len(np.unique(mask))} distinct values looks like a grayscale picture, "
+            "not a class-index mask; pass segmentation masks"
+        )
+    return mask

@@ -522,11 +522,13 @@ register(NetworkSpec(name="synthesizer", title="synthesizer S", config_from_dict
 
 
 def sketch_folder(source, out, bundle, size: int = 256, threshold: float = 0.35, device: str = "auto",
-                  batch_size: int = 16, on_image=None) -> int:
+                  batch_size: int = 16, on_image=None, on_skip=None) -> int:
     """Segment every image under `source` (file or folder) with the bundle's S and write, per image,
     `out/masks/NAME.png` (class indices; highest-scoring instance on top) and `out/sketches/NAME.png`
     (canonical synthesized sketch of the instances with score >= threshold), both size x size.
-    Images are centre-cropped to a square first, as datasets are. Returns the number of images.
+    Images are centre-cropped to a square first, as datasets are. An image that cannot be read is
+    passed to `on_skip(path, why)` and the others are still done; when none can be, the first one's
+    error is raised. Returns the number of images written.
     """
     from pathlib import Path
 
@@ -541,15 +543,26 @@ def sketch_folder(source, out, bundle, size: int = 256, threshold: float = 0.35,
         raise InputError(f"{source}: no images found (PNG, JPEG, TIFF, BMP)")
     model = load_network("synthesizer", bundle, pick_device(device))
     base = source if source.is_dir() else source.parent
+    written, failures = 0, []
     for start in range(0, len(paths), batch_size):
-        chunk = paths[start : start + batch_size]
-        images = [square_resize(load_rgb(path), size) for path in chunk]
-        for path, instances in zip(chunk, model.predict(images)):
+        chunk, images = [], []
+        for path in paths[start : start + batch_size]:
+            try:
+                images.append(square_resize(load_rgb(path), size))
+                chunk.append(path)
+            except InputError as error:
+                failures.append(error)
+                if on_skip is not None:
+                    on_skip(path, str(error).removeprefix(f"{path}: "))
+        for path, instances in zip(chunk, model.predict(images) if images else []):
             name = path.relative_to(base).with_suffix(".png")
             for folder, array in (("masks", label_map(instances, (size, size), threshold)), ("sketches", sketch_of(instances, (size, size), threshold))):
                 target = out / folder / name
                 target.parent.mkdir(parents=True, exist_ok=True)
                 Image.fromarray(array, mode="L").save(target)
+        written += len(chunk)
         if on_image is not None:
-            on_image(start + len(chunk), len(paths))
-    return len(paths)
+            on_image(min(start + batch_size, len(paths)), len(paths))
+    if written == 0:
+        raise failures[0]
+    return written

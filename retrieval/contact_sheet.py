@@ -11,6 +11,7 @@ from generation.errors import InputError
 from retrieval.search import SearchResult
 
 THUMBNAIL = 128
+DISPLAY = 256  # side that sketch.png and generated.png are enlarged to
 CAPTION = 28  # pixels under each tile for its caption
 
 
@@ -49,11 +50,25 @@ def contact_sheet(result: SearchResult, columns: int = 6, size: int = THUMBNAIL)
     return sheet
 
 
+def save_for_display(picture: np.ndarray, path: Path, size: int = DISPLAY) -> None:
+    """Save `picture` enlarged by a whole factor to about `size` px (each pixel a block, nothing
+    invented); its own size is written into the PNG's "raw size" text field."""
+    from PIL.PngImagePlugin import PngInfo
+
+    height, width = picture.shape[:2]
+    factor = max(1, round(size / max(height, width)))
+    info = PngInfo()
+    info.add_text("raw size", f"{width}x{height}")
+    Image.fromarray(picture).resize((width * factor, height * factor), Image.NEAREST).save(path, pnginfo=info)
+
+
 def write_search_outputs(result: SearchResult, out: str | Path) -> list[Path]:
+    """sketch.png (the query as normalised) and generated.png (the image made from it), both
+    enlarged for display, and results.png, the contact sheet."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     written = [out / "sketch.png", out / "generated.png", out / "results.png"]
-    Image.fromarray(result.sketch).save(written[0])
-    Image.fromarray(result.image).save(written[1])
+    save_for_display(result.sketch, written[0])
+    save_for_display(result.image, written[1])
     contact_sheet(result).save(written[2])
     return written

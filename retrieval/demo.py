@@ -38,7 +38,9 @@ def run_demo(out: str | Path, bundle: str | Path | None = None, images: int = 20
     out = Path(out)
     models = SystemModels(bundle, device)  # first: an unusable bundle fails before any work
     archive = out / "archive"
-    if not (archive / "phantom.json").is_file():
+    if (archive / "phantom.json").is_file():
+        log(f"reusing the phantom archive in {archive} (delete {out} for a new one)")
+    else:
         log(f"generating {images} phantom images of {size} px in {archive}")
         write_phantom_dataset(archive, n=images, size=size, seed=ARCHIVE_SEED)
     log(f"indexing {archive / 'images'} with bundle {models.bundle}")

@@ -28,6 +28,7 @@ between S(x_hat) and the candidate's stored masks, 0 when neither has any struct
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -79,10 +80,17 @@ class VectorRecipe:
     @classmethod
     def parse(cls, text: str) -> VectorRecipe:
         """'sketch=0.9,code=0.05,image=0.05' (the form `tag` writes, and `index --weights` takes)."""
+        malformed = InputError(f"vector weights {text!r}: expected sketch=A,code=B,image=C")
         try:
-            return cls(**{name.strip(): float(value) for name, value in (part.split("=") for part in text.split(","))})
+            weights = {name.strip(): float(value) for name, value in (part.split("=") for part in text.split(","))}
+        except ValueError:
+            raise malformed from None
+        if not all(math.isfinite(value) for value in weights.values()):  # NaN passes every comparison
+            raise InputError(f"vector weights {text!r}: every weight must be a finite number, e.g. sketch=0.9,code=0.05,image=0.05")
+        try:
+            return cls(**weights)
         except (TypeError, ValueError):
-            raise InputError(f"vector weights {text!r}: expected sketch=A,code=B,image=C") from None
+            raise malformed from None
 
     @property
     def tag(self) -> str:

@@ -222,9 +222,9 @@ def test_resume_continues_exactly(blob_dataset, tmp_path):
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
     train_moco(blob_dataset, straight, config, device="cpu")
     partial = train_moco(blob_dataset, interrupted, config, device="cpu", stop_after=5)
-    assert not partial["finished"] and not (interrupted / "moco.safetensors").exists()
+    assert partial.stopped_early and not (interrupted / "moco.safetensors").exists()
     resumed = train_moco(blob_dataset, interrupted, config, device="cpu")
-    assert resumed["finished"] and resumed["step"] == 8
+    assert not resumed.stopped_early and resumed.steps == 8
     a, b = load_file(straight / "moco.safetensors"), load_file(interrupted / "moco.safetensors")
     assert a.keys() == b.keys()
     for name in a:
@@ -303,6 +303,7 @@ def test_cli_train_moco(blob_dataset, tmp_path):
 
 
 @pytest.mark.skipif(shutil.which("torchrun", path=os.path.dirname(sys.executable)) is None, reason="no torchrun")
+@pytest.mark.slow  # starts two torchrun processes
 def test_torchrun_two_processes(blob_dataset, tmp_path):
     """DDP (gloo): keys gathered across ranks into one queue, shuffle BN across ranks."""
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))

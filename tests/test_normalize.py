@@ -146,6 +146,33 @@ def test_real_endoscopy_image_is_rejected_as_sketch(vocalfolds):
         normalize_sketch_file(path)
 
 
+def test_grey_phantoms_are_rejected_as_photographs():
+    from generation.phantom import image_seed, phantom_sample
+
+    for index in range(50):
+        grey = Image.fromarray(phantom_sample(image_seed(7, index), 128)[0]).convert("L")
+        with pytest.raises(InputError, match="photograph"):
+            normalize_sketch(grey, 64)
+
+
+def test_grey_frames_are_photographs_and_free_hand_sketches_stay_sketches(vocalfolds):
+    import io
+
+    for path in sorted((vocalfolds / "images").glob("*.png"))[::4]:
+        with pytest.raises(InputError, match="photograph"):
+            normalize_sketch(Image.open(path).convert("L"), 64)
+    sketches = sorted((vocalfolds.parent / "vocalfolds256-sketches" / "sketches").glob("*.png"))
+    rng = np.random.default_rng(0)
+    for path in sketches:
+        drawn = np.asarray(Image.open(path).convert("L"))
+        noisy = np.clip(drawn + rng.normal(0, 0.03 * 255, drawn.shape), 0, 255).astype(np.uint8)
+        buffer = io.BytesIO()
+        Image.fromarray(drawn).save(buffer, "JPEG", quality=40)
+        for variant in (drawn, noisy, Image.open(io.BytesIO(buffer.getvalue()))):  # as drawn, scanned, compressed
+            normalize_sketch(variant, 64)
+    assert len(sketches) == 33
+
+
 def test_specks_alone_are_an_empty_sketch():
     canvas = np.full((256, 256), 255, np.uint8)
     canvas[[10, 100, 200], [20, 150, 30]] = 0

@@ -232,7 +232,7 @@ def test_stop_and_resume_repeat_the_uninterrupted_run(tmp_path):
     images, sketches = toy_pairs()
     options = dict(steps=12, batch=4, snap_every=4)
     straight = train_pix2pix(images, sketches, tmp_path / "a", TINY, Pix2PixOptions(**options), log=QUIET)
-    assert straight.steps == 12 and not straight.stopped_early and straight.last["g_l1"] > 0
+    assert straight.steps == 12 and not straight.stopped_early and straight.metrics["g_l1"] > 0
 
     def interrupt(step: int, stats: dict) -> None:
         if step == 6:
@@ -289,6 +289,7 @@ TORCHRUN = shutil.which("torchrun") or shutil.which("torchrun", path=str(Path(sy
 
 
 @pytest.mark.skipif(TORCHRUN is None, reason="torchrun is not installed")
+@pytest.mark.slow  # starts two torchrun processes
 def test_torchrun_ddp_two_processes(tmp_path):
     script = tmp_path / "run.py"
     script.write_text(textwrap.dedent(f"""

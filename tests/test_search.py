@@ -158,6 +158,7 @@ def test_demo_generates_indexes_sketches_and_searches(tiny_chain, tmp_path, monk
     assert missing.exit_code == 2 and "SKETCH2MEDI_BUNDLE" in missing.output
 
 
+@pytest.mark.slow  # starts two torchrun processes
 def test_index_command_under_torchrun_matches_one_process(tiny_chain, models, tmp_path):
     import os
     import subprocess

@@ -219,6 +219,7 @@ TORCHRUN = shutil.which("torchrun") or shutil.which("torchrun", path=str(Path(sy
 
 
 @pytest.mark.skipif(TORCHRUN is None, reason="torchrun is not installed")
+@pytest.mark.slow  # starts two torchrun processes
 def test_encoder_training_under_torchrun_two_processes(tiny_bundle, tmp_path):
     data, bundle, _ = tiny_bundle
     target = copy_networks(bundle, tmp_path / "ddp")

@@ -302,6 +302,7 @@ TORCHRUN = shutil.which("torchrun") or shutil.which("torchrun", path=str(Path(sy
 
 
 @pytest.mark.skipif(TORCHRUN is None, reason="torchrun is not installed")
+@pytest.mark.slow  # starts two torchrun processes
 def test_torchrun_ddp_two_processes(tmp_path):
     data = write_toy_dataset(tmp_path / "toy")
     out = tmp_path / "bundle"

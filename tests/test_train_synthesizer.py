@@ -57,7 +57,7 @@ def test_augment_keeps_image_and_mask_aligned():
 def test_train_writes_bundle_metrics_and_resumes(ellipses, tmp_path):
     out = tmp_path / "bundle"
     report = train_synthesizer(options(ellipses, out, epochs=1), log=lambda _: None)
-    assert report["epochs"] == 1 and report["steps"] == 3 and report["best_val_dice"] is not None
+    assert report.metrics["epochs"] == 1 and report.steps == 3 and report.metrics["best_val_dice"] is not None
     assert network_exists(out, "synthesizer") and checkpoint_exists(out, "synthesizer_state")
     with pytest.raises(InputError):  # an existing run is never overwritten silently
         train_synthesizer(options(ellipses, out), log=lambda _: None)
@@ -70,7 +70,7 @@ def test_train_writes_bundle_metrics_and_resumes(ellipses, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         train_synthesizer(options(ellipses, out, resume=True, checkpoint_minutes=0.0), on_step=interrupt, log=lambda _: None)
     report = train_synthesizer(options(ellipses, out, resume=True), log=lambda _: None)
-    assert report["epochs"] == 2 and report["steps"] == 6
+    assert report.metrics["epochs"] == 2 and report.steps == 6
     lines = [json.loads(line) for line in (out / "synthesizer_metrics.jsonl").read_text().splitlines()]
     assert [line["epoch"] for line in lines] == [0, 1]
     assert all("val_dice" in line and "loss" in line for line in lines)

@@ -1,18 +1,30 @@
-"""Pieces every training loop shares: graceful stop on signals, gradient averaging under torchrun,
-and the metrics file (one JSON object per line, appended)."""
+"""Pieces every training loop shares: the result every trainer returns, graceful stop on signals,
+gradient averaging under torchrun, and the metrics file (one JSON object per line, appended)."""
 
 from __future__ import annotations
 
 import json
 import signal
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 import torch
 import torch.distributed as torch_dist
 from torch import nn
 
 from generation.device import Distributed
+
+
+@dataclass
+class TrainResult:
+    """What one training run did; every trainer returns one."""
+
+    steps: int  # optimiser steps done in total (including those of a resumed run)
+    seconds: float  # wall time of this call
+    out: Path  # the bundle folder written into
+    stopped_early: bool  # stopped by a signal or `stop_after`; the checkpoint resumes it
+    metrics: dict[str, Any] = field(default_factory=dict)  # the trainer's final figures, e.g. the last logged window
 
 
 class StopFlag:

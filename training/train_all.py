@@ -5,8 +5,9 @@
 
 A stage is complete when its network file is final (for S: its last epoch is done). An interrupted
 run, re-run with the same command, resumes the unfinished stage from its checkpoint. The budgets
-per preset are below; `cpu` stages each fit in one session on 2 cores (measured times in
-docs/RESULTS.md), `paper` follows the paper (100 epochs of E and H).
+per preset are below; `cpu` takes about 4 hours on 2 CPU cores, G the longest at about 2 hours and
+each other stage 10-50 minutes (measured times in docs/RESULTS.md); `paper` follows the paper
+(100 epochs of E and H).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -57,92 +58,122 @@ def _synthesizer_complete(bundle: Path, epochs: int) -> bool:
     return not state.is_file() or json.loads(state.read_text()).get("epoch", 0) >= epochs
 
 
+@dataclass
+class _Chain:
+    """One `train all` run: the settings every stage shares, and the stages' reports so far."""
+
+    data: str | Path
+    out: Path
+    preset: str
+    split: str | None
+    val_split: str | None
+    device: str
+    command: str
+    dataset: ImageDataset
+    progress: Progress | None
+    log: Callable[[str], None]
+    reports: list[StageReport] = field(default_factory=list)
+
+    @property
+    def budget(self) -> dict:
+        return BUDGETS[self.preset]
+
+    def on_step(self, stage: str) -> Callable[[float, float | None], None] | None:
+        """The progress callback of `stage` (done, total), or None without a progress display."""
+        if self.progress is None:
+            return None
+        return lambda done, total=None: self.progress(stage, done, total)
+
+    def run(self, stage: str, complete: bool, train: Callable[[], str]) -> None:
+        if complete:
+            self.reports.append(StageReport(stage, "done before", 0.0, "skipped: already complete"))
+            self.log(f"{stage}: already complete, skipped")
+            return
+        start = time.time()
+        detail = train()
+        self.reports.append(StageReport(stage, "trained", time.time() - start, detail))
+        self.write_manifest(command=self.command or None, stages={r.stage: r.status for r in self.reports})
+        self.log(f"{stage}: {detail} ({(time.time() - start) / 60:.1f} min)")
+
+    def write_manifest(self, **fields) -> None:
+        write_manifest(self.out, data={"path": str(self.data), "split": self.split, "images": len(self.dataset)}, preset=self.preset, **fields)
+
+    def synthesizer_epochs(self) -> int:
+        return synthesizer_epochs(self.budget["synthesizer_images"], len(self.dataset))
+
+    def train_c(self) -> str:
+        from training.train_moco import train_moco
+
+        on_step = self.on_step("C")
+        result = train_moco(self.data, self.out, network_config("moco", self.preset, steps=self.budget["moco_steps"]), split=self.split,
+                            device=self.device, resume=True, on_step=(lambda step, total: on_step(step, total)) if on_step else None,
+                            on_note=self.log)
+        return f"{result.steps} steps"
+
+    def train_s(self) -> str:
+        from training.train_synthesizer import SynthesizerTraining, train_synthesizer
+
+        on_step = self.on_step("S")
+        # S starts from C's trunk when the presets give them the same trunk width (cpu, paper).
+        shares_trunk = network_config("moco", self.preset).backbone.width == network_config("synthesizer", self.preset, num_classes=1).backbone.width
+        options = SynthesizerTraining(data=str(self.data), out=str(self.out), size=self.budget["synthesizer_size"], preset=self.preset,
+                                      split=self.split, val_split=self.val_split, epochs=self.synthesizer_epochs(), device=self.device,
+                                      resume=True, init_from=str(self.out) if shares_trunk else None, **self.budget["synthesizer_options"])
+        result = train_synthesizer(options, on_step=(lambda step, total, loss: on_step(step, total)) if on_step else None, log=self.log)
+        return f"{result.metrics['epochs']} epochs, best val DICE {result.metrics['best_val_dice']}"
+
+    def train_g(self) -> str:
+        from training.train_generator import TrainOptions, train_generator
+
+        on_step = self.on_step("G")
+        kimg = self.budget["generator_kimg"]
+        result = train_generator(self.data, self.out, self.preset, TrainOptions(kimg=kimg), split=self.split, device=self.device,
+                                 resume=True, on_step=(lambda done, stats: on_step(done, kimg)) if on_step else None, log=self.log)
+        if result.stopped_early:
+            raise InputError(f"G stopped at {result.metrics['kimg']:.2f} kimg; run the same command again to resume")
+        return f"{result.metrics['kimg']:.2f} kimg"
+
+    def build_cache(self) -> str:
+        from generation.device import pick_device
+        from training.sketch_cache import sketch_cache
+
+        resolution = network_config("generator", self.preset).resolution
+        cache = sketch_cache(self.data, self.out, resolution, self.split, pick_device(self.device), on_progress=self.on_step("sketches"))
+        return f"{len(cache)} synthesized sketches at {resolution} px"
+
+    def train_phase(self, phase: str) -> str:
+        from training.train_sketch2medi import phase_options, train_phase
+
+        on_step = self.on_step({"encoder": "E", "refiner": "H"}[phase])
+        options = phase_options(self.preset, phase)
+        result = train_phase(phase, self.data, self.out, self.preset, options, self.split, self.device, resume=True,
+                             on_step=(lambda step, stats: on_step(step, options.steps)) if on_step else None, log=self.log)
+        if result.stopped_early:
+            raise InputError(f"{phase} stopped at step {result.steps}; run the same command again to resume")
+        first, last = result.metrics["first_window"], result.metrics["last_window"]
+        if phase == "encoder":
+            return f"{result.steps} steps, L_sim {first['sim_total']} (first window) -> {last['sim_total']} (last)"
+        final = last[f"sim_step{options.refine_steps}"]
+        return f"{result.steps} steps, last window L_sim {last['sim_step0']} (E alone) -> {final} (step {options.refine_steps})"
+
+
 def train_all(data: str | Path, out: str | Path, preset: str = "cpu", split: str | None = "train", val_split: str | None = "val",
               device: str = "auto", command: str = "", progress: Progress | None = None,
               log: Callable[[str], None] = print) -> list[StageReport]:
     """Train every missing stage of the bundle `out` on `data`; returns what each stage did."""
-    from generation.device import pick_device
-    from training.sketch_cache import sketch_cache
-    from training.train_generator import TrainOptions, train_generator
-    from training.train_moco import train_moco
-    from training.train_sketch2medi import phase_options, train_phase
-    from training.train_synthesizer import SynthesizerTraining, train_synthesizer
-
     if preset not in BUDGETS:
         raise InputError(f"unknown preset {preset!r}; choose one of {', '.join(BUDGETS)}")
-    budget = BUDGETS[preset]
     out = Path(out)
     dataset = ImageDataset(data, split)
     if not dataset.has_masks and not network_exists(out, "synthesizer"):
         raise InputError(f"{data}: S needs training masks (masks/ folder; see docs/DATA.md), or put a trained synthesizer.safetensors in {out}")
     out.mkdir(parents=True, exist_ok=True)
-    report = (lambda stage: (lambda done, total=None: progress(stage, done, total))) if progress else (lambda stage: None)
-    reports: list[StageReport] = []
-
-    def run(stage: str, complete: bool, train: Callable[[], str]) -> None:
-        if complete:
-            reports.append(StageReport(stage, "done before", 0.0, "skipped: already complete"))
-            log(f"{stage}: already complete, skipped")
-            return
-        start = time.time()
-        detail = train()
-        reports.append(StageReport(stage, "trained", time.time() - start, detail))
-        write_manifest(out, data={"path": str(data), "split": split, "images": len(dataset)}, preset=preset,
-                       command=command or None, stages={r.stage: r.status for r in reports})
-        log(f"{stage}: {detail} ({(time.time() - start) / 60:.1f} min)")
-
-    def train_c() -> str:
-        on_step = report("C")
-        summary = train_moco(data, out, network_config("moco", preset, steps=budget["moco_steps"]), split=split, device=device,
-                             resume=True, on_step=(lambda step, total: on_step(step, total)) if on_step else None, on_note=log)
-        return f"{summary['step']} steps"
-
-    epochs = synthesizer_epochs(budget["synthesizer_images"], len(dataset))
-
-    def train_s() -> str:
-        on_step = report("S")
-        # S starts from C's trunk when the presets give them the same trunk width (cpu, paper).
-        shares_trunk = network_config("moco", preset).backbone.width == network_config("synthesizer", preset, num_classes=1).backbone.width
-        options = SynthesizerTraining(data=str(data), out=str(out), size=budget["synthesizer_size"], preset=preset, split=split,
-                                      val_split=val_split, epochs=epochs, device=device, resume=True,
-                                      init_from=str(out) if shares_trunk else None, **budget["synthesizer_options"])
-        result = train_synthesizer(options, on_step=(lambda step, total, loss: on_step(step, total)) if on_step else None, log=log)
-        return f"{result['epochs']} epochs, best val DICE {result['best_val_dice']}"
-
-    def train_g() -> str:
-        on_step = report("G")
-        kimg = budget["generator_kimg"]
-        result = train_generator(data, out, preset, TrainOptions(kimg=kimg), split=split, device=device, resume=True,
-                                 on_step=(lambda done, stats: on_step(done, kimg)) if on_step else None, log=log)
-        if result.stopped_early:
-            raise InputError(f"G stopped at {result.kimg:.2f} kimg; run the same command again to resume")
-        return f"{result.kimg:.2f} kimg"
-
-    resolution = network_config("generator", preset).resolution
-
-    def build_cache() -> str:
-        cache = sketch_cache(data, out, resolution, split, pick_device(device), on_progress=report("sketches"))
-        return f"{len(cache)} synthesized sketches at {resolution} px"
-
-    def train_phase_stage(phase: str) -> Callable[[], str]:
-        def train() -> str:
-            on_step = report({"encoder": "E", "refiner": "H"}[phase])
-            options = phase_options(preset, phase)
-            result = train_phase(phase, data, out, preset, options, split, device, resume=True,
-                                 on_step=(lambda step, stats: on_step(step, options.steps)) if on_step else None, log=log)
-            if result.stopped_early:
-                raise InputError(f"{phase} stopped at step {result.steps}; run the same command again to resume")
-            if phase == "encoder":
-                return f"{result.steps} steps, L_sim {result.first['sim_total']} (first window) -> {result.last['sim_total']} (last)"
-            final = result.last[f"sim_step{options.refine_steps}"]
-            return f"{result.steps} steps, last window L_sim {result.last['sim_step0']} (E alone) -> {final} (step {options.refine_steps})"
-        return train
-
-    run("C", network_exists(out, "moco"), train_c)
-    run("S", _synthesizer_complete(out, epochs), train_s)
-    run("G", network_exists(out, "generator"), train_g)
-    run("sketches", network_exists(out, "refiner"), build_cache)  # reloads the cache when it is still valid
-    run("E", network_exists(out, "encoder"), train_phase_stage("encoder"))
-    run("H", network_exists(out, "refiner"), train_phase_stage("refiner"))
-    write_manifest(out, data={"path": str(data), "split": split, "images": len(dataset)}, preset=preset)
-    return reports
+    chain = _Chain(data, out, preset, split, val_split, device, command, dataset, progress, log)
+    chain.run("C", network_exists(out, "moco"), chain.train_c)
+    chain.run("S", _synthesizer_complete(out, chain.synthesizer_epochs()), chain.train_s)
+    chain.run("G", network_exists(out, "generator"), chain.train_g)
+    chain.run("sketches", network_exists(out, "refiner"), chain.build_cache)  # reloads the cache when it is still valid
+    chain.run("E", network_exists(out, "encoder"), lambda: chain.train_phase("encoder"))
+    chain.run("H", network_exists(out, "refiner"), lambda: chain.train_phase("refiner"))
+    chain.write_manifest()
+    return chain.reports

@@ -36,7 +36,7 @@ from generation.images import image_grid, save_png
 from generation.registry import load_network, network_config, network_exists, save_network
 from generation.stylegan2 import Discriminator, Generator, StyleGAN2Config
 from training.diffaugment import diff_augment, parse_policy, random_xflip
-from training.loop import StopFlag, append_metrics, assert_same_weights, broadcast_module, optimise
+from training.loop import StopFlag, TrainResult, append_metrics, assert_same_weights, broadcast_module, optimise
 from training.losses import d_logistic_loss, d_r1_loss, g_nonsaturating_loss, g_path_length_loss
 
 CHECKPOINT = "generator_checkpoint"
@@ -261,23 +261,15 @@ def fd_c_hook(c_bundle: Path | None, reals: Tensor, device: torch.device, count:
 # The whole run.
 
 
-@dataclass
-class RunResult:
-    kimg: float
-    steps: int
-    seconds: float
-    bundle: Path
-    stopped_early: bool
-
-
 def train_generator(data: str | Path, out: str | Path, preset: str | StyleGAN2Config = "cpu",
                     options: TrainOptions | None = None, split: str | None = None, device: str = "auto",
                     resume: bool = False, fd_bundle: str | Path | None = None,
                     on_step: Callable[[float, dict[str, float]], None] | None = None,
-                    log: Callable[[str], None] = print) -> RunResult:
+                    log: Callable[[str], None] = print) -> TrainResult:
     """Train G on the images of `data` into the bundle folder `out` (see the module docstring).
 
-    on_step(kimg, stats) is called on rank 0 after every iteration (for a progress bar).
+    on_step(kimg, stats) is called on rank 0 after every iteration (for a progress bar). The
+    result's metrics hold "kimg", the thousands of real images shown to D.
     """
     from generation.dataset import ImageDataset
 
@@ -349,4 +341,4 @@ def train_generator(data: str | Path, out: str | Path, preset: str | StyleGAN2Co
                    "options": dataclasses.asdict(options), "r1_gamma": trainer.gamma}
         save_network("generator", trainer.G_ema, out, {"training": summary})
     dist.barrier()
-    return RunResult(trainer.kimg, trainer.step_count, seconds, out, stopped_early)
+    return TrainResult(trainer.step_count, seconds, out, stopped_early, {"kimg": trainer.kimg})

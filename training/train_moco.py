@@ -33,7 +33,7 @@ from generation.errors import InputError
 from generation.moco import MoCo, MocoConfig, config_from_dict, config_to_dict, info_nce_loss
 from generation.registry import save_network
 from training.augment import AugmentConfig, augment_batch
-from training.loop import append_metrics
+from training.loop import TrainResult, append_metrics
 from training.loop import read_metrics as read_metrics_file
 
 CHECKPOINT_NAME = "moco_checkpoint"
@@ -130,6 +130,77 @@ def _trim_metrics(path: Path, last_step: int) -> None:
     path.write_text("".join(line + "\n" for line in kept))
 
 
+def _resume_or_start(out: Path, moco: MoCo, optimizer: torch.optim.Optimizer, config: MocoConfig, resume: bool,
+                     total_steps: int, distributed: Distributed, note: Callable[[str], None]) -> int:
+    """Load OUT's checkpoint into `moco` and `optimizer` (the step to continue from), or clear OUT's
+    metrics and stale checkpoint for a fresh run (step 0)."""
+    step = 0
+    metrics_path = out / METRICS_FILE
+    if resume and checkpoint_exists(out, CHECKPOINT_NAME):
+        states, meta = load_checkpoint(out, CHECKPOINT_NAME)
+        _check_resumable(config_from_dict(meta["config"]), config, out)
+        moco.load_state_dict(states["model"])
+        optimizer.load_state_dict(states["optimizer"])
+        step = int(meta["step"])
+        note(f"resuming from step {step} of {total_steps}")
+        if distributed.is_main:
+            _trim_metrics(metrics_path, step)
+    elif distributed.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        metrics_path.unlink(missing_ok=True)
+        for suffix in (".safetensors", ".json"):  # a stale checkpoint must not be resumed later
+            (out / f"{CHECKPOINT_NAME}{suffix}").unlink(missing_ok=True)
+    distributed.barrier()
+    return step
+
+
+class _MetricsWindow:
+    """Loss and top-1 accuracy averaged over the steps since the last log line (and over ranks)."""
+
+    def __init__(self):
+        self.loss, self.acc1, self.count = 0.0, 0.0, 0.0
+        self.start = time.perf_counter()
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor) -> None:
+        self.loss += float(loss.detach())
+        self.acc1 += float((logits.detach().argmax(dim=1) == 0).float().mean())
+        self.count += 1
+
+    def entry(self, step: int, lr: float, config: MocoConfig, num_images: int, distributed: Distributed) -> dict[str, Any]:
+        averages = torch.tensor([self.loss, self.acc1], dtype=torch.float64) / self.count
+        averages = distributed.all_reduce_mean(averages)
+        elapsed = time.perf_counter() - self.start
+        return {
+            "step": step,
+            "epoch": step * config.batch_size / num_images,
+            "loss": round(float(averages[0]), 5),
+            "acc1": round(100 * float(averages[1]), 3),  # % of queries whose own key wins
+            "lr": lr,
+            "images_per_s": round(self.count * config.batch_size / max(elapsed, 1e-9), 2),
+        }
+
+
+def _train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, config: MocoConfig,
+                augment: AugmentConfig, step: int, total_steps: int, distributed: Distributed,
+                device: torch.device) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """One SGD step on the batch of `step`; returns (loss, logits, learning rate)."""
+    index = batch_indices(config, len(images), step, distributed.rank, distributed.world_size)
+    batch = images[index].to(device, non_blocking=True)
+    generator = _step_generator(config.seed, 2, step, distributed.rank)
+    view_q = augment_batch(batch, augment, generator)
+    view_k = augment_batch(batch, augment, generator)
+    lr = cosine_lr(config, step, total_steps)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+    logits, _ = model(view_q, view_k, _step_generator(config.seed, 3, step), index)
+    loss = info_nce_loss(logits)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss, logits, lr
+
+
 def train_moco(
     data: str | Path,
     out: str | Path,
@@ -140,8 +211,10 @@ def train_moco(
     on_step: Callable[[int, int], None] | None = None,
     on_note: Callable[[str], None] | None = None,
     stop_after: int | None = None,
-) -> dict[str, Any]:
-    """Train C and write the bundle; returns a summary. `stop_after` ends early (to test resuming)."""
+) -> TrainResult:
+    """Train C and write the bundle. `stop_after` ends early (to test resuming). The result's
+    metrics are the last logged window (loss, acc1, ...)."""
+    started = time.perf_counter()
     out = Path(out)
     torch_device = pick_device(device)
     distributed: Distributed = init_distributed(torch_device)
@@ -164,23 +237,7 @@ def train_moco(
     optimizer = torch.optim.SGD(
         moco.encoder_q.parameters(), lr=config.lr, momentum=config.sgd_momentum, weight_decay=config.weight_decay
     )
-    step = 0
-    metrics_path = out / METRICS_FILE
-    if resume and checkpoint_exists(out, CHECKPOINT_NAME):
-        states, meta = load_checkpoint(out, CHECKPOINT_NAME)
-        _check_resumable(config_from_dict(meta["config"]), config, out)
-        moco.load_state_dict(states["model"])
-        optimizer.load_state_dict(states["optimizer"])
-        step = int(meta["step"])
-        note(f"resuming from step {step} of {total_steps}")
-        if distributed.is_main:
-            _trim_metrics(metrics_path, step)
-    elif distributed.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        metrics_path.unlink(missing_ok=True)
-        for suffix in (".safetensors", ".json"):  # a stale checkpoint must not be resumed later
-            (out / f"{CHECKPOINT_NAME}{suffix}").unlink(missing_ok=True)
-    distributed.barrier()
+    step = _resume_or_start(out, moco, optimizer, config, resume, total_steps, distributed, note)
 
     model: torch.nn.Module = moco
     if distributed.enabled:
@@ -194,47 +251,19 @@ def train_moco(
             save_checkpoint(out, CHECKPOINT_NAME, {"model": moco.state_dict(), "optimizer": optimizer.state_dict()}, meta)
         distributed.barrier()
 
-    window: dict[str, float] = {"loss": 0.0, "acc1": 0.0, "count": 0.0}
-    window_start = time.perf_counter()
+    window = _MetricsWindow()
     last_logged: dict[str, Any] = {}
     end = total_steps if stop_after is None else min(total_steps, stop_after)
     try:
         while step < end:
-            index = batch_indices(config, len(images), step, distributed.rank, distributed.world_size)
-            batch = images[index].to(torch_device, non_blocking=True)
-            generator = _step_generator(config.seed, 2, step, distributed.rank)
-            view_q = augment_batch(batch, augment, generator)
-            view_k = augment_batch(batch, augment, generator)
-            lr = cosine_lr(config, step, total_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-
-            logits, _ = model(view_q, view_k, _step_generator(config.seed, 3, step), index)
-            loss = info_nce_loss(logits)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            loss, logits, lr = _train_step(model, optimizer, images, config, augment, step, total_steps, distributed, torch_device)
             step += 1
-
-            window["loss"] += float(loss.detach())
-            window["acc1"] += float((logits.detach().argmax(dim=1) == 0).float().mean())
-            window["count"] += 1
+            window.add(loss, logits)
             if step % config.log_every == 0 or step == total_steps:
-                averages = torch.tensor([window["loss"], window["acc1"]], dtype=torch.float64) / window["count"]
-                averages = distributed.all_reduce_mean(averages)
-                elapsed = time.perf_counter() - window_start
-                last_logged = {
-                    "step": step,
-                    "epoch": step * config.batch_size / len(images),
-                    "loss": round(float(averages[0]), 5),
-                    "acc1": round(100 * float(averages[1]), 3),  # % of queries whose own key wins
-                    "lr": lr,
-                    "images_per_s": round(window["count"] * config.batch_size / max(elapsed, 1e-9), 2),
-                }
+                last_logged = window.entry(step, lr, config, len(images), distributed)
                 if distributed.is_main:
-                    append_metrics(metrics_path, last_logged)
-                window = {"loss": 0.0, "acc1": 0.0, "count": 0.0}
-                window_start = time.perf_counter()
+                    append_metrics(out / METRICS_FILE, last_logged)
+                window = _MetricsWindow()
             if step % config.checkpoint_every == 0 and step < total_steps:
                 save(step)
             if on_step is not None and distributed.is_main:
@@ -258,7 +287,7 @@ def train_moco(
         }
         save_network("moco", moco.encoder_q, out, meta)
     distributed.barrier()
-    return {"step": step, "total_steps": total_steps, "finished": finished, "config": config, "metrics": last_logged}
+    return TrainResult(step, time.perf_counter() - started, out, not finished, last_logged)
 
 
 def read_metrics(out: str | Path) -> list[dict[str, Any]]:

@@ -40,7 +40,7 @@ from generation.images import image_grid, save_png
 from generation.pix2pix import PatchDiscriminator, Pix2PixConfig, UNetGenerator
 from generation.registry import network_config, save_network
 from generation.sketch import sketch_to_tensor
-from training.loop import StopFlag, append_metrics, assert_same_weights, broadcast_module, optimise
+from training.loop import StopFlag, TrainResult, append_metrics, assert_same_weights, broadcast_module, optimise
 
 CHECKPOINT = "pix2pix_checkpoint"
 METRICS = "pix2pix_metrics.jsonl"
@@ -244,24 +244,15 @@ class Pix2PixTrainer:
 # The whole run.
 
 
-@dataclass
-class Pix2PixResult:
-    steps: int
-    seconds: float
-    bundle: Path
-    stopped_early: bool
-    last: dict[str, float]  # the final snapshot's mean losses
-
-
 def train_pix2pix(images: np.ndarray, sketches: np.ndarray, out: str | Path, config: str | Pix2PixConfig = "cpu",
                   options: Pix2PixOptions | None = None, resume: bool = False, device: str = "auto",
                   on_step: Callable[[int, dict[str, float]], None] | None = None,
-                  log: Callable[[str], None] = print) -> Pix2PixResult:
+                  log: Callable[[str], None] = print) -> TrainResult:
     """Train pix2pix on uint8 images (N, R, R, 3) and their canonical sketches (N, R, R) into `out`.
 
     on_step(step, stats) is called on rank 0 after every step (for a progress bar). The first
     SIGINT/SIGTERM finishes the step, checkpoints and returns with stopped_early; `resume=True`
-    continues from the checkpoint in `out`.
+    continues from the checkpoint in `out`. The result's metrics are the final snapshot's mean losses.
     """
     options = options or Pix2PixOptions()
     config = network_config("pix2pix", config) if isinstance(config, str) else config
@@ -320,4 +311,4 @@ def train_pix2pix(images: np.ndarray, sketches: np.ndarray, out: str | Path, con
                    **{f"final_{k}": v for k, v in last.items()}}
         save_network("pix2pix", trainer.G, out, {"training": summary})
     dist.barrier()
-    return Pix2PixResult(trainer.step_count, seconds, out, stopped_early, dict(last))
+    return TrainResult(trainer.step_count, seconds, out, stopped_early, dict(last))

@@ -35,7 +35,7 @@ from generation.registry import load_network, network_config, network_exists, sa
 from generation.resnet import load_backbone_weights
 from generation.sketch import sketch_to_tensor
 from generation.stylegan2 import Generator
-from training.loop import StopFlag, append_metrics, broadcast_module, optimise
+from training.loop import StopFlag, TrainResult, append_metrics, broadcast_module, optimise
 from training.losses import SimilarityLoss, SimilarityWeights, d_logistic_loss, d_r1_loss, g_nonsaturating_loss
 from training.sketch_cache import SketchCache, sketch_cache
 
@@ -80,7 +80,7 @@ class PhaseOptions:
 PHASE_PRESETS = {  # per preset, the options that differ from PhaseOptions' defaults
     "tiny": {"encoder": dict(steps=60, batch=4, lr=1e-3, d_lr=1e-4, log_every=5, snap_every=30),
              "refiner": dict(steps=40, batch=4, lr=1e-3, log_every=5, snap_every=20)},
-    # Sized to finish within a session on 2 cores (see docs/RESULTS.md for the measured times);
+    # Sized to about 20 minutes (E) and 30 minutes (H) on 2 CPU cores (measured times in docs/RESULTS.md);
     # a larger learning rate than the paper's since the runs are 100x shorter.
     "cpu": {"encoder": dict(steps=2000, batch=8, lr=3e-4, d_lr=5e-5),
             "refiner": dict(steps=1000, batch=8, lr=2e-4)},
@@ -307,22 +307,14 @@ class RefinerTrainer(PhaseTrainer):
             save_network("refiner", self.H, bundle, {"training": summary})
 
 
-@dataclass
-class PhaseResult:
-    steps: int
-    seconds: float
-    stopped_early: bool
-    first: dict[str, float]  # mean metrics of the first logged window
-    last: dict[str, float]  # and of the last
-
-
 def train_phase(phase: str, data: str | Path, bundle: str | Path, preset: str = "cpu", options: PhaseOptions | None = None,
                 split: str | None = "train", device: str = "auto", resume: bool = False, layers: list[str] | None = None,
                 on_step: Callable[[int, dict[str, float]], None] | None = None,
                 on_cache: Callable[[int, int], None] | None = None,
-                log: Callable[[str], None] = print) -> PhaseResult:
+                log: Callable[[str], None] = print) -> TrainResult:
     """Train E (`phase="encoder"`) or H (`"refiner"`) into `bundle`, which must hold C, S and G
-    (and E for the refiner). See the module docstring for what is written."""
+    (and E for the refiner). See the module docstring for what is written. The result's metrics
+    hold the mean metrics of the first and the last logged window ("first_window", "last_window")."""
     if phase not in ("encoder", "refiner"):
         raise InputError(f"unknown phase {phase!r}")
     bundle = Path(bundle)
@@ -395,5 +387,5 @@ def train_phase(phase: str, data: str | Path, bundle: str | Path, preset: str = 
                    "first_window": first, "last_window": last}
         trainer.finish(bundle, summary)
     dist.barrier()
-    return PhaseResult(trainer.step_count, seconds, stopped_early, first, last)
+    return TrainResult(trainer.step_count, seconds, bundle, stopped_early, {"first_window": first, "last_window": last})
 

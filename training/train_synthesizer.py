@@ -28,11 +28,11 @@ from torch.nn.parallel import DistributedDataParallel
 
 from generation.checkpoints import checkpoint_exists, load_checkpoint, save_checkpoint
 from generation.dataset import ImageDataset
-from generation.device import init_distributed, pick_device
+from generation.device import Distributed, init_distributed, pick_device
 from generation.errors import InputError
 from generation.registry import load_network, network_config, save_network
 from generation.solov2 import SOLOv2, SOLOv2Config, build_targets, solov2_loss
-from training.loop import append_metrics
+from training.loop import TrainResult, append_metrics
 
 STATE_NAME = "synthesizer_state"
 METRICS_FILE = "synthesizer_metrics.jsonl"
@@ -189,22 +189,18 @@ def _batch_targets(images: np.ndarray, masks: np.ndarray, indices: np.ndarray, r
     return SOLOv2.normalize(batch), [build_targets(p[1], config) for p in pairs]
 
 
-def train_synthesizer(options: SynthesizerTraining, on_step: Callable[[int, int, float], None] | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Train S; returns the final metrics (best val DICE, epochs, paths). Resumable, DDP-ready."""
-    out = Path(options.out)
-    device = pick_device(options.device)
-    dist = init_distributed(device)
-    if device.type == "cuda" and dist.enabled:
-        device = torch.device("cuda", dist.local_rank)
-    if checkpoint_exists(out, STATE_NAME) and not options.resume:
-        raise InputError(f"{out}: already holds a synthesizer training run; pass --resume to continue it or pick another --out")
+@dataclass
+class _Schedule:
+    per_step: int  # images per optimiser step, summed over ranks
+    steps_per_epoch: int
+    total_steps: int
+    warmup: int
 
-    images, masks, val, classes = load_training_data(options)
-    num_classes = max(max(classes, default=0), int(masks.max(initial=0)))
-    if num_classes < 1:
-        raise InputError(f"{options.data}: the masks have no foreground class")
-    val_arrays = val.arrays(options.size, with_masks=True) if val is not None else None
 
+def _build_model(options: SynthesizerTraining, num_classes: int, out: Path, device: torch.device, dist: Distributed,
+                 log: Callable[[str], None]) -> tuple[SOLOv2, torch.nn.Module, torch.optim.Optimizer, dict[str, Any]]:
+    """S, the module that runs it (DDP under torchrun), its optimiser, and the counters of the run
+    to resume ({} for a fresh run)."""
     states: dict[str, Any] = {}
     meta: dict[str, Any] = {}
     if options.resume and checkpoint_exists(out, STATE_NAME):
@@ -228,6 +224,61 @@ def train_synthesizer(options: SynthesizerTraining, on_step: Callable[[int, int,
         if device.type == "cuda":
             network = torch.nn.SyncBatchNorm.convert_sync_batchnorm(network)
         network = DistributedDataParallel(network, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
+    return model, network, optimizer, meta
+
+
+def _train_epoch(network: torch.nn.Module, model: SOLOv2, optimizer: torch.optim.Optimizer, images: np.ndarray, masks: np.ndarray,
+                 epoch: int, first_batch: int, step: int, schedule: _Schedule, options: SynthesizerTraining, dist: Distributed,
+                 device: torch.device, on_step: Callable[[int, int, float], None] | None,
+                 checkpoint_if_due: Callable[[int, int, int], None]) -> tuple[int, dict[str, Any]]:
+    """The steps of one epoch from batch `first_batch` on; returns the step count and the epoch's
+    metrics record (mean losses over ranks)."""
+    network.train()
+    order = _epoch_order(len(images), options.seed, epoch)
+    sums, count, started = torch.zeros(3, dtype=torch.float64), 0, time.monotonic()
+    for index in range(first_batch, schedule.steps_per_epoch):
+        chunk = order[index * schedule.per_step : (index + 1) * schedule.per_step][dist.rank :: dist.world_size]
+        # Augmentation randomness is a function of (seed, epoch, batch, rank): resuming replays it.
+        rng = np.random.default_rng([options.seed, epoch, index, dist.rank])
+        x, targets = _batch_targets(images, masks, chunk, rng, options, model.config)
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, schedule.total_steps, options.lr, schedule.warmup)
+        losses = solov2_loss(network(x.to(device)), targets, model.config)
+        optimizer.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), options.grad_clip)
+        optimizer.step()
+        step, count = step + 1, count + 1
+        sums += torch.tensor([losses[k].item() for k in ("loss", "loss_mask", "loss_category")], dtype=torch.float64)
+        if on_step is not None and dist.is_main:
+            on_step(step, schedule.total_steps, losses["loss"].item())
+        checkpoint_if_due(epoch, index + 1, step)
+    means = dist.all_reduce_mean((sums / max(1, count)).to(device)).cpu()
+    return step, {
+        "epoch": epoch, "step": step, "loss": round(float(means[0]), 5), "loss_mask": round(float(means[1]), 5),
+        "loss_category": round(float(means[2]), 5), "lr": float(f"{optimizer.param_groups[0]['lr']:.4g}"), "seconds": round(time.monotonic() - started, 1),
+    }
+
+
+def train_synthesizer(options: SynthesizerTraining, on_step: Callable[[int, int, float], None] | None = None, log: Callable[[str], None] = print) -> TrainResult:
+    """Train S; resumable, DDP-ready. The result's metrics hold the best val DICE (None without a
+    validation split), its epoch and the epochs done."""
+    started = time.monotonic()
+    out = Path(options.out)
+    device = pick_device(options.device)
+    dist = init_distributed(device)
+    if device.type == "cuda" and dist.enabled:
+        device = torch.device("cuda", dist.local_rank)
+    if checkpoint_exists(out, STATE_NAME) and not options.resume:
+        raise InputError(f"{out}: already holds a synthesizer training run; pass --resume to continue it or pick another --out")
+
+    images, masks, val, classes = load_training_data(options)
+    num_classes = max(max(classes, default=0), int(masks.max(initial=0)))
+    if num_classes < 1:
+        raise InputError(f"{options.data}: the masks have no foreground class")
+    val_arrays = val.arrays(options.size, with_masks=True) if val is not None else None
+    model, network, optimizer, meta = _build_model(options, num_classes, out, device, dist, log)
+    config = model.config
 
     per_step = options.batch * dist.world_size
     steps_per_epoch = len(images) // per_step
@@ -235,6 +286,7 @@ def train_synthesizer(options: SynthesizerTraining, on_step: Callable[[int, int,
         raise InputError(f"{options.data}: {len(images)} training images are fewer than one batch of {per_step}")
     total_steps = steps_per_epoch * options.epochs
     warmup = min(options.warmup_steps, max(1, total_steps // 5))  # short runs still reach the peak rate
+    schedule = _Schedule(per_step, steps_per_epoch, total_steps, warmup)
     epoch, batch_index, step = meta.get("epoch", 0), meta.get("batch", 0), meta.get("step", 0)
     best, best_epoch = meta.get("best_dice", -1.0), meta.get("best_epoch", -1)
     metrics_path = out / METRICS_FILE
@@ -246,42 +298,23 @@ def train_synthesizer(options: SynthesizerTraining, on_step: Callable[[int, int,
         log(f"synthesizer: {len(images)} training images, {num_classes} classes, {config.size} px, "
             f"{steps_per_epoch} steps/epoch x {options.epochs} epochs, val: {len(val) if val else 'none'}")
 
-    def save_state(next_epoch: int, next_batch: int) -> None:
+    def save_state(next_epoch: int, next_batch: int, step_done: int) -> None:
         if dist.is_main:
-            counters = {"epoch": next_epoch, "batch": next_batch, "step": step, "best_dice": best, "best_epoch": best_epoch}
+            counters = {"epoch": next_epoch, "batch": next_batch, "step": step_done, "best_dice": best, "best_epoch": best_epoch}
             save_checkpoint(out, STATE_NAME, {"model": model.state_dict(), "optimizer": optimizer.state_dict()},
                             {"config": config.to_dict(), "options": asdict(options), **counters})
 
+    def checkpoint_if_due(next_epoch: int, next_batch: int, step_done: int) -> None:
+        nonlocal last_save
+        if time.monotonic() - last_save > options.checkpoint_minutes * 60:
+            save_state(next_epoch, next_batch, step_done)
+            last_save = time.monotonic()
+
     last_save, epochs_done = time.monotonic(), epoch
     for epoch in range(epoch, options.epochs):
-        network.train()
-        order = _epoch_order(len(images), options.seed, epoch)
-        sums, count, started = torch.zeros(3, dtype=torch.float64), 0, time.monotonic()
-        for index in range(batch_index, steps_per_epoch):
-            chunk = order[index * per_step : (index + 1) * per_step][dist.rank :: dist.world_size]
-            # Augmentation randomness is a function of (seed, epoch, batch, rank): resuming replays it.
-            rng = np.random.default_rng([options.seed, epoch, index, dist.rank])
-            x, targets = _batch_targets(images, masks, chunk, rng, options, config)
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(step, total_steps, options.lr, warmup)
-            losses = solov2_loss(network(x.to(device)), targets, config)
-            optimizer.zero_grad(set_to_none=True)
-            losses["loss"].backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), options.grad_clip)
-            optimizer.step()
-            step, count = step + 1, count + 1
-            sums += torch.tensor([losses[k].item() for k in ("loss", "loss_mask", "loss_category")], dtype=torch.float64)
-            if on_step is not None and dist.is_main:
-                on_step(step, total_steps, losses["loss"].item())
-            if time.monotonic() - last_save > options.checkpoint_minutes * 60:
-                save_state(epoch, index + 1)
-                last_save = time.monotonic()
+        step, record = _train_epoch(network, model, optimizer, images, masks, epoch, batch_index, step, schedule, options, dist,
+                                    device, on_step, checkpoint_if_due)
         batch_index = 0
-        means = dist.all_reduce_mean((sums / max(1, count)).to(device)).cpu()
-        record: dict[str, Any] = {
-            "epoch": epoch, "step": step, "loss": round(float(means[0]), 5), "loss_mask": round(float(means[1]), 5),
-            "loss_category": round(float(means[2]), 5), "lr": float(f"{optimizer.param_groups[0]['lr']:.4g}"), "seconds": round(time.monotonic() - started, 1),
-        }
         if dist.is_main:
             if val_arrays is not None:
                 summary = dice_of_model(model, *val_arrays, class_names=val.classes or None)
@@ -294,7 +327,8 @@ def train_synthesizer(options: SynthesizerTraining, on_step: Callable[[int, int,
                 save_network("synthesizer", model, out, meta={"epoch": epoch, "classes": classes})
             append_metrics(metrics_path, record)
             log(" ".join(f"{k}={v}" for k, v in record.items() if k != "val_dice_per_class"))
-        save_state(epoch + 1, 0)
+        save_state(epoch + 1, 0, step)
         last_save, epochs_done = time.monotonic(), epoch + 1
         dist.barrier()
-    return {"best_val_dice": best if best >= 0 else None, "best_epoch": best_epoch, "epochs": epochs_done, "steps": step, "bundle": str(out)}
+    metrics = {"best_val_dice": best if best >= 0 else None, "best_epoch": best_epoch, "epochs": epochs_done}
+    return TrainResult(step, time.monotonic() - started, out, False, metrics)
