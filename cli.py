@@ -440,7 +440,7 @@ def evaluate(
 
     from retrieval.evaluate import EvaluationOptions
     from retrieval.evaluate import evaluate as run_evaluation
-    from retrieval.search import VectorRecipe
+    from retrieval.vector import VectorRecipe
 
     try:
         levels = tuple(float(value) for value in strengths.split(","))
@@ -501,7 +501,8 @@ def index(
     import os
 
     from indexing.ingest import index_paths
-    from retrieval.search import ArchiveEmbedder, SystemModels, VectorRecipe
+    from retrieval.models import SystemModels
+    from retrieval.vector import ArchiveEmbedder, VectorRecipe
 
     embedder = ArchiveEmbedder(SystemModels(bundle, device), VectorRecipe.parse(weights) if weights else VectorRecipe())
     if os.environ.get("RANK", "0") != "0":  # torchrun: the other ranks embed their shares quietly

@@ -54,7 +54,8 @@ from starlette.requests import Request
 
 from generation.errors import InputError
 from generation.images import decode_image
-from retrieval.search import DEFAULT_LAMBDA, JSON_SCHEMA_VERSION, Retriever
+from retrieval.defaults import DEFAULT_LAMBDA
+from retrieval.search import JSON_SCHEMA_VERSION, Retriever
 
 ENV_TOKEN = "SKETCH2MEDI_TOKEN"
 COOKIE = "sketch2medi_token"
@@ -340,7 +341,7 @@ def create_app(retriever: Retriever | Callable[[], Retriever], token: str | None
                 "device": str(retriever.models.device), "max_upload_bytes": max_upload_bytes,
                 "max_concurrent": max_concurrent, "palette": PALETTE.tolist(),
                 "defaults": {"k": 10, "candidates": 100, "rerank": True, "lambda": DEFAULT_LAMBDA,
-                             "steps": retriever.models.generator.default_steps},
+                             "steps": retriever.models.sketch2medi.default_steps},
                 "limits": {"k": MAX_K, "candidates": MAX_CANDIDATES, "steps": MAX_STEPS}}
 
     @app.post("/api/search")

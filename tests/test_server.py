@@ -20,8 +20,10 @@ from generation.errors import InputError  # noqa: E402
 from generation.images import square_resize  # noqa: E402
 from indexing.ingest import index_paths  # noqa: E402
 from retrieval.defaults import DEFAULT_LAMBDA  # noqa: E402
-from retrieval.search import ArchiveEmbedder, Retriever, SystemModels  # noqa: E402
+from retrieval.models import SystemModels  # noqa: E402
+from retrieval.search import Retriever  # noqa: E402
 from retrieval.server import check_bind, create_app  # noqa: E402
+from retrieval.vector import ArchiveEmbedder  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
