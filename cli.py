@@ -573,6 +573,8 @@ def serve(
     max_concurrent: int = typer.Option(32, "--max-concurrent", min=1, help="Searches admitted at once (one computes, the rest queue); more get 503."),
     device: str = typer.Option("cpu", "--device", help="cpu (default) | auto | cuda | cuda:N"),
     threads: int = typer.Option(0, "--threads", min=0, help="CPU threads for torch (0 = torch's default)."),
+    allowed_hosts: str = typer.Option(None, "--allowed-hosts",
+                                      help="Comma-separated host names to answer, * for any (default without a token: loopback and --host)."),
 ):
     """Serve the draw-to-search web page and its JSON API (needs the `serve` extra)."""
     import os
@@ -587,7 +589,8 @@ def serve(
 
     if threads:
         torch.set_num_threads(threads)
-    run_server(workspace, host, port, bundle, db_url, token, device, max_concurrent)
+    run_server(workspace, host, port, bundle, db_url, token, device, max_concurrent,
+               allowed_hosts.split(",") if allowed_hosts is not None else None)
 
 
 @app.command()
