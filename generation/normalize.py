@@ -38,7 +38,15 @@ def reduce_to_work_side(image: Image.Image) -> Image.Image:
         return image
     factor = -(-max(image.size) // WORK_SIDE)
     mode = "RGBA" if "A" in image.getbands() or "transparency" in image.info else "RGB"
-    return (image if image.mode == mode else image.convert(mode)).reduce(factor)
+    # In strips of whole factor x factor blocks (the same pixels as one reduce of the whole image):
+    # converting and reducing all at once would copy the full-size image once more.
+    width, height = image.size
+    reduced = Image.new(mode, (-(-width // factor), -(-height // factor)))
+    rows = factor * max(1, 256 // factor)
+    for top in range(0, height, rows):
+        strip = image.crop((0, top, width, min(top + rows, height)))
+        reduced.paste((strip if strip.mode == mode else strip.convert(mode)).reduce(factor), (0, top // factor))
+    return reduced
 
 
 def sketch_ink(image: Image.Image) -> np.ndarray:

@@ -2,19 +2,23 @@
 encoding, and a small cache of encoded PNGs.
 
 Memory: a large archive image is decoded once, at a reduced scale where the format allows (JPEG),
-turned into every size the page shows, and dropped; only the small PNGs are kept. Decodes are
-bounded (`DECODE_SLOTS`), so concurrent requests for large images cannot stack full-size pixels.
+turned into every size the page shows, and dropped; only the small PNGs are kept. Decodes of
+uploads and archive images run one at a time on one thread (`decoder_thread`), so concurrent
+requests for large images cannot stack full-size pixels.
 """
 
 from __future__ import annotations
 
 import base64
+import ctypes
+import ctypes.util
 import io
 import math
 import threading
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable
+from typing import Callable, TypeVar
 
 import numpy as np
 from PIL import Image
@@ -25,8 +29,7 @@ from generation.images import decode_image
 PALETTE = np.array([(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
                     (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 190)], np.uint8)
 OVERLAY_ALPHA = 140
-# Full-size decodes at once (uploads and archive images alike): each may hold hundreds of MB.
-DECODE_SLOTS = threading.BoundedSemaphore(2)
+T = TypeVar("T")
 # Modes whose pixels `indexing.files.load` gives unchanged (as RGB): those can be shown straight
 # from PIL, downscaled before the conversion to RGB; every other mode goes through `load`.
 DIRECT_MODES = ("RGB", "L")
@@ -86,17 +89,44 @@ def shown_pngs(path: Path, frame: int, sides: tuple[int, ...]) -> dict[int, byte
     """An archive entry as RGB PNGs fitting each of `sides` (never enlarged), from one decode."""
     from indexing.files import is_dicom, load
 
-    with DECODE_SLOTS:
-        image = decode_image(path, str(path), draft_side=2 * max(sides)) if not is_dicom(path) else None
-        if image is None or image.mode not in DIRECT_MODES:
-            image = Image.fromarray(load(path, frame))
-        shown = {}
-        for side in sides:
-            size = thumbnail_size(*image.size, side)
-            picture = image if size is None else image.resize(size, Image.LANCZOS, reducing_gap=2.0)
-            shown[side] = picture.convert("RGB") if picture.mode != "RGB" else picture
-        del image, picture
+    image = decode_image(path, str(path), draft_side=2 * max(sides)) if not is_dicom(path) else None
+    if image is None or image.mode not in DIRECT_MODES:
+        image = Image.fromarray(load(path, frame))
+    shown = {}
+    for side in sides:
+        size = thumbnail_size(*image.size, side)
+        picture = image if size is None else image.resize(size, Image.LANCZOS, reducing_gap=2.0)
+        shown[side] = picture.convert("RGB") if picture.mode != "RGB" else picture
     return {side: png_bytes(picture) for side, picture in shown.items()}
+
+
+def decoder_thread() -> ThreadPoolExecutor:
+    """The one thread that decodes uploads and archive images (submit `released(function, ...)`).
+    One decode at a time bounds the full-size pixels held at once (an 8000^2 RGBA PNG takes about
+    512 MB while it is reduced), and one thread keeps them in one malloc arena: glibc gives each
+    thread its own, and buffers freed across many arenas kept the server's RSS at several GB."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="sketch2medi-decode")
+
+
+def released(function: Callable[..., T], *args) -> T:
+    """`function(*args)`, then the memory it freed handed back to the system (glibc keeps freed
+    buffers in its heap otherwise, and the RSS would stay at the largest decode's peak)."""
+    try:
+        return function(*args)
+    finally:
+        if _LIBC is not None:
+            _LIBC.malloc_trim(0)
+
+
+def _glibc():
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:  # not glibc: nothing to trim
+        return None
+
+
+_LIBC = _glibc()
 
 
 class PictureCache:

@@ -28,7 +28,7 @@ searches are admitted (one computing, the others queued for the model); one that
 taken waits up to `busy_wait_s` for a slot, then gets 503 with Retry-After.
 
 Memory: uploads and archive images are decoded a bounded number at a time
-(`retrieval.pictures.DECODE_SLOTS`), at a reduced scale where the format allows, and downscaled as
+(`retrieval.pictures.decoder_thread`), at a reduced scale where the format allows, and downscaled as
 soon as they are decoded; archive images are kept only as small PNGs in a bounded cache.
 """
 
@@ -54,7 +54,6 @@ from fastapi import FastAPI, File, Form, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 
@@ -62,7 +61,18 @@ from generation.errors import InputError
 from generation.images import decode_image
 from generation.normalize import WORK_SIDE, reduce_to_work_side
 from retrieval.defaults import DEFAULT_LAMBDA
-from retrieval.pictures import DECODE_SLOTS, PALETTE, PictureCache, data_url, fit, mask_overlay, placed_overlay, png_bytes, shown_pngs
+from retrieval.pictures import (
+    PALETTE,
+    PictureCache,
+    data_url,
+    decoder_thread,
+    fit,
+    mask_overlay,
+    placed_overlay,
+    png_bytes,
+    released,
+    shown_pngs,
+)
 from retrieval.search import JSON_SCHEMA_VERSION, Retriever
 
 ENV_TOKEN = "SKETCH2MEDI_TOKEN"
@@ -134,8 +144,7 @@ def decode_upload(data: bytes, name: str = "sketch"):
     downscaled to the size sketch normalisation works at; every failure is an InputError."""
     if not data:
         raise InputError(f"{name}: the upload is empty; send the drawing as a PNG file")
-    with DECODE_SLOTS:
-        return reduce_to_work_side(decode_image(io.BytesIO(data), name, draft_side=WORK_SIDE))
+    return reduce_to_work_side(decode_image(io.BytesIO(data), name, draft_side=WORK_SIDE))
 
 
 class _ApiError(Exception):
@@ -269,8 +278,9 @@ def create_app(retriever: Retriever | Callable[[], Retriever], token: str | None
     app.mount("/static", StaticFiles(directory=WEB), name="static")
     _add_error_handlers(app)
     _add_page_and_info(app, retriever, max_upload_bytes, max_concurrent)
-    _add_search(app, retriever, models, _Slots(max_concurrent), max_upload_bytes, busy_wait_s)
-    _add_images(app, retriever)
+    decoder = decoder_thread()
+    _add_search(app, retriever, models, decoder, _Slots(max_concurrent), max_upload_bytes, busy_wait_s)
+    _add_images(app, retriever, decoder)
     return app
 
 
@@ -320,8 +330,8 @@ def _add_page_and_info(app: FastAPI, retriever: Retriever, max_upload_bytes: int
                 "limits": {"k": MAX_K, "candidates": MAX_CANDIDATES, "steps": MAX_STEPS}}
 
 
-def _add_search(app: FastAPI, retriever: Retriever, models: ThreadPoolExecutor, slots: _Slots, max_upload_bytes: int,
-                busy_wait_s: float) -> None:
+def _add_search(app: FastAPI, retriever: Retriever, models: ThreadPoolExecutor, decoder: ThreadPoolExecutor, slots: _Slots,
+                max_upload_bytes: int, busy_wait_s: float) -> None:
     @app.post("/api/search")
     async def search(sketch: UploadFile = File(..., description="the drawing, a PNG (or any image) file"),
                      k: int = Form(10, ge=1, le=MAX_K), candidates: int = Form(100, ge=1, le=MAX_CANDIDATES),
@@ -330,7 +340,7 @@ def _add_search(app: FastAPI, retriever: Retriever, models: ThreadPoolExecutor, 
         data = await sketch.read(max_upload_bytes + 1)
         if len(data) > max_upload_bytes:
             raise _ApiError(413, f"upload over the {max_upload_bytes} byte limit; send a smaller image")
-        image = await run_in_threadpool(decode_upload, data)  # a broken file never takes a slot
+        image = await asyncio.wrap_future(decoder.submit(released, decode_upload, data))  # a broken file never takes a slot
         del data
         if not await slots.take(busy_wait_s):
             raise _ApiError(503, f"busy: {slots.n} searches are running or queued; try again shortly", {"Retry-After": "1"})
@@ -349,7 +359,7 @@ def _add_search(app: FastAPI, retriever: Retriever, models: ThreadPoolExecutor, 
                           "masks": data_url(mask_overlay(result.labels)) if rerank else None}}
 
 
-def _add_images(app: FastAPI, retriever: Retriever) -> None:
+def _add_images(app: FastAPI, retriever: Retriever, decoder: ThreadPoolExecutor) -> None:
     pictures, decoding = PictureCache(), threading.Lock()
 
     def record(image_id: int):
@@ -378,7 +388,7 @@ def _add_images(app: FastAPI, retriever: Retriever) -> None:
                 if found is not None:
                     return found
                 try:
-                    shown = shown_pngs(Path(image.path), image.frame, (IMAGE_SIDE, THUMBNAIL_SIDE))
+                    shown = decoder.submit(released, shown_pngs, Path(image.path), image.frame, (IMAGE_SIDE, THUMBNAIL_SIDE)).result()
                 except (OSError, InputError):
                     shown = None
                 if shown is not None:
