@@ -54,6 +54,7 @@ from fastapi import FastAPI, File, Form, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
+from PIL import Image
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 
@@ -139,7 +140,7 @@ def check_bind(host: str, token: str | None) -> None:
         raise InputError(f"--host {host} is reachable from other machines; set an access token with --token or ${ENV_TOKEN}")
 
 
-def decode_upload(data: bytes, name: str = "sketch"):
+def decode_upload(data: bytes, name: str = "sketch") -> Image.Image:
     """An uploaded image file, decoded (reduced while decoding where the format allows) and
     downscaled to the size sketch normalisation works at; every failure is an InputError."""
     if not data:
