@@ -250,7 +250,7 @@ def evaluate(
 
     from retrieval.evaluate import EvaluationOptions
     from retrieval.evaluate import evaluate as run_evaluation
-    from retrieval.search import VectorRecipe
+    from retrieval.vector import VectorRecipe
 
     try:
         levels = tuple(float(value) for value in strengths.split(","))
@@ -312,7 +312,8 @@ def index(
 ):
     """Add images to the archive: S's masks, the synthesized sketch's field and E's code, C's embedding; incremental."""
     from indexing.ingest import index_folders
-    from retrieval.search import ArchiveEmbedder, SystemModels, VectorRecipe
+    from retrieval.models import SystemModels
+    from retrieval.vector import ArchiveEmbedder, VectorRecipe
 
     embedder = ArchiveEmbedder(SystemModels(bundle, device), VectorRecipe.parse(weights) if weights else VectorRecipe())
     options = dict(db_url=db_url, batch_size=batch_size, index_kind=index_kind, verify=verify)
@@ -391,6 +392,8 @@ def serve(
     max_concurrent: int = typer.Option(32, "--max-concurrent", min=1, help="Searches admitted at once (one computes, the rest queue); more get 503."),
     device: str = typer.Option("cpu", "--device", help="cpu (default) | auto | cuda | cuda:N"),
     threads: int = typer.Option(0, "--threads", min=0, help="CPU threads for torch (0 = torch's default)."),
+    allowed_hosts: str = typer.Option(None, "--allowed-hosts",
+                                      help="Comma-separated host names to answer, * for any (default without a token: loopback and --host)."),
 ):
     """Serve the draw-to-search web page and its JSON API (needs the `serve` extra)."""
     import os
@@ -402,7 +405,8 @@ def serve(
         raise InputError(f"the web app needs the serve extra ({error.name} is missing): pip install 'sketch2medi[serve]'")
     check_bind(host, token or os.environ.get(ENV_TOKEN))  # before loading any network
     set_threads(threads)
-    run_server(workspace, host, port, bundle, db_url, token, device, max_concurrent)
+    run_server(workspace, host, port, bundle, db_url, token, device, max_concurrent,
+               allowed_hosts.split(",") if allowed_hosts is not None else None)
 
 
 @app.command()

@@ -13,7 +13,7 @@ networks. With `--threads` torch and faiss threads, this process measures:
                  index saves) and discover_plan (finding, stat'ing and hashing the files, and the final
                  save). The split comes from a timing wrapper put around `ArchiveEmbedder.embed_images`
                  and from the run's `on_batch` reports (`indexing.ingest.BatchTiming`).
-  parts_ms_per_image  the pieces of `retrieval.search.archive_parts`, timed separately, on the first
+  parts_ms_per_image  the pieces of `retrieval.vector.archive_parts`, timed separately, on the first
                  `--part-images` of the same images in batches of `--batch-size`: S (resize, SOLOv2,
                  masks to sketches and label maps), C (pixels and C.embed), sketch_normalize (each
                  synthesized sketch normalised as a query), E (E on the sketches), field (sketch_field), fuse (fuse_vectors).
@@ -43,7 +43,8 @@ from generation.images import (
 from generation.sketch import sketch_to_tensor  # noqa: E402
 from indexing.files import load  # noqa: E402
 from indexing.ingest import BatchTiming, index_folders  # noqa: E402
-from retrieval.search import ArchiveEmbedder, SystemModels, VectorRecipe, _normalized, archive_parts, fuse_vectors, sketch_field  # noqa: E402
+from retrieval.models import SystemModels  # noqa: E402
+from retrieval.vector import ArchiveEmbedder, VectorRecipe, archive_parts, fuse_vectors, normalize_synthesized, sketch_field  # noqa: E402
 
 TARGET_IMAGES_PER_S = 20.0
 
@@ -96,9 +97,9 @@ def time_parts(models: SystemModels, images: list[np.ndarray], batch_size: int, 
         pixels = torch.from_numpy(np.stack([square_resize(image, size) for image in batch])).permute(0, 3, 1, 2)
         embeddings = m.C.embed(pixels.float().to(m.device) / 127.5 - 1)
         clock = lap("C", clock)
-        sketches = np.stack([_normalized(sketch) for sketch in sketches])
+        sketches = np.stack([normalize_synthesized(sketch) for sketch in sketches])
         clock = lap("sketch_normalize", clock)
-        codes = m.generator.E(sketch_to_tensor(sketches).to(m.device))
+        codes = m.sketch2medi.E(sketch_to_tensor(sketches).to(m.device))
         clock = lap("E", clock)
         fields = sketch_field(sketches)
         clock = lap("field", clock)

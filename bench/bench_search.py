@@ -53,7 +53,9 @@ from generation.images import tensor_to_images  # noqa: E402
 from generation.phantom import write_phantom_dataset  # noqa: E402
 from generation.refiner import accumulate  # noqa: E402
 from generation.sketch import sketch_to_tensor  # noqa: E402
-from retrieval.search import Retriever, SystemModels, fuse_vectors, load_sketch, sketch_field  # noqa: E402
+from retrieval.models import SystemModels  # noqa: E402
+from retrieval.search import Retriever, load_sketch  # noqa: E402
+from retrieval.vector import fuse_vectors, sketch_field  # noqa: E402
 
 TARGET = {"archive_images": 10_000, "threads": 2, "max_p50_ms": 200.0, "max_rss_mib": 1536.0}
 SKETCH_SIZE = 256  # free-hand sketches are drawn at this size (as in retrieval.evaluate), then normalised
@@ -129,11 +131,11 @@ def time_searches(retriever: Retriever, warmup: list[np.ndarray], sketches: list
 def batched_qps(retriever: Retriever, sketches: list[np.ndarray], args: argparse.Namespace) -> float:
     """Queries/s of normalise + generate (batches of args.batch) + C + sketch field + fused vectors + FAISS batch search."""
     m = retriever.models
-    m.generator.generate(np.stack([load_sketch(s, m.resolution) for s in sketches[: args.batch]]), args.steps, args.batch)
+    m.sketch2medi.generate(np.stack([load_sketch(s, m.resolution) for s in sketches[: args.batch]]), args.steps, args.batch)
     start = time.perf_counter()
     for first in range(0, len(sketches), args.batch):
         canonical = np.stack([load_sketch(s, m.resolution) for s in sketches[first : first + args.batch]])
-        generation = m.generator.generate(canonical, args.steps, args.batch)
+        generation = m.sketch2medi.generate(canonical, args.steps, args.batch)
         vectors = fuse_vectors(sketch_field(canonical), generation.w.to(m.device) - m.code_mean,
                                m.C.embed(generation.images.to(m.device)), retriever.embedder.recipe)
         retriever.workspace.index.search(vectors, args.candidates)
@@ -143,7 +145,7 @@ def batched_qps(retriever: Retriever, sketches: list[np.ndarray], args: argparse
 @torch.no_grad()
 def count_flops(models: SystemModels, canonical: np.ndarray, steps: int) -> dict[str, int]:
     """FLOPs per stage for one query, stage names as in `timings_ms`."""
-    model, flops = models.generator, {}
+    model, flops = models.sketch2medi, {}
 
     def count(stage: str, run):
         with FlopCounterMode(display=False) as counter:
@@ -170,7 +172,7 @@ def run(args: argparse.Namespace) -> dict:
     set_threads(args.threads)
     folder, index_s = prepare_archive(args)
     models = SystemModels(args.bundle, "cpu")
-    steps = models.generator.default_steps if args.steps is None else args.steps
+    steps = models.sketch2medi.default_steps if args.steps is None else args.steps
     args.steps = steps
     with Retriever(args.workspace, models=models) as retriever:
         ntotal, dim = retriever.workspace.index.ntotal, retriever.workspace.index.dim

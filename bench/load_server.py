@@ -27,7 +27,7 @@ from collections import Counter
 from pathlib import Path
 from urllib.parse import urlparse
 
-import httpx
+import httpx2
 import numpy as np
 from PIL import Image, ImageDraw
 
@@ -96,9 +96,9 @@ def start_server(args) -> tuple[str, subprocess.Popen]:
         if server.poll() is not None:
             sys.exit(f"error: the server exited: {server.stderr.read().strip().splitlines()[-1:]}")
         try:
-            if httpx.get(f"{url}/api/health", timeout=2).status_code == 200:
+            if httpx2.get(f"{url}/api/health", timeout=2).status_code == 200:
                 return url, server
-        except httpx.TransportError:
+        except httpx2.TransportError:
             pass
         time.sleep(0.5)
     server.kill()
@@ -119,7 +119,7 @@ def run(url: str, clients: int, seconds: float, bad_every: int, k: int, token: s
     stop_at = time.monotonic() + seconds
 
     def client(number: int) -> None:
-        with httpx.Client(base_url=url, headers=headers, timeout=60) as session:
+        with httpx2.Client(base_url=url, headers=headers, timeout=60) as session:
             i = 0
             while time.monotonic() < stop_at:
                 i += 1
@@ -133,7 +133,7 @@ def run(url: str, clients: int, seconds: float, bad_every: int, k: int, token: s
                     status: int | str = response.status_code
                     if kind != "search" or status == 200:
                         response.json()  # every answer, error or not, is JSON
-                except (httpx.HTTPError, ValueError) as error:
+                except (httpx2.HTTPError, ValueError) as error:
                     status = type(error).__name__
                 elapsed = time.perf_counter() - started
                 with lock:
@@ -195,7 +195,7 @@ def main() -> None:
         pid = server.pid
     try:
         # One search first, so the start memory is the loaded server's, not a half-started one.
-        warm = httpx.post(f"{url}/api/search", files={"sketch": ("s.png", sketches()[0], "image/png")}, data={"k": "1"},
+        warm = httpx2.post(f"{url}/api/search", files={"sketch": ("s.png", sketches()[0], "image/png")}, data={"k": "1"},
                           headers={"Authorization": f"Bearer {args.token}"} if args.token else {}, timeout=120)
         if warm.status_code != 200:
             sys.exit(f"error: the first search failed: {warm.status_code} {warm.text[:200]}")

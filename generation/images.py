@@ -36,9 +36,10 @@ def open_image(path: str | Path) -> Image.Image:
     return decode_image(path, str(path))
 
 
-def decode_image(source: Path | BinaryIO, name: str) -> Image.Image:
+def decode_image(source: Path | BinaryIO, name: str, draft_side: int | None = None) -> Image.Image:
     """Fully decode an image from a path or a binary stream (e.g. an upload); `name` says in the
-    messages what it was. Every failure becomes an `InputError`."""
+    messages what it was. Every failure becomes an `InputError`. With `draft_side`, formats that can
+    (JPEG) decode at a reduced scale that still has at least that many pixels per side."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -49,6 +50,8 @@ def decode_image(source: Path | BinaryIO, name: str) -> Image.Image:
                     f"{name}: {width}x{height} pixels is over the {MAX_SIDE}-pixel limit per side; "
                     "downscale the image first"
                 )
+            if draft_side is not None:
+                image.draft(None, (draft_side, draft_side))
             image.load()
     except InputError:
         raise

@@ -36,13 +36,28 @@ PLAIN_INK = 0.05
 PLAIN_SHARE = 0.6
 
 
+def reduce_to_work_side(image: Image.Image) -> Image.Image:
+    """An image over WORK_SIDE per side, box-reduced by an integer factor to fit (in RGB, or RGBA
+    when it has transparency); smaller ones as they are. Reducing a large upload as soon as it is
+    decoded frees its full-size pixels early and gives the same sketch."""
+    if max(image.size) <= WORK_SIDE:
+        return image
+    factor = -(-max(image.size) // WORK_SIDE)
+    mode = "RGBA" if "A" in image.getbands() or "transparency" in image.info else "RGB"
+    # In strips of whole factor x factor blocks (the same pixels as one reduce of the whole image):
+    # converting and reducing all at once would copy the full-size image once more.
+    width, height = image.size
+    reduced = Image.new(mode, (-(-width // factor), -(-height // factor)))
+    rows = factor * max(1, 256 // factor)
+    for top in range(0, height, rows):
+        strip = image.crop((0, top, width, min(top + rows, height)))
+        reduced.paste((strip if strip.mode == mode else strip.convert(mode)).reduce(factor), (0, top // factor))
+    return reduced
+
+
 def sketch_ink(image: Image.Image) -> np.ndarray:
     """Ink map in [0, 1], shape (H, W): how far each pixel is from the background colour."""
-    if max(image.size) > WORK_SIDE:
-        factor = -(-max(image.size) // WORK_SIDE)
-        image = image.convert("RGBA" if "A" in image.getbands() or "transparency" in image.info else "RGB")
-        image = image.reduce(factor)
-    values, alpha = to_float_channels(image)
+    values, alpha = to_float_channels(reduce_to_work_side(image))
     if alpha is not None and np.mean(alpha < 0.5) > 0.2:
         # Strokes on a transparent layer: put them on paper of the opposite brightness.
         opaque = alpha >= 0.5

@@ -11,7 +11,7 @@ canonical form at the model's resolution (`generation.normalize.normalize_sketch
 from __future__ import annotations
 
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -60,9 +60,12 @@ class Sketch2MedI:
         return self.G.w_avg.device
 
     @torch.no_grad()
-    def generate(self, sketches: np.ndarray | Tensor, steps: int | None = None, batch_size: int = 16) -> Generation:
+    def generate(self, sketches: np.ndarray | Tensor, steps: int | None = None, batch_size: int = 16,
+                 on_stage: Callable[[str], None] | None = None) -> Generation:
         """Images for canonical uint8 sketches (N, R, R) or one (R, R); `steps` refinement steps
-        (default: the T that H was trained with; 0 = E alone)."""
+        (default: the T that H was trained with; 0 = E alone). `on_stage(name)` is called per batch
+        as soon as each stage is done: "E" (the codes w), "G" (x_0), then "H1" ... "HT" (x_t);
+        search times the stages with it."""
         steps = self.default_steps if steps is None else steps
         if steps < 0:
             raise InputError(f"steps {steps}: must be 0 or more")
@@ -72,11 +75,14 @@ class Sketch2MedI:
         size = self.resolution
         if sketches.shape[-2:] != (size, size):
             raise InputError(f"sketches are {sketches.shape[-1]} px but this bundle works at {size} px; normalise them to {size} px first")
+        done = on_stage or (lambda stage: None)
         ws, steps_out = [], []
         for chunk in sketches.split(batch_size):
             chunk = chunk.to(self.device)
             w = self.E(chunk)
+            done("E")
+            images = refine(self.G, self.H, chunk, w, steps, on_image=lambda t: done(f"H{t}" if t else "G"))
             ws.append(w.cpu())
-            steps_out.append([image.cpu() for image in refine(self.G, self.H, chunk, w, steps)])
+            steps_out.append([image.cpu() for image in images])
         per_step = [torch.cat([chunk[t] for chunk in steps_out]) for t in range(steps + 1)]
         return Generation(torch.cat(ws), per_step[-1], per_step)

@@ -18,7 +18,9 @@ from generation.images import load_mask
 from generation.phantom import write_phantom_dataset
 from indexing.ingest import IndexSummary, index_folders
 from retrieval.contact_sheet import write_search_outputs
-from retrieval.search import ArchiveEmbedder, Retriever, SearchResult, SystemModels
+from retrieval.models import SystemModels
+from retrieval.search import Retriever, SearchResult
+from retrieval.vector import ArchiveEmbedder
 
 ARCHIVE_SEED = 20261123  # not the shipped bundle's training seed (0)
 

@@ -25,10 +25,9 @@ Ranks are over the whole archive: re-ranked candidates first, the rest in simila
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -43,9 +42,12 @@ from generation.images import square_resize, tensor_to_images
 from generation.registry import load_network, network_exists
 from generation.sketch import INK, sketch_to_tensor
 from retrieval.defaults import DEFAULT_LAMBDA
-from retrieval.metrics import dice_per_image, fd_c
+from retrieval.metrics import fd_c
+from retrieval.models import SystemModels
 from retrieval.perceptual import lpips_unavailable_reason, perceptual_distance
-from retrieval.search import SystemModels, VectorRecipe, archive_parts, fuse_vectors, load_sketch, sketch_field
+from retrieval.rerank import dice_score, rerank_score
+from retrieval.search import load_sketch
+from retrieval.vector import ArchiveParts, VectorRecipe, archive_parts, fuse_vectors, sketch_field
 
 METHODS = ("full", "no_refiner", "no_rerank", "w_only", "image_only", "sketch_only", "chamfer", "pix2pix")
 SKETCH_SIZE = 256  # simulated free-hand sketches are drawn at this size, then normalised
@@ -85,14 +87,9 @@ def rerank_order(similarity: np.ndarray, labels: np.ndarray, archive_labels: np.
     """The archive in final order: the top `candidates` by lam * similarity + (1 - lam) * DICE, then the rest."""
     order = np.argsort(-similarity, kind="stable")
     top = order[:candidates]
-    dice = np.array([_dice(labels, archive_labels[i], classes) for i in top])
-    scores = lam * similarity[top] + (1 - lam) * dice / 100
+    dice = np.array([dice_score(labels, archive_labels[i], classes) for i in top])
+    scores = rerank_score(similarity[top], dice, lam)
     return np.concatenate([top[np.argsort(-scores, kind="stable")], order[candidates:]])
-
-
-def _dice(a: np.ndarray, b: np.ndarray, classes: int) -> float:
-    value = dice_per_image(a, b, classes).mean
-    return 0.0 if math.isnan(value) else value
 
 
 def chamfer_distances(query: np.ndarray, archive_sketches: np.ndarray, archive_transforms: np.ndarray) -> np.ndarray:
@@ -131,105 +128,156 @@ def make_queries(dataset: ImageDataset, split_indices: list[int], resolution: in
     return queries, empty
 
 
+@dataclass
+class Archive:
+    """The archive as indexing sees it, in the form of each method's comparison."""
+
+    parts: list[ArchiveParts]
+    pixels: np.ndarray  # uint8 (N, R, R, 3), the images as the networks saw them
+    embeddings: torch.Tensor  # (N, De) C(x), unit rows
+    codes: torch.Tensor  # (N, w_dim) E's codes as offsets from its mean code, unit rows
+    fields: torch.Tensor  # (N, FIELD_GRID**2) sketch fields of S's sketches
+    labels: np.ndarray  # uint8 (N, R, R) S's label maps
+    sketches: np.ndarray  # uint8 (N, R, R) S's normalised sketches
+    transforms: np.ndarray  # float32 (N, R, R) distance to each sketch's nearest ink (chamfer)
+    fused: torch.Tensor  # (N, D) the fused vectors of the recipe
+
+
+def embed_archive(models: SystemModels, archive: ImageDataset, options: EvaluationOptions,
+                  progress: Callable[[str, int, int], None]) -> Archive:
+    parts, pixels = [], []
+    for start in range(0, len(archive), options.batch):
+        images = [archive.image(i) for i in range(start, min(start + options.batch, len(archive)))]
+        parts.append(archive_parts(models, images))
+        pixels.extend(square_resize(image, models.resolution) for image in images)
+        progress("archive", start + len(images), len(archive))
+    embeddings = F.normalize(torch.cat([p.embeddings for p in parts]), dim=1)
+    codes = torch.cat([p.codes for p in parts]) - models.code_mean.cpu()
+    fields = torch.cat([p.fields for p in parts])
+    sketches = np.concatenate([p.sketches for p in parts])
+    fused = torch.from_numpy(fuse_vectors(fields, codes, embeddings, options.recipe))
+    transforms = np.stack([ndimage.distance_transform_edt(s != INK) if (s == INK).any() else np.full(s.shape, 1e3)
+                           for s in sketches]).astype(np.float32)
+    return Archive(parts, np.stack(pixels), embeddings, F.normalize(codes, dim=1), fields,
+                   np.concatenate([p.labels for p in parts]), sketches, transforms, fused)
+
+
+@dataclass
+class Pix2PixBaseline:
+    """pix2pix in place of Sketch2MedI. It has no latent code: its vector is the recipe's sketch and
+    image parts."""
+
+    network: torch.nn.Module
+    recipe: VectorRecipe
+    archive: torch.Tensor  # (N, D) the archive's vectors with `recipe`
+
+    @classmethod
+    def of_bundle(cls, models: SystemModels, archive: Archive, recipe: VectorRecipe) -> Pix2PixBaseline | None:
+        """None when the bundle has no pix2pix (`train pix2pix`)."""
+        if not network_exists(models.bundle, "pix2pix"):
+            return None
+        pix2pix_recipe = VectorRecipe(sketch=recipe.sketch, code=0.0, image=recipe.image)
+        fused = torch.from_numpy(fuse_vectors(archive.fields, archive.codes, archive.embeddings, pix2pix_recipe))
+        return cls(load_network("pix2pix", models.bundle, models.device), pix2pix_recipe, fused)
+
+
 def evaluate(data: str | Path, split: str = "test", bundle: str | Path | None = None, options: EvaluationOptions | None = None,
              device: str = "auto", on_progress: Callable[[str, int, int], None] | None = None) -> dict:
     """Run the protocol of the module docstring; returns a JSON-ready report."""
     options = options or EvaluationOptions()
     models = SystemModels(bundle, device)
     progress = on_progress or (lambda stage, done, total: None)
-    archive = ImageDataset(data)
+    dataset = ImageDataset(data)
     split_names = {sample.name for sample in ImageDataset(data, split).samples}
-    split_indices = [i for i, sample in enumerate(archive.samples) if sample.name in split_names][: options.limit]
-    R = models.resolution
+    split_indices = [i for i, sample in enumerate(dataset.samples) if sample.name in split_names][: options.limit]
+    archive = embed_archive(models, dataset, options, progress)
 
-    # The archive, as indexing sees it.
-    parts, pixels = [], []
-    for start in range(0, len(archive), options.batch):
-        images = [archive.image(i) for i in range(start, min(start + options.batch, len(archive)))]
-        parts.append(archive_parts(models, images))
-        pixels.extend(square_resize(image, R) for image in images)
-        progress("archive", start + len(images), len(archive))
-    e_archive = F.normalize(torch.cat([p.embeddings for p in parts]), dim=1)
-    code_mean = models.code_mean.cpu()
-    w_archive = torch.cat([p.codes for p in parts]) - code_mean
-    labels_archive = np.concatenate([p.labels for p in parts])
-    sketches_archive = np.concatenate([p.sketches for p in parts])
-    f_archive = torch.cat([p.fields for p in parts])
-    recipe = options.recipe
-    fused_archive = torch.from_numpy(fuse_vectors(f_archive, w_archive, e_archive, recipe))
-    w_archive = F.normalize(w_archive, dim=1)
-    transforms = np.stack([ndimage.distance_transform_edt(s != INK) if (s == INK).any() else np.full(s.shape, 1e3)
-                           for s in sketches_archive]).astype(np.float32)
-    classes = models.label_classes
-
-    queries, empty = make_queries(archive, split_indices, R, options, labels_archive)
+    queries, empty = make_queries(dataset, split_indices, models.resolution, options, archive.labels)
     if not queries.target:
         raise InputError(f"{data}: no query could be drawn for split {split!r} (no structures in its masks)")
-    pix2pix = None
-    if network_exists(models.bundle, "pix2pix"):
-        pix2pix = load_network("pix2pix", models.bundle, models.device)
-        # pix2pix has no latent code: its vector is the recipe's sketch and image parts.
-        pix2pix_recipe = VectorRecipe(sketch=recipe.sketch, code=0.0, image=recipe.image)
-        pix2pix_archive = torch.from_numpy(fuse_vectors(f_archive, w_archive, e_archive, pix2pix_recipe))
-
-    ranks: dict[str, list[int]] = {method: [] for method in METHODS if method != "pix2pix" or pix2pix is not None}
-    generated: dict[str, list[torch.Tensor]] = {"sketch2medi": [], "no_refiner": [], **({"pix2pix": []} if pix2pix else {})}
-    gen_labels: dict[str, list[np.ndarray]] = {name: [] for name in generated}
-    with torch.no_grad():
-        for start in range(0, len(queries.target), options.batch):
-            stop = min(start + options.batch, len(queries.target))
-            sketches = np.stack(queries.sketches[start:stop])
-            result = models.generator.generate(sketches)
-            images = {"sketch2medi": result.steps[-1], "no_refiner": result.steps[0]}
-            if pix2pix is not None:
-                images["pix2pix"] = pix2pix(sketch_to_tensor(sketches).to(models.device)).cpu()
-            embeddings, labels = {}, {}
-            for name, batch in images.items():
-                generated[name].append(batch)
-                embeddings[name] = F.normalize(models.C.embed(batch), dim=1).cpu()
-                labels[name] = np.stack(models.S.predict_label_map(list(tensor_to_images(batch))))
-                gen_labels[name].extend(labels[name])
-            w = result.w - code_mean
-            fields = sketch_field(sketches)
-            fused = {name: torch.from_numpy(fuse_vectors(fields, w, embeddings[name], recipe)) for name in ("sketch2medi", "no_refiner")}
-            if pix2pix is not None:
-                fused["pix2pix"] = torch.from_numpy(fuse_vectors(fields, w, embeddings["pix2pix"], pix2pix_recipe))
-            for row in range(stop - start):
-                q, target = start + row, queries.target[start + row]
-                similarity = {
-                    "full": (fused_archive @ fused["sketch2medi"][row]).numpy(),
-                    "no_refiner": (fused_archive @ fused["no_refiner"][row]).numpy(),
-                    "w_only": (w_archive @ F.normalize(w[row], dim=0)).numpy(),
-                    "image_only": (e_archive @ embeddings["sketch2medi"][row]).numpy(),
-                    "sketch_only": (f_archive @ fields[row]).numpy(),
-                    "chamfer": -chamfer_distances(queries.sketches[q], sketches_archive, transforms),
-                }
-                orders = {
-                    "full": rerank_order(similarity["full"], labels["sketch2medi"][row], labels_archive, options.candidates, options.lam, classes),
-                    "no_refiner": rerank_order(similarity["no_refiner"], labels["no_refiner"][row], labels_archive, options.candidates, options.lam, classes),
-                    "no_rerank": np.argsort(-similarity["full"], kind="stable"),
-                    "w_only": np.argsort(-similarity["w_only"], kind="stable"),
-                    "image_only": np.argsort(-similarity["image_only"], kind="stable"),
-                    "sketch_only": np.argsort(-similarity["sketch_only"], kind="stable"),
-                    "chamfer": np.argsort(-similarity["chamfer"], kind="stable"),
-                }
-                if pix2pix is not None:
-                    orders["pix2pix"] = rerank_order((pix2pix_archive @ fused["pix2pix"][row]).numpy(), labels["pix2pix"][row],
-                                                     labels_archive, options.candidates, options.lam, classes)
-                for method, order in orders.items():
-                    ranks[method].append(rank_of(target, order))
-            progress("queries", stop, len(queries.target))
+    pix2pix = Pix2PixBaseline.of_bundle(models, archive, options.recipe)
+    ranks, generated, gen_labels = rank_queries(models, archive, queries, options, pix2pix, progress)
 
     strengths = np.array(queries.strength)
     retrieval = {method: {f"{s:g}": recall_table(np.array(r)[strengths == s]) for s in options.strengths if (strengths == s).any()}
                  for method, r in ranks.items()}
     return {
         "data": str(data), "split": split, "bundle": str(models.bundle), "bundle_id": models.bundle_id,
-        "archive_images": len(archive), "query_images": len(split_indices), "queries": len(queries.target),
+        "archive_images": len(dataset), "query_images": len(split_indices), "queries": len(queries.target),
         "empty_queries": empty, "options": asdict(options), "methods": {m: METHOD_NOTES[m] for m in ranks},
         "retrieval": retrieval,
-        "generation": generation_quality(models, queries, generated, gen_labels, labels_archive, parts, np.stack(pixels), options.strengths),
+        "generation": generation_quality(models, queries, generated, gen_labels, archive.labels, archive.parts, archive.pixels,
+                                         options.strengths),
     }
+
+
+@torch.no_grad()
+def rank_queries(models: SystemModels, archive: Archive, queries: Queries, options: EvaluationOptions,
+                 pix2pix: Pix2PixBaseline | None, progress: Callable[[str, int, int], None]
+                 ) -> tuple[dict[str, list[int]], dict[str, list[torch.Tensor]], dict[str, list[np.ndarray]]]:
+    """Every method's rank of the right answer per query, and each generator's images and S's label maps of them."""
+    ranks: dict[str, list[int]] = {method: [] for method in METHODS if method != "pix2pix" or pix2pix is not None}
+    generated: dict[str, list[torch.Tensor]] = {"sketch2medi": [], "no_refiner": [], **({"pix2pix": []} if pix2pix else {})}
+    gen_labels: dict[str, list[np.ndarray]] = {name: [] for name in generated}
+    code_mean = models.code_mean.cpu()
+    for start in range(0, len(queries.target), options.batch):
+        stop = min(start + options.batch, len(queries.target))
+        sketches = np.stack(queries.sketches[start:stop])
+        result = models.sketch2medi.generate(sketches)
+        images = {"sketch2medi": result.steps[-1], "no_refiner": result.steps[0]}
+        if pix2pix is not None:
+            images["pix2pix"] = pix2pix.network(sketch_to_tensor(sketches).to(models.device)).cpu()
+        embeddings, labels = {}, {}
+        for name, batch in images.items():
+            generated[name].append(batch)
+            embeddings[name] = F.normalize(models.C.embed(batch), dim=1).cpu()
+            labels[name] = np.stack(models.S.predict_label_map(list(tensor_to_images(batch))))
+            gen_labels[name].extend(labels[name])
+        w = result.w - code_mean
+        fields = sketch_field(sketches)
+        fused = {name: torch.from_numpy(fuse_vectors(fields, w, embeddings[name], options.recipe)) for name in ("sketch2medi", "no_refiner")}
+        if pix2pix is not None:
+            fused["pix2pix"] = torch.from_numpy(fuse_vectors(fields, w, embeddings["pix2pix"], pix2pix.recipe))
+        for row in range(stop - start):
+            query = QueryVectors(queries.sketches[start + row], F.normalize(w[row], dim=0), fields[row],
+                                 {name: vector[row] for name, vector in fused.items()}, embeddings["sketch2medi"][row],
+                                 {name: label[row] for name, label in labels.items()})
+            for method, order in method_orders(archive, query, options, models.label_classes, pix2pix).items():
+                ranks[method].append(rank_of(queries.target[start + row], order))
+        progress("queries", stop, len(queries.target))
+    return ranks, generated, gen_labels
+
+
+class QueryVectors(NamedTuple):
+    """One query in the form of each method's comparison."""
+
+    sketch: np.ndarray  # uint8 (R, R)
+    code: torch.Tensor  # E's code as an offset from its mean code, unit
+    field: torch.Tensor  # its sketch field
+    fused: dict[str, torch.Tensor]  # per generator, the fused vector
+    embedding: torch.Tensor  # C(x_hat) of Sketch2MedI's image, unit
+    labels: dict[str, np.ndarray]  # per generator, S's label map of its image
+
+
+def method_orders(archive: Archive, query: QueryVectors, options: EvaluationOptions, classes: int,
+                  pix2pix: Pix2PixBaseline | None) -> dict[str, np.ndarray]:
+    """Per method, the archive in the order it ranks it for one query."""
+    def reranked(similarity: np.ndarray, name: str) -> np.ndarray:
+        return rerank_order(similarity, query.labels[name], archive.labels, options.candidates, options.lam, classes)
+
+    full = (archive.fused @ query.fused["sketch2medi"]).numpy()
+    orders = {
+        "full": reranked(full, "sketch2medi"),
+        "no_refiner": reranked((archive.fused @ query.fused["no_refiner"]).numpy(), "no_refiner"),
+        "no_rerank": np.argsort(-full, kind="stable"),
+        "w_only": np.argsort(-(archive.codes @ query.code).numpy(), kind="stable"),
+        "image_only": np.argsort(-(archive.embeddings @ query.embedding).numpy(), kind="stable"),
+        "sketch_only": np.argsort(-(archive.fields @ query.field).numpy(), kind="stable"),
+        "chamfer": np.argsort(chamfer_distances(query.sketch, archive.sketches, archive.transforms), kind="stable"),
+    }
+    if pix2pix is not None:
+        orders["pix2pix"] = reranked((pix2pix.archive @ query.fused["pix2pix"]).numpy(), "pix2pix")
+    return orders
 
 
 METHOD_NOTES = {
@@ -268,7 +316,7 @@ def generation_quality(models: SystemModels, queries: Queries, generated: dict[s
             entry = {
                 "fd_c": fd_c(reference_features[real_idx], F.normalize(models.C.embed_many(images[chosen]), dim=1))
                 if len(chosen) > 1 and len(real_idx) > 1 else None,
-                "dice": float(np.mean([_dice(gen_labels[name][i], labels_archive[targets[i]], classes) for i in chosen])),
+                "dice": float(np.mean([dice_score(gen_labels[name][i], labels_archive[targets[i]], classes) for i in chosen])),
                 "samples": int(len(chosen)),
             }
             references = torch.from_numpy(pixels[targets[chosen]]).permute(0, 3, 1, 2).float() / 127.5 - 1

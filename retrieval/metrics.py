@@ -73,11 +73,6 @@ def fd_c(features_a: np.ndarray | torch.Tensor, features_b: np.ndarray | torch.T
     return frechet_distance(mu_a, sigma_a, mu_b, sigma_b)
 
 
-def fd_c_images(network, images_a: torch.Tensor, images_b: torch.Tensor, batch_size: int = 64) -> float:
-    """FD-C between two image sets ((N, 3, H, W) uint8 or [-1, 1] float), embedded with `network` (C)."""
-    return fd_c(network.embed_many(images_a, batch_size), network.embed_many(images_b, batch_size))
-
-
 # ---------------------------------------------------------------------------------------------
 # DICE
 

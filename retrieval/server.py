@@ -9,8 +9,13 @@
     GET  /api/images/{id}/masks.png     S's stored masks of it as an RGBA overlay aligned with image.png
 
 Images are only ever named by catalog id; a path never comes from the request. Every error is
-`{"error": "one line"}`: 400 bad sketch, 401 token, 404 unknown id, 410 file gone or changed since
-indexing, 413 upload too large, 422 bad parameter, 503 busy.
+`{"error": "one line"}`: 400 bad sketch or host, 401 token, 404 unknown id, 410 file gone or changed
+since indexing, 413 upload too large, 422 bad parameter, 503 busy.
+
+Host header: without a token, only requests addressed to a loopback name (localhost, 127.0.0.1,
+[::1], any port) or the configured host are answered, so a web page elsewhere cannot read the
+archive by pointing its own domain at 127.0.0.1 (DNS rebinding). `allowed_hosts` replaces that list
+("*": any host).
 
 Access token: with `token` set, every request needs it, as `Authorization: Bearer T` (API clients),
 the `sketch2medi_token` cookie (the page), or `?token=T` (e.g. <img> URLs elsewhere). Opening
@@ -21,12 +26,15 @@ Concurrency: the models are shared, and torch modules are not safe to run from s
 once, so searches run one at a time in a worker thread under a lock. At most `max_concurrent`
 searches are admitted (one computing, the others queued for the model); one that finds every slot
 taken waits up to `busy_wait_s` for a slot, then gets 503 with Retry-After.
+
+Memory: uploads and archive images are decoded a bounded number at a time
+(`retrieval.pictures.decoder_thread`), at a reduced scale where the format allows, and downscaled as
+soon as they are decoded; archive images are kept only as small PNGs in a bounded cache.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import hmac
 import io
 import ipaddress
@@ -35,26 +43,38 @@ import os
 import re
 import threading
 import time
-from collections import OrderedDict
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
 import anyio
-import numpy as np
 from fastapi import FastAPI, File, Form, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 
 from generation.errors import InputError
 from generation.images import decode_image
-from retrieval.search import DEFAULT_LAMBDA, JSON_SCHEMA_VERSION, Retriever
+from generation.normalize import WORK_SIDE, reduce_to_work_side
+from retrieval.defaults import DEFAULT_LAMBDA
+from retrieval.pictures import (
+    PALETTE,
+    PictureCache,
+    data_url,
+    decoder_thread,
+    fit,
+    mask_overlay,
+    placed_overlay,
+    png_bytes,
+    released,
+    shown_pngs,
+)
+from retrieval.search import JSON_SCHEMA_VERSION, Retriever
 
 ENV_TOKEN = "SKETCH2MEDI_TOKEN"
 COOKIE = "sketch2medi_token"
@@ -63,10 +83,8 @@ MAX_UPLOAD_BYTES = 10 * 1024 * 1024
 FORM_OVERHEAD = 64 * 1024  # multipart boundaries and the small form fields around the file
 IMAGE_SIDE, THUMBNAIL_SIDE = 1024, 192
 MAX_K, MAX_CANDIDATES, MAX_STEPS = 100, 10_000, 10
-# Class c is drawn in PALETTE[(c - 1) % len]; the page shows the same colours in its legend.
-PALETTE = np.array([(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
-                    (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 190)], np.uint8)
-OVERLAY_ALPHA = 140
+MAX_IMAGE_ID = 2**63 - 1  # catalog ids are int64
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
 SECURITY_HEADERS = [  # the page loads nothing from elsewhere; the token must not leak in a Referer
     (b"content-security-policy", b"default-src 'self'; img-src 'self' data: blob:; object-src 'none'; frame-ancestors 'none'"),
     (b"x-content-type-options", b"nosniff"),
@@ -83,6 +101,39 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def bind_host(host: str) -> str:
+    """--host as the socket binds it: an IPv6 address may be written in URL brackets ([::1])."""
+    return host[1:-1] if host.startswith("[") and host.endswith("]") else host
+
+
+def page_url(host: str, port: int) -> str:
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}/"
+
+
+def host_name(host: str) -> str:
+    """A host as it appears in a Host header, without the port: "[::1]:8000" -> "[::1]"."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[: host.find("]") + 1]
+    if ":" in host:
+        try:  # a bare IPv6 address (a --host value, never a Host header)
+            return f"[{ipaddress.IPv6Address(host)}]"
+        except ValueError:
+            return host.rsplit(":", 1)[0]
+    return host
+
+
+def allowed_host_names(token: str | None, host: str | None, allowed_hosts: Iterable[str] | None) -> frozenset[str] | None:
+    """The Host header names answered (None: any): `allowed_hosts` when given ("*" for any), else
+    with a token any, else loopback names and `host`."""
+    if allowed_hosts is not None:
+        names = frozenset(host_name(name) for name in allowed_hosts if name.strip())
+        return None if "*" in names else names
+    if token:
+        return None
+    return frozenset((*LOOPBACK_NAMES, *([host_name(host)] if host else [])))
+
+
 def check_bind(host: str, token: str | None) -> None:
     """Refuse to serve beyond this machine without an access token."""
     if not token and not is_loopback(host):
@@ -90,45 +141,11 @@ def check_bind(host: str, token: str | None) -> None:
 
 
 def decode_upload(data: bytes, name: str = "sketch") -> Image.Image:
-    """An uploaded image file, fully decoded; every failure is an InputError (as `open_image` for files)."""
+    """An uploaded image file, decoded (reduced while decoding where the format allows) and
+    downscaled to the size sketch normalisation works at; every failure is an InputError."""
     if not data:
         raise InputError(f"{name}: the upload is empty; send the drawing as a PNG file")
-    return decode_image(io.BytesIO(data), name)
-
-
-def png_bytes(pixels: np.ndarray | Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    (pixels if isinstance(pixels, Image.Image) else Image.fromarray(pixels)).save(buffer, "PNG")
-    return buffer.getvalue()
-
-
-def data_url(pixels: np.ndarray) -> str:
-    return "data:image/png;base64," + base64.b64encode(png_bytes(pixels)).decode("ascii")
-
-
-def mask_overlay(labels: np.ndarray, alpha: int = OVERLAY_ALPHA) -> np.ndarray:
-    """uint8 label map (H, W) -> RGBA (H, W, 4): class colours, background transparent."""
-    rgba = np.zeros((*labels.shape, 4), np.uint8)
-    inside = labels > 0
-    rgba[inside, :3] = PALETTE[(labels[inside].astype(np.int64) - 1) % len(PALETTE)]
-    rgba[inside, 3] = alpha
-    return rgba
-
-
-def fit(width: int, height: int, side: int) -> tuple[int, int]:
-    scale = min(1.0, side / max(width, height, 1))
-    return max(1, round(width * scale)), max(1, round(height * scale))
-
-
-def placed_overlay(labels: np.ndarray, width: int, height: int) -> np.ndarray:
-    """The stored masks cover the centre square the networks saw (`square_resize`): place them there
-    on an image-sized transparent layer, so the page can stack it exactly over image.png."""
-    side = min(width, height)
-    square = np.asarray(Image.fromarray(labels).resize((side, side), Image.NEAREST))
-    layer = np.zeros((height, width), np.uint8)
-    top, left = (height - side) // 2, (width - side) // 2
-    layer[top : top + side, left : left + side] = square
-    return mask_overlay(layer)
+    return reduce_to_work_side(decode_image(io.BytesIO(data), name, draft_side=WORK_SIDE))
 
 
 class _ApiError(Exception):
@@ -142,11 +159,12 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
 
 
 class _Guard:
-    """ASGI middleware: security headers, the access token, and the request body limit (checked
-    before anything parses the body, so an oversized upload is refused without being spooled)."""
+    """ASGI middleware: security headers, the Host header, the access token, and the request body
+    limit (checked before anything parses the body, so an oversized upload is refused without being
+    spooled)."""
 
-    def __init__(self, app, token: str | None, max_body: int):
-        self.app, self.token, self.max_body = app, token, max_body
+    def __init__(self, app, token: str | None, max_body: int, hosts: frozenset[str] | None):
+        self.app, self.token, self.max_body, self.hosts = app, token, max_body, hosts
 
     def _authorised(self, request: Request) -> bool:
         scheme, _, value = request.headers.get("authorization", "").partition(" ")
@@ -167,6 +185,10 @@ class _Guard:
             await send(message)
 
         request = Request(scope)
+        if self.hosts is not None and host_name(request.headers.get("host", "")) not in self.hosts:
+            response = _error(400, f"host {request.headers.get('host', '')!r} is not served here; open the page at "
+                                   f"localhost, or start the server with --allowed-hosts")
+            return await response(scope, receive, send_with_headers)
         if self.token is not None and not self._authorised(request):
             response = _error(401, "missing or wrong access token; send 'Authorization: Bearer TOKEN' or open /?token=TOKEN",
                               {"WWW-Authenticate": "Bearer"})
@@ -230,25 +252,6 @@ class _Slots:
             self.used -= 1
 
 
-class _PictureCache:
-    """A bounded LRU of encoded PNGs, so a results grid shown again costs no decoding."""
-
-    def __init__(self, size: int = 512):
-        self.size, self._items, self._lock = size, OrderedDict(), threading.Lock()
-
-    def get(self, key, make: Callable[[], bytes]) -> bytes:
-        with self._lock:
-            if key in self._items:
-                self._items.move_to_end(key)
-                return self._items[key]
-        value = make()
-        with self._lock:
-            self._items[key] = value
-            while len(self._items) > self.size:
-                self._items.popitem(last=False)
-        return value
-
-
 def model_thread() -> ThreadPoolExecutor:
     """The one thread that runs the networks. It computes one search at a time (the models are not
     thread-safe), and keeping torch on a single thread matters for speed: every thread that runs
@@ -259,20 +262,31 @@ def model_thread() -> ThreadPoolExecutor:
 
 def create_app(retriever: Retriever | Callable[[], Retriever], token: str | None = None,
                max_upload_bytes: int = MAX_UPLOAD_BYTES, max_concurrent: int = 32, busy_wait_s: float = 10.0,
-               models: ThreadPoolExecutor | None = None) -> FastAPI:
+               models: ThreadPoolExecutor | None = None, host: str | None = None,
+               allowed_hosts: Iterable[str] | None = None) -> FastAPI:
     """The web application over one retriever (or a factory, called once on the model thread). It
     does not close the retriever: the caller owns it. `models` is the thread searches run on (see
-    `model_thread`; one is made if not given): pass the one the retriever was loaded on."""
+    `model_thread`; one is made if not given): pass the one the retriever was loaded on. `host` is
+    the address served on, `allowed_hosts` the Host header names to answer (see the module docstring)."""
     if max_upload_bytes < 1 or max_concurrent < 1 or busy_wait_s < 0:
         raise InputError("max_upload_bytes and max_concurrent must be positive, busy_wait_s not negative")
     models = models or model_thread()
     # anything with Retriever's search, workspace, models
     retriever = models.submit(retriever).result() if callable(retriever) else retriever
-    slots, pictures = _Slots(max_concurrent), _PictureCache()
     app = FastAPI(title="sketch2medi", docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(_Guard, token=token or None, max_body=max_upload_bytes + FORM_OVERHEAD)
+    app.add_middleware(_Guard, token=token or None, max_body=max_upload_bytes + FORM_OVERHEAD,
+                       hosts=allowed_host_names(token, host, allowed_hosts))
     app.mount("/static", StaticFiles(directory=WEB), name="static")
+    _add_error_handlers(app)
+    _add_page_and_info(app, retriever, max_upload_bytes, max_concurrent)
+    decoder = decoder_thread()
+    _add_search(app, retriever, models, decoder, _Slots(max_concurrent), max_upload_bytes, busy_wait_s)
+    _add_images(app, retriever, decoder)
+    return app
 
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error as `{"error": "one line"}`."""
     @app.exception_handler(_ApiError)
     async def api_error(_, error: _ApiError):
         return _error(error.status, str(error), error.headers)
@@ -295,35 +309,8 @@ def create_app(retriever: Retriever | Callable[[], Retriever], token: str | None
         where = ".".join(str(part) for part in first.get("loc", ())[1:]) or "request"
         return _error(422, f"{where}: {first.get('msg', 'invalid')}")
 
-    def record(image_id: int):
-        found = retriever.workspace.records_for([image_id]).get(image_id)
-        if found is None:
-            raise _ApiError(404, f"image {image_id}: not in the catalog")
-        return found
 
-    def pixels(image_id: int) -> np.ndarray:
-        from indexing.files import load
-
-        image = record(image_id)
-        try:  # only a file still as it was indexed shows this image
-            stat = os.stat(image.path)
-            if (stat.st_size, stat.st_mtime_ns) == (image.size, image.mtime_ns):
-                return load(Path(image.path), image.frame)
-        except (OSError, InputError):
-            pass
-        raise _ApiError(410, f"image {image_id}: its file is gone or changed since indexing; re-index the archive")
-
-    def picture(image_id: int, side: int) -> bytes:
-        def make() -> bytes:
-            shown = Image.fromarray(pixels(image_id))
-            shown.thumbnail((side, side), Image.LANCZOS)
-            return png_bytes(shown)
-
-        return pictures.get((image_id, side), make)
-
-    def png(data: bytes) -> Response:
-        return Response(data, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
-
+def _add_page_and_info(app: FastAPI, retriever: Retriever, max_upload_bytes: int, max_concurrent: int) -> None:
     @app.get("/", include_in_schema=False)
     def page():
         return FileResponse(WEB / "index.html", headers={"Cache-Control": "no-cache"})
@@ -340,9 +327,12 @@ def create_app(retriever: Retriever | Callable[[], Retriever], token: str | None
                 "device": str(retriever.models.device), "max_upload_bytes": max_upload_bytes,
                 "max_concurrent": max_concurrent, "palette": PALETTE.tolist(),
                 "defaults": {"k": 10, "candidates": 100, "rerank": True, "lambda": DEFAULT_LAMBDA,
-                             "steps": retriever.models.generator.default_steps},
+                             "steps": retriever.models.sketch2medi.default_steps},
                 "limits": {"k": MAX_K, "candidates": MAX_CANDIDATES, "steps": MAX_STEPS}}
 
+
+def _add_search(app: FastAPI, retriever: Retriever, models: ThreadPoolExecutor, decoder: ThreadPoolExecutor, slots: _Slots,
+                max_upload_bytes: int, busy_wait_s: float) -> None:
     @app.post("/api/search")
     async def search(sketch: UploadFile = File(..., description="the drawing, a PNG (or any image) file"),
                      k: int = Form(10, ge=1, le=MAX_K), candidates: int = Form(100, ge=1, le=MAX_CANDIDATES),
@@ -351,9 +341,10 @@ def create_app(retriever: Retriever | Callable[[], Retriever], token: str | None
         data = await sketch.read(max_upload_bytes + 1)
         if len(data) > max_upload_bytes:
             raise _ApiError(413, f"upload over the {max_upload_bytes} byte limit; send a smaller image")
-        image = await run_in_threadpool(decode_upload, data)  # a broken file never takes a slot
+        image = await asyncio.wrap_future(decoder.submit(released, decode_upload, data))  # a broken file never takes a slot
+        del data
         if not await slots.take(busy_wait_s):
-            raise _ApiError(503, f"busy: {max_concurrent} searches are running or queued; try again shortly", {"Retry-After": "1"})
+            raise _ApiError(503, f"busy: {slots.n} searches are running or queued; try again shortly", {"Retry-After": "1"})
         try:
             result = await asyncio.wrap_future(
                 models.submit(retriever.search, image, k=k, candidates=candidates, rerank=rerank, lam=lam, steps=steps))
@@ -367,6 +358,48 @@ def create_app(retriever: Retriever | Callable[[], Retriever], token: str | None
                 "params": {"k": k, "candidates": candidates, "rerank": rerank, "lambda": lam, "steps": steps},
                 "query": {"sketch": data_url(result.sketch), "generated": data_url(result.image),
                           "masks": data_url(mask_overlay(result.labels)) if rerank else None}}
+
+
+def _add_images(app: FastAPI, retriever: Retriever, decoder: ThreadPoolExecutor) -> None:
+    pictures, decoding = PictureCache(), threading.Lock()
+
+    def record(image_id: int):
+        found = retriever.workspace.records_for([image_id]).get(image_id) if 0 <= image_id <= MAX_IMAGE_ID else None
+        if found is None:
+            raise _ApiError(404, f"image {image_id}: not in the catalog")
+        return found
+
+    def unchanged(image) -> bool:
+        """Only a file still as it was indexed shows its image."""
+        try:
+            stat = os.stat(image.path)
+        except OSError:
+            return False
+        return (stat.st_size, stat.st_mtime_ns) == (image.size, image.mtime_ns)
+
+    def picture(image_id: int, side: int) -> bytes:
+        image = record(image_id)
+        if unchanged(image):
+            version = (image_id, image.size, image.mtime_ns)  # a re-indexed file is another picture
+            found = pictures.lookup((version, side))
+            if found is not None:
+                return found
+            with decoding:  # requests for one image wait for its first decode, then find it cached
+                found = pictures.lookup((version, side))
+                if found is not None:
+                    return found
+                try:
+                    shown = decoder.submit(released, shown_pngs, Path(image.path), image.frame, (IMAGE_SIDE, THUMBNAIL_SIDE)).result()
+                except (OSError, InputError):
+                    shown = None
+                if shown is not None:
+                    for shown_side, data in shown.items():
+                        pictures.put((version, shown_side), data)
+                    return shown[side]
+        raise _ApiError(410, f"image {image_id}: its file is gone or changed since indexing; re-index the archive")
+
+    def png(data: bytes) -> Response:
+        return Response(data, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
 
     @app.get("/api/images/{image_id}/image.png")
     def image_png(image_id: int):
@@ -384,22 +417,22 @@ def create_app(retriever: Retriever | Callable[[], Retriever], token: str | None
             raise _ApiError(404, f"image {image_id}: has no stored masks")
         return png(png_bytes(placed_overlay(labels, *fit(image.width, image.height, IMAGE_SIDE))))
 
-    return app
-
-
 def serve(workspace: str | Path | None, host: str, port: int, bundle: str | Path | None = None, db_url: str | None = None,
-          token: str | None = None, device: str = "cpu", max_concurrent: int = 32) -> None:
+          token: str | None = None, device: str = "cpu", max_concurrent: int = 32,
+          allowed_hosts: Iterable[str] | None = None) -> None:
     """`sketch2medi serve`: check the binding, open the workspace (one-line errors), run uvicorn."""
     import uvicorn
 
     token = token or os.environ.get(ENV_TOKEN) or None
+    host = bind_host(host)
     check_bind(host, token)
     models = model_thread()
     retriever = models.submit(Retriever, workspace, bundle, db_url, device).result()  # loaded where it will run
     with retriever:
-        app = create_app(retriever, token=token, max_concurrent=max_concurrent, models=models)
-        shown = f"[{host}]" if ":" in host else host
-        print(f"sketch2medi: {retriever.workspace.index.ntotal} images; open http://{shown}:{port}/" + ("?token=..." if token else ""), flush=True)
+        app = create_app(retriever, token=token, max_concurrent=max_concurrent, models=models, host=host,
+                         allowed_hosts=allowed_hosts)
+        print(f"sketch2medi: {retriever.workspace.index.ntotal} images; open {page_url(host, port)}" + ("?token=..." if token else ""),
+              flush=True)
         config = uvicorn.Config(app, host=host, port=port, log_level="info")  # sets up uvicorn's loggers
         logging.getLogger("uvicorn.access").addFilter(_redact_token)
         uvicorn.Server(config).run()

@@ -4,7 +4,8 @@ import json
 
 from bench import bench_faiss, bench_index, bench_search
 from indexing.ingest import index_folders
-from retrieval.search import ArchiveEmbedder, SystemModels
+from retrieval.models import SystemModels
+from retrieval.vector import ArchiveEmbedder
 
 PEAK = ["--threads", "1", "--matmul-size", "128", "--copy-mb", "8"]  # conftest runs tests on one thread
 COMMON = {"command", "benchmark", "config", "machine", "peak"}

@@ -11,7 +11,7 @@ from scipy import ndimage
 
 from generation.errors import InputError
 from generation.images import open_image
-from generation.normalize import normalize_sketch, normalize_sketch_file
+from generation.normalize import WORK_SIDE, normalize_sketch, normalize_sketch_file, reduce_to_work_side
 from generation.sketch import INK, PAPER, line_width, sketch_from_mask
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -235,3 +235,16 @@ def test_cli_normalize_writes_canonical_sketch(tmp_path):
     assert result.returncode == 0, result.stderr
     written = np.asarray(Image.open(out))
     assert written.shape == (128, 128) and (written == INK).any()
+
+
+def test_large_images_are_reduced_in_strips_to_the_same_pixels_as_at_once():
+    rng = np.random.default_rng(0)
+    rgba = rng.integers(0, 256, (WORK_SIDE + 37, 2 * WORK_SIDE + 5, 4), np.uint8)
+    palette = Image.fromarray(rgba[..., 0]).convert("P")
+    palette.info["transparency"] = 7
+    for image, mode in ((Image.fromarray(rgba, "RGBA"), "RGBA"), (Image.fromarray(rgba[..., 0]), "RGB"), (palette, "RGBA")):
+        reduced = reduce_to_work_side(image)
+        assert max(reduced.size) <= WORK_SIDE and reduced.mode == mode
+        assert np.array_equal(np.asarray(reduced), np.asarray(image.convert(mode).reduce(3)))
+    small = Image.fromarray(rgba[:100, :100])
+    assert reduce_to_work_side(small) is small

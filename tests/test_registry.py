@@ -144,7 +144,7 @@ def test_bit_flipped_weights_are_refused_against_the_manifest(tmp_path):
         load_network("moco", bundle)
     message = str(caught.value)
     assert str(bundle / "moco.safetensors") in message and "sha256" in message and message.count(REMEDY) == 1
-    from retrieval.search import SystemModels  # index and search load through it
+    from retrieval.models import SystemModels  # index and search load through it
 
     with pytest.raises(InputError, match="moco.safetensors: its sha256 differs"):
         SystemModels(bundle, "cpu")

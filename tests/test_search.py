@@ -15,7 +15,9 @@ from generation.errors import InputError
 from generation.images import square_resize
 from indexing.ingest import index_folders
 from retrieval.metrics import dice_per_image
-from retrieval.search import ArchiveEmbedder, Retriever, SystemModels, VectorRecipe, fuse_vectors, sketch_field
+from retrieval.models import SystemModels
+from retrieval.search import Retriever
+from retrieval.vector import ArchiveEmbedder, VectorRecipe, fuse_vectors, sketch_field
 
 runner = CliRunner()
 

@@ -20,10 +20,14 @@ from generation.errors import InputError  # noqa: E402
 from generation.images import square_resize  # noqa: E402
 from indexing.ingest import index_folders  # noqa: E402
 from retrieval.defaults import DEFAULT_LAMBDA  # noqa: E402
-from retrieval.search import ArchiveEmbedder, Retriever, SystemModels  # noqa: E402
-from retrieval.server import check_bind, create_app  # noqa: E402
+from retrieval.models import SystemModels  # noqa: E402
+from retrieval.pictures import PictureCache  # noqa: E402
+from retrieval.search import Retriever  # noqa: E402
+from retrieval.server import bind_host, check_bind, create_app, page_url  # noqa: E402
+from retrieval.vector import ArchiveEmbedder  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+LOCAL = "http://localhost"  # TestClient's default host, testserver, is not a loopback name
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +42,7 @@ def retriever(tiny_chain, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(retriever):
-    with TestClient(create_app(retriever)) as opened:
+    with TestClient(create_app(retriever), base_url=LOCAL) as opened:
         yield opened
 
 
@@ -115,7 +119,7 @@ def test_an_image_changed_since_indexing_is_not_shown(tiny_chain, retriever, tmp
     one = archive / "one.png"
     one.write_bytes((data / "images" / sorted(p.name for p in (data / "images").iterdir())[0]).read_bytes())
     index_folders([one], tmp_path / "ws", ArchiveEmbedder(retriever.models), batch_size=8)
-    with Retriever(tmp_path / "ws", models=retriever.models) as small, TestClient(create_app(small)) as client:
+    with Retriever(tmp_path / "ws", models=retriever.models) as small, TestClient(create_app(small), base_url=LOCAL) as client:
         image_id = int(small.workspace.catalog.ids()[0])
         assert client.get(f"/api/images/{image_id}/image.png").status_code == 200
         one.write_bytes(png(np.zeros((8, 8, 3), np.uint8)))
@@ -153,7 +157,7 @@ def test_bad_parameters_are_422(client, sketch, fields, where):
 
 
 def test_uploads_over_the_limit_are_413(retriever, sketch):
-    with TestClient(create_app(retriever, max_upload_bytes=len(sketch) + 10)) as client:
+    with TestClient(create_app(retriever, max_upload_bytes=len(sketch) + 10), base_url=LOCAL) as client:
         assert post(client, sketch, k=1).status_code == 200
         too_large = post(client, sketch + b"\0" * 100_000, k=1)  # announced by Content-Length
         assert too_large.status_code == 413 and "limit" in too_large.json()["error"]
@@ -180,7 +184,7 @@ def test_info_health_and_page(client, retriever):
 
 def test_token_is_required_on_every_request_when_set(retriever, sketch):
     image_id = int(retriever.workspace.catalog.ids()[0])
-    with TestClient(create_app(retriever, token="s3cret")) as client:
+    with TestClient(create_app(retriever, token="s3cret"), base_url=LOCAL) as client:
         for url in ("/", "/api/health", "/api/info", "/static/app.js", f"/api/images/{image_id}/thumbnail.png"):
             response = client.get(url)
             assert response.status_code == 401 and "token" in response.json()["error"], url
@@ -216,7 +220,7 @@ class BlockingRetriever:
 
 def test_searches_beyond_the_limit_get_503(retriever, sketch):
     blocking = BlockingRetriever(retriever)
-    with TestClient(create_app(blocking, max_concurrent=1, busy_wait_s=0)) as client:
+    with TestClient(create_app(blocking, max_concurrent=1, busy_wait_s=0), base_url=LOCAL) as client:
         first: dict = {}
         worker = threading.Thread(target=lambda: first.update(response=post(client, sketch, k=2)))
         worker.start()
@@ -262,10 +266,83 @@ def test_the_networks_load_and_run_on_one_thread(retriever, sketch):
             threads.append(threading.get_ident())
             return retriever.search(image, **options)
 
-    with TestClient(create_app(Watched)) as watched:
+    with TestClient(create_app(Watched), base_url=LOCAL) as watched:
         workers = [threading.Thread(target=lambda: post(watched, sketch, k=2)) for _ in range(4)]
         for worker in workers:
             worker.start()
         for worker in workers:
             worker.join()
     assert len(threads) == 5 and len(set(threads)) == 1 and threads[0] != threading.get_ident()
+
+
+def test_without_a_token_only_loopback_host_names_are_answered(retriever):
+    with TestClient(create_app(retriever, host="127.0.0.1")) as client:
+        for host in ("localhost", "localhost:8000", "127.0.0.1:8799", "[::1]:8799", "[::1]", "LOCALHOST"):
+            assert client.get("/api/health", headers={"host": host}).status_code == 200, host
+        for host in ("evil.example", "evil.example:8000", "127.0.0.1.evil.example", "testserver", ""):
+            response = client.get("/api/info", headers={"host": host})
+            assert response.status_code == 400, host
+            assert "--allowed-hosts" in response.json()["error"] and "\n" not in response.json()["error"]
+    with TestClient(create_app(retriever, host="sketch.lan")) as client:  # the configured host too
+        assert client.get("/api/health", headers={"host": "sketch.lan:8000"}).status_code == 200
+    with TestClient(create_app(retriever, allowed_hosts=["evil.example"])) as client:  # in place of the default list
+        assert client.get("/api/health", headers={"host": "evil.example"}).status_code == 200
+        assert client.get("/api/health", headers={"host": "localhost"}).status_code == 400
+    with TestClient(create_app(retriever, allowed_hosts=["*"])) as client:
+        assert client.get("/api/health", headers={"host": "anything.example"}).status_code == 200
+    with TestClient(create_app(retriever, token="s3cret")) as client:  # a token guards the rest
+        assert client.get("/api/health", headers={"host": "sketch.example", "authorization": "Bearer s3cret"}).status_code == 200
+    help_text = subprocess.run([sys.executable, str(ROOT / "cli.py"), "serve", "--help"], capture_output=True, text=True, cwd=ROOT,
+                               env={**os.environ, "COLUMNS": "200"}, timeout=120).stdout
+    assert "--allowed-hosts" in help_text
+
+
+def test_an_image_id_beyond_int64_is_404(client):
+    for url in ("/api/images/9223372036854775808/image.png", "/api/images/99999999999999999999999/thumbnail.png",
+                "/api/images/9223372036854775808/masks.png", "/api/images/-9223372036854775809/image.png"):
+        response = client.get(url)
+        assert response.status_code == 404 and "not in the catalog" in response.json()["error"], url
+
+
+def test_a_bracketed_ipv6_host_is_bound_without_brackets_and_shown_with_them():
+    assert bind_host("[::1]") == "::1" and bind_host("::1") == "::1" and bind_host("127.0.0.1") == "127.0.0.1"
+    check_bind(bind_host("[::1]"), None)
+    assert page_url(bind_host("[::1]"), 8799) == "http://[::1]:8799/"
+    assert page_url("127.0.0.1", 8000) == "http://127.0.0.1:8000/"
+
+
+def test_a_huge_upload_is_searched_as_the_same_drawing(client, retriever, sketch):
+    big = Image.open(io.BytesIO(sketch)).convert("L").resize((4500, 4500), Image.NEAREST)
+    response = post(client, png(np.asarray(big)), k=5)
+    assert response.status_code == 200, response.text
+    expected = retriever.search(big, k=5)
+    assert [(hit["id"], hit["score"]) for hit in response.json()["results"]] == [(hit.id, hit.score) for hit in expected.results]
+
+
+def test_large_archive_images_are_served_downscaled_to_their_sizes(tiny_chain, retriever, tmp_path):
+    data, _, _ = tiny_chain
+    first = sorted((data / "images").iterdir())[0]
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    original = Image.open(first).convert("RGB").resize((3000, 2000), Image.BICUBIC)
+    original.save(archive / "wide.png")
+    original.save(archive / "wide.jpg", quality=95)
+    index_folders([archive], tmp_path / "ws", ArchiveEmbedder(retriever.models), batch_size=8)
+    with Retriever(tmp_path / "ws", models=retriever.models) as large, TestClient(create_app(large), base_url=LOCAL) as client:
+        for image_id in large.workspace.catalog.ids():
+            full = Image.open(io.BytesIO(client.get(f"/api/images/{int(image_id)}/image.png").content))
+            thumbnail = Image.open(io.BytesIO(client.get(f"/api/images/{int(image_id)}/thumbnail.png").content))
+            assert (full.size, full.mode, thumbnail.size, thumbnail.mode) == ((1024, 683), "RGB", (192, 128), "RGB")
+            path = large.workspace.records_for([int(image_id)])[int(image_id)].path
+            if path.endswith(".png"):  # decoded at full size: exactly the downscaled original
+                expected = original.copy()
+                expected.thumbnail((192, 192), Image.LANCZOS)
+                assert np.array_equal(np.asarray(thumbnail), np.asarray(expected))
+
+
+def test_the_picture_cache_is_bounded_in_bytes():
+    cache = PictureCache(max_bytes=10)
+    for key in "abc":
+        cache.put(key, b"1234")
+    assert cache.lookup("a") is None and cache.lookup("b") == b"1234" and cache.lookup("c") == b"1234" and cache.used == 8
+    assert cache.get("d", lambda: b"xyz") == b"xyz" and cache.lookup("b") is None and cache.lookup("c") == b"1234"

@@ -155,6 +155,17 @@ def test_sketch2medi_generates_a_batch_with_every_step(tiny_bundle):
         model.generate(np.full((2, 64, 64), 255, np.uint8))
 
 
+def test_generate_reports_each_stage_of_each_batch_and_gives_the_same_images(tiny_bundle):
+    _, bundle, _ = tiny_bundle
+    model = Sketch2MedI.from_bundle(bundle, "cpu")
+    sketches = np.stack([sketch_from_mask(phantom_sample(seed, 32)[1]) for seed in (100, 101, 102)])
+    stages = []
+    watched = model.generate(sketches, steps=2, batch_size=2, on_stage=stages.append)
+    assert stages == ["E", "G", "H1", "H2"] * 2
+    plain = model.generate(sketches, steps=2, batch_size=2)
+    assert torch.equal(watched.w, plain.w) and all(torch.equal(a, b) for a, b in zip(watched.steps, plain.steps))
+
+
 def test_generate_command_writes_the_image_and_the_strip(tiny_bundle, tmp_path):
     _, bundle, _ = tiny_bundle
     sketch = tmp_path / "sketch.png"

@@ -25,8 +25,10 @@ if CHROMIUM is None:
 
 from generation.dataset import ImageDataset  # noqa: E402
 from indexing.ingest import index_folders  # noqa: E402
-from retrieval.search import ArchiveEmbedder, Retriever, SystemModels  # noqa: E402
+from retrieval.models import SystemModels  # noqa: E402
+from retrieval.search import Retriever  # noqa: E402
 from retrieval.server import create_app  # noqa: E402
+from retrieval.vector import ArchiveEmbedder  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "e2e-token"

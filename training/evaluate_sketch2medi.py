@@ -22,8 +22,10 @@ from generation.dataset import ImageDataset
 from generation.errors import InputError
 from generation.freehand import freehand_sketch
 from generation.images import square_resize, tensor_to_images
-from retrieval.evaluate import SKETCH_SIZE, _dice
-from retrieval.search import SystemModels, load_sketch
+from retrieval.evaluate import SKETCH_SIZE
+from retrieval.models import SystemModels
+from retrieval.rerank import dice_score
+from retrieval.search import load_sketch
 
 
 def sketches_of(models: SystemModels, dataset: ImageDataset, index: int, strengths: tuple[float, ...], seed: int) -> dict[str, np.ndarray]:
@@ -47,7 +49,7 @@ def evaluate_refinement(bundle: str | Path, data: str | Path, split: str = "test
     models = SystemModels(bundle, device)
     dataset = ImageDataset(data, split)
     indices = list(range(len(dataset)))[:limit]
-    T = models.generator.default_steps
+    T = models.sketch2medi.default_steps
     scores: dict[str, list[list[float]]] = {}
     examples: dict[int, dict] = {}
     with torch.no_grad():
@@ -56,11 +58,11 @@ def evaluate_refinement(bundle: str | Path, data: str | Path, split: str = "test
             reference_labels = models.S.predict_label_map([square_resize(dataset.image(index), models.S.config.size)])[0]
             reference_labels = np.asarray(Image.fromarray(reference_labels).resize((models.resolution,) * 2, Image.NEAREST))
             kinds = sketches_of(models, dataset, index, strengths, seed)
-            result = models.generator.generate(np.stack(list(kinds.values())), steps=T)
+            result = models.sketch2medi.generate(np.stack(list(kinds.values())), steps=T)
             steps = [tensor_to_images(step) for step in result.steps]  # (T + 1) x (K, R, R, 3)
             for k, kind in enumerate(kinds):
                 labels = models.S.predict_label_map([step[k] for step in steps])
-                scores.setdefault(kind, []).append([_dice(l, reference_labels, models.label_classes) for l in labels])
+                scores.setdefault(kind, []).append([dice_score(l, reference_labels, models.label_classes) for l in labels])
             examples[index] = {"kinds": kinds, "steps": steps, "reference": reference}
     report = {"bundle": str(models.bundle), "data": str(data), "split": split, "images": len(indices), "steps": T,
               "dice": {kind: {f"step {t}": float(np.mean([row[t] for row in rows])) for t in range(T + 1)} | {"images": len(rows)}

@@ -1,0 +1,43 @@
+"""The networks of a bundle that indexing, search and evaluation use, loaded once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from generation.bundle import bundle_id_of, default_bundle, network_entries
+from generation.device import pick_device
+from generation.errors import InputError
+from generation.moco import FeatureNetwork
+from generation.pipeline import Sketch2MedI
+from generation.registry import load_network, network_exists
+from generation.solov2 import SOLOv2
+
+
+class SystemModels:
+    """Every network of a bundle: the Sketch2MedI pipeline (G, E, H), S and C."""
+
+    def __init__(self, bundle: str | Path | None = None, device: str | torch.device = "auto"):
+        self.bundle = Path(bundle) if bundle is not None else default_bundle()
+        self.device = pick_device(device) if isinstance(device, str) else device
+        self.sketch2medi = Sketch2MedI.from_bundle(self.bundle, self.device)
+        for name in ("synthesizer", "moco"):  # refuse before loading either
+            if not network_exists(self.bundle, name):
+                raise InputError(f"{self.bundle}: has no {name}.safetensors; train it with `train {name}` (or `train all`)")
+        self.S: SOLOv2 = load_network("synthesizer", self.bundle, self.device)
+        self.C: FeatureNetwork = load_network("moco", self.bundle, self.device)
+        self.bundle_id = bundle_id_of(network_entries(self.bundle))
+
+    @property
+    def resolution(self) -> int:
+        return self.sketch2medi.resolution
+
+    @property
+    def label_classes(self) -> int:
+        """Classes in S's label maps, background included: every mask DICE compares comes from S."""
+        return self.S.config.num_classes + 1
+
+    @property
+    def code_mean(self) -> torch.Tensor:
+        return self.sketch2medi.E.code_mean
