@@ -1,4 +1,5 @@
-"""Single-process or torchrun (DistributedDataParallel) execution, with the same training code.
+"""Where the networks run: the device, the CPU threads, and the torchrun rank (one process or DDP,
+with the same code).
 
 Under `torchrun --nproc_per_node N`, the environment names RANK/WORLD_SIZE and we join a process
 group (gloo on CPU, nccl on GPU); otherwise everything is a no-op and rank 0 of 1.

@@ -34,7 +34,7 @@ from generation.errors import InputError
 from generation.images import square_resize
 from generation.normalize import normalize_sketch
 from generation.sketch import INK, sketch_to_tensor
-from indexing.ingest import EmbeddedBatch
+from indexing.embedding import EmbeddedBatch
 from retrieval.defaults import DEFAULT_WEIGHTS
 from retrieval.models import SystemModels
 
@@ -101,7 +101,7 @@ def fuse_vectors(fields: torch.Tensor, w_offsets: torch.Tensor, embeddings: torc
 
 
 class ArchiveEmbedder:
-    """The `indexing.ingest.Embedder` of a bundle: per image S's masks, x_sk = S(x), its field f,
+    """The `indexing.embedding.Embedder` of a bundle: per image S's masks, x_sk = S(x), its field f,
     w = E(x_sk), e = C(x), and the fused vector."""
 
     def __init__(self, models: SystemModels, recipe: VectorRecipe = VectorRecipe()):
