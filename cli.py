@@ -514,7 +514,8 @@ DB_HELP = "SQLAlchemy URL of the catalog (default: SQLite inside the workspace),
 
 @app.command()
 def index(
-    paths: list[Path] = typer.Argument(..., help="Image files or folders (PNG, JPEG, TIFF, BMP, DICOM), searched recursively."),
+    paths: list[str] = typer.Argument(..., help="Image files or folders (PNG, JPEG, TIFF, BMP, DICOM), searched recursively; "
+                                      "or one DICOMweb server, dicomweb+http(s)://HOST:PORT/PATH (needs the pacs extra)."),
     workspace: Path = typer.Option(None, "--workspace", help=WORKSPACE_HELP),
     bundle: Path = typer.Option(None, "--bundle", help="Bundle made by `train all` (default: $SKETCH2MEDI_BUNDLE, else the shipped one)."),
     db_url: str = typer.Option(None, "--db-url", "--db", help=DB_HELP),
@@ -522,18 +523,36 @@ def index(
     index_kind: str = typer.Option("auto", "--index", help="auto (exact up to 100k images, then HNSW) | flat | ivf | hnsw."),
     weights: str = typer.Option(None, "--weights", help="Vector weights, e.g. sketch=0.9,code=0.05,image=0.05 (the default; docs/SEARCH.md)."),
     verify: bool = typer.Option(False, "--verify", help="Re-hash every file, also those whose size, mtime, inode and ctime are unchanged."),
+    tag: str = typer.Option(None, "--tag", help="Tag recorded with every file (default: the top folder's name) or instance (default: none)."),
+    auth: str = typer.Option(None, "--auth", help="DICOMweb: bearer:VARIABLE or basic:VARIABLE, the environment variable holding the token or user:password."),
+    modality: list[str] = typer.Option(None, "--modality", help="DICOMweb: only series of this modality (CT, MR, ES, ...); repeatable."),
+    study_date: str = typer.Option(None, "--study-date", help="DICOMweb: only studies of these dates: YYYYMMDD, YYYYMMDD-YYYYMMDD, YYYYMMDD- or -YYYYMMDD."),
+    study_uid: str = typer.Option(None, "--study-uid", help="DICOMweb: only this study (StudyInstanceUID)."),
+    timeout: float = typer.Option(30.0, "--timeout", min=0.001, help="DICOMweb: seconds the server has to answer each request."),
     device: str = typer.Option("auto", "--device"),
 ):
     """Add images to the archive: S's masks, the synthesized sketch's field and E's code, C's embedding; incremental."""
+    import functools
     import os
 
-    from indexing.ingest import index_folders
+    from indexing.dicomweb import DicomWebFilters, is_dicomweb
+    from indexing.ingest import index_dicomweb, index_folders
     from retrieval.search import ArchiveEmbedder, SystemModels, VectorRecipe
 
+    servers = [path for path in paths if is_dicomweb(path)]
+    if servers and (len(paths) > 1 or verify):
+        raise InputError("index one DICOMweb server at a time, without folders or --verify")
+    if not servers and (auth or modality or study_date or study_uid):
+        raise InputError("--auth, --modality, --study-date and --study-uid are for a DICOMweb server (dicomweb+http://...)")
+    filters = DicomWebFilters(tuple(modality or ()), study_date, study_uid)  # checked before any network is loaded
     embedder = ArchiveEmbedder(SystemModels(bundle, device), VectorRecipe.parse(weights) if weights else VectorRecipe())
-    options = dict(db_url=db_url, batch_size=batch_size, index_kind=index_kind, verify=verify)
+    options = dict(db_url=db_url, batch_size=batch_size, index_kind=index_kind, tag=tag)
+    if servers:
+        run = functools.partial(index_dicomweb, servers[0], workspace, embedder, auth=auth, filters=filters, timeout=timeout, **options)
+    else:
+        run = functools.partial(index_folders, paths, workspace, embedder, verify=verify, **options)
     if os.environ.get("RANK", "0") != "0":  # torchrun: the other ranks embed their shares quietly
-        index_folders(paths, workspace, embedder, **options)
+        run()
         return
     from rich.console import Console
 
@@ -545,11 +564,12 @@ def index(
         progress.start()
         task = progress.add_task("index", total=total)
 
-    def on_progress(done: int, total: int, path: Path) -> None:
-        progress.update(task, completed=done, total=total, description=f"index {path.name[:40]}")
+    def on_progress(done: int, total: int, path: Path | str) -> None:
+        name = path.name if isinstance(path, Path) else path.rsplit("/", 1)[-1]
+        progress.update(task, completed=done, total=total, description=f"index {name[:40]}")
 
     try:
-        summary = index_folders(paths, workspace, embedder, **options, on_start=on_start, on_progress=on_progress)
+        summary = run(on_start=on_start, on_progress=on_progress)
     finally:
         if task is not None:
             progress.stop()
