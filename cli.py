@@ -592,21 +592,40 @@ def search(
     steps: int = typer.Option(None, "--steps", min=0, help="Refinement steps (default: as trained, 3)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON (schema in docs/SEARCH.md) instead of a table."),
     out: Path = typer.Option(None, "--out", help="Folder for sketch.png, generated.png and results.png (contact sheet)."),
+    group: str = typer.Option(None, "--group", help="patient | study | series | none: the top k groups with their best frames "
+                                                    "(default: study where studies are known, else none)."),
     device: str = typer.Option("auto", "--device"),
 ):
     """Find the archive images that look like the sketch."""
     import json
 
+    from retrieval.grouping import grouped_search
     from retrieval.search import Retriever
 
     with Retriever(workspace, bundle, db_url, device) as retriever:
-        result = retriever.search(sketch, k=k, candidates=candidates, rerank=rerank, lam=lam, steps=steps)
+        result, groups = grouped_search(retriever, sketch, k=k, group=group, candidates=candidates, rerank=rerank, lam=lam, steps=steps)
         if out is not None:
             from retrieval.contact_sheet import write_search_outputs
 
             write_search_outputs(result, out)
     if as_json:
-        typer.echo(json.dumps(result.to_json(), indent=1))
+        payload = result.to_json()
+        if groups is not None:
+            payload["groups"] = [g.to_json() for g in groups]
+        typer.echo(json.dumps(payload, indent=1))
+    elif groups is not None:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table("rank", "score", "group", "patient", "date", "modality", "frames")
+        table.add_column("best frames (x near-duplicates)", overflow="fold")
+        for g in groups:
+            best = "\n".join(f"{h.hit.path}" + (f" [frame {h.hit.frame}]" if h.hit.frame else "") + (f" x{h.count}" if h.count > 1 else "")
+                             for h in g.hits)  # fmt: skip
+            table.add_row(str(g.rank), f"{g.score:.4f}", f"{g.by} {g.key}", g.meta.patient_id or "-", g.meta.study_date or "-",
+                          g.meta.modality or "-", str(g.frames), best)  # fmt: skip
+        Console().print(table)
+        typer.echo(f"{result.timings_ms['total']:.0f} ms" + (f"; wrote {out}" if out else ""))
     else:
         from rich.console import Console
         from rich.table import Table
