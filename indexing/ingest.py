@@ -18,7 +18,7 @@ A DICOMweb run is incremental by instance: one already in the catalog is not fet
 server that fails as a whole stops the run with its one-line error, keeping every committed batch,
 so that the next run resumes where it stopped.
 
-Under torchrun every rank calls `index_folders`; rank 0 does the run and the others embed their
+Under torchrun every rank calls `index_folders` (or `index_dicomweb`); rank 0 does the run and the others embed their
 shares of each batch (`indexing.embedding`).
 """
 

@@ -24,7 +24,7 @@ from indexing.workspace import Workspace
 from retrieval.search import Hit, Retriever, SearchResult
 
 GROUPINGS = ("patient", "study", "series", "none")
-DUPLICATE_SIMILARITY = 0.95  # consecutive endoscopy frames of one scene are above it, other scenes well below
+DUPLICATE_SIMILARITY = 0.95  # near-copies only: a set value, not tuned on validation
 BEST_FRAMES = 3  # shown per group
 _FIELDS = {"patient": "patient_id", "study": "study_uid", "series": "series_uid"}
 
