@@ -13,6 +13,7 @@ and one deleted between listing and fetching gives None.
 
 from __future__ import annotations
 
+import base64
 import io
 import os
 import re
@@ -68,8 +69,6 @@ def _auth_headers(auth: str | None) -> dict[str, str]:
         return {"Authorization": f"Bearer {secret}"}
     if ":" not in secret:
         raise InputError(f"--auth {auth}: {variable} must hold user:password")
-    import base64
-
     return {"Authorization": "Basic " + base64.b64encode(secret.encode()).decode()}
 
 
@@ -106,8 +105,8 @@ class DicomWebServer:
         """The instance's name in the catalog."""
         return f"{self.url}/studies/{ref.study_uid}/series/{ref.series_uid}/instances/{ref.sop_uid}"
 
-    def _call(self, what: str, call: Callable[[], T], missing: T | None = None) -> T | None:
-        """`call()`, with the server's failures as one-line `SourceFailed`s; a 404 gives `missing`."""
+    def _call(self, what: str, call: Callable[[], T], missing_ok: bool = False) -> T | None:
+        """`call()`, with the server's failures as one-line `SourceFailed`s; with `missing_ok`, a 404 gives None."""
         import requests
 
         try:
@@ -116,8 +115,8 @@ class DicomWebServer:
             raise
         except requests.HTTPError as error:
             status = error.response.status_code if error.response is not None else None
-            if status == 404 and missing is not None:
-                return missing
+            if status == 404 and missing_ok:
+                return None
             if status == 401:
                 raise SourceFailed(f"{self.url}: refused the credentials while {what} (401 Unauthorized); check --auth and the secret it names")
             if status == 403:
@@ -146,22 +145,22 @@ class DicomWebServer:
             if not study_uid:
                 continue
             series_list = self._call(f"listing the series of study {study_uid}",
-                                     lambda: client.search_for_series(study_uid, get_remaining=True), missing=[])  # fmt: skip
-            for series in series_list:
+                                     lambda: client.search_for_series(study_uid, get_remaining=True), missing_ok=True)  # fmt: skip
+            for series in series_list or []:  # None: the study went since it was listed
                 series_uid = _value(series, "0020000E")
                 if not series_uid or (filters.modalities and (_value(series, "00080060") or "").upper() not in filters.modalities):
                     continue
                 instances = self._call(f"listing the instances of series {series_uid}",
-                                       lambda: client.search_for_instances(study_uid, series_uid, get_remaining=True), missing=[])  # fmt: skip
-                for instance in instances:
+                                       lambda: client.search_for_instances(study_uid, series_uid, get_remaining=True), missing_ok=True)  # fmt: skip
+                for instance in instances or []:
                     if sop_uid := _value(instance, "00080018"):
                         yield InstanceRef(study_uid, series_uid, sop_uid)
 
     def fetch(self, ref: InstanceRef) -> DicomInstance | None:
         """The instance (WADO-RS), as stored on the server; None if the server no longer has it."""
         name = self.instance_url(ref)
-        dataset = self._call(f"fetching {ref.sop_uid}", lambda: self._retrieve(ref), missing=False)
-        if dataset is False:
+        dataset = self._call(f"fetching {ref.sop_uid}", lambda: self._retrieve(ref), missing_ok=True)
+        if dataset is None:
             return None
         import pydicom
 

@@ -12,6 +12,7 @@ import shutil
 import socket
 import sqlite3
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -305,17 +306,31 @@ def test_credentials_are_checked_before_anything_is_written(archive, tmp_path, m
     assert not workspace.exists()
 
 
-def test_a_server_that_is_down_or_stalls_is_one_line_error(tmp_path):
+def test_a_server_that_is_down_or_stalls_is_one_line_error(tmp_path, monkeypatch):
     with pytest.raises(SourceFailed, match=r"cannot connect while listing studies .*; check the address and that the server runs$"):
         index_dicomweb(f"dicomweb+http://127.0.0.1:{free_port()}/dicom-web", tmp_path / "ws", FakeEmbedder())
-    with socket.socket() as stalling:  # accepts connections (the kernel's backlog) and never answers
+    with socket.socket() as stalling:  # reads the request and never answers
         stalling.bind(("127.0.0.1", 0))
         stalling.listen()
+        requests: list[bytes] = []
+
+        def read_requests() -> None:
+            connection, _ = stalling.accept()
+            with connection:
+                requests.append(connection.recv(65536))
+                time.sleep(2)
+
+        reader = threading.Thread(target=read_requests, daemon=True)
+        reader.start()
         url = f"dicomweb+http://127.0.0.1:{stalling.getsockname()[1]}/dicom-web"
+        monkeypatch.setenv("PACS_TOKEN", "tok-123")
         started = time.monotonic()
         with pytest.raises(SourceFailed, match=r"no answer within 0.5 s while listing studies; check the server, or raise --timeout$"):
-            index_dicomweb(url, tmp_path / "ws", FakeEmbedder(), timeout=0.5)
+            index_dicomweb(url, tmp_path / "ws", FakeEmbedder(), auth="bearer:PACS_TOKEN", timeout=0.5)
         assert time.monotonic() - started < 20
+        reader.join(10)
+    assert requests and requests[0].startswith(b"GET /dicom-web/studies")
+    assert b"\r\nAuthorization: Bearer tok-123\r\n" in requests[0]  # the token goes in the header, from the environment
     assert not (tmp_path / "ws").exists()
 
 
