@@ -8,10 +8,12 @@ import base64
 import glob
 import io
 import json
+import os
 import shutil
 import socket
 import sqlite3
 import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -254,6 +256,63 @@ def test_an_interrupted_run_resumes_where_it_stopped(archive, tmp_path):
     embedder = FakeEmbedder()
     summary = index_dicomweb(server.url, tmp_path / "ws", embedder, auth="basic:PACS_LOGIN", batch_size=2)
     assert (summary.unchanged, summary.added, summary.total) == (kept, 7 - kept, 7)
+
+
+KILLED_RUN = """
+import sys, time
+from pathlib import Path
+sys.path[:0] = [sys.argv[1], sys.argv[2]]
+from test_ingest import FakeEmbedder
+from indexing.ingest import index_dicomweb
+
+url, workspace, progress, blocked = sys.argv[3:7]
+
+class Blocking(FakeEmbedder):
+    def embed_images(self, images):
+        if self.calls == 1:
+            Path(blocked).touch()
+            while True:
+                time.sleep(1)
+        return super().embed_images(images)
+
+def report(done, total, name):
+    with open(progress, "a") as handle:
+        handle.write(name + "\\n")
+
+index_dicomweb(url, workspace, Blocking(), auth="basic:PACS_LOGIN", batch_size=2, on_progress=report)
+"""
+
+
+def test_kill_9_in_the_middle_of_a_run_loses_nothing_reported_and_a_rerun_completes(archive, tmp_path):
+    server, _ = archive
+    workspace, progress, blocked = tmp_path / "ws", tmp_path / "progress.txt", tmp_path / "blocked"
+    script = tmp_path / "killed_run.py"
+    script.write_text(KILLED_RUN)
+    environment = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    environment["OMP_NUM_THREADS"] = "1"
+    tests = Path(__file__).resolve().parent
+    process = subprocess.Popen([sys.executable, str(script), str(tests), str(tests.parent), server.url, str(workspace), str(progress), str(blocked)],
+                               env=environment, cwd=tests.parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 180
+        while not blocked.exists():
+            assert process.poll() is None, process.stdout.read().decode()
+            assert time.monotonic() < deadline, "the indexing process never reached its second batch"
+            time.sleep(0.05)
+    finally:
+        process.kill()  # SIGKILL: no cleanup of any kind
+        process.wait()
+    reported = progress.read_text().split()
+    assert len(reported) == 2
+    with Catalog(catalog_url(workspace), create=False) as catalog:
+        assert set(reported) <= set(catalog.entries())  # nothing reported as indexed was lost
+        kept = sum(map(len, catalog.entries().values()))
+    embedder = FakeEmbedder()
+    summary = index_dicomweb(server.url, workspace, embedder, auth="basic:PACS_LOGIN", batch_size=2)
+    assert (summary.unchanged, summary.added, summary.total) == (kept, 7 - kept, 7)
+    with open_workspace_for_search(workspace) as ws:
+        np.testing.assert_array_equal(ws.index.ids(), ws.catalog.ids())
+        assert len(ws.catalog.ids()) == 7
 
 
 def test_a_server_that_goes_down_mid_run_keeps_what_was_committed(archive, tmp_path):
