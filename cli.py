@@ -10,7 +10,20 @@ from generation.device import is_main_process, set_threads
 from generation.errors import InputError
 from retrieval.defaults import DEFAULT_LAMBDA
 from training.commands import DEVICE_HELP, train_app
-from training.console import WholeHelpGroup, check_folder_out, check_image_out, finite, literal_printer, progress_bar
+from training.console import (
+    ProgressLines,
+    WholeHelpGroup,
+    check_folder_out,
+    check_image_out,
+    finite,
+    literal_printer,
+    print_groups,
+    print_results,
+    progress_bar,
+    report_skipped,
+    shortened_paths,
+    timing_line,
+)
 
 
 class UserErrorGroup(WholeHelpGroup):
@@ -35,93 +48,6 @@ app = typer.Typer(
 app.add_typer(train_app, name="train")
 
 LAMBDA_HELP = "score = lambda * similarity + (1 - lambda) * DICE / 100 (DICE runs 0-100)."
-SEARCH_STAGES = {"normalize": "sketch normalisation", "E": "E (encoder)", "G": "G (generator)", "H": "H (refinement)",
-                 "C": "C (embedding)", "faiss": "the FAISS search", "S": "S (masks)", "rerank": "re-ranking"}
-
-
-def print_results(hits, labels: list[str], note: str | None = None) -> None:
-    """The results as a table, one label (path or name) per hit, printed literally and never wrapped."""
-    from rich.console import Console
-    from rich.measure import Measurement
-    from rich.table import Table
-    from rich.text import Text
-
-    table = Table("rank", "score", "similarity", "DICE")
-    table.add_column("path", no_wrap=True)
-    for hit, label in zip(hits, labels):
-        table.add_row(str(hit.rank), f"{hit.score:.4f}", f"{hit.similarity:.4f}", "-" if hit.dice is None else f"{hit.dice:.1f}", Text(label))
-    console = Console()
-    width = Measurement.get(console, console.options.update(max_width=100_000), table).maximum
-    if width > console.width:  # a wider table rather than cut or wrapped paths, so they can be copied
-        console = Console(width=width)
-    if note:
-        typer.echo(note)
-    console.print(table)
-
-
-def shortened_paths(paths: list[str]) -> tuple[str | None, list[str]]:
-    """(the folder every path lies under, the paths relative to it), or (None, the paths) when they share none."""
-    import os
-
-    try:
-        common = os.path.commonpath([os.path.dirname(path) for path in paths]) if len(paths) > 1 else ""
-    except ValueError:  # absolute and relative paths mixed
-        common = ""
-    if common in ("", os.sep):
-        return None, paths
-    return common, [path[len(common):].lstrip(os.sep) for path in paths]
-
-
-def timing_line(timings_ms: dict[str, float]) -> str:
-    """'searched in 7.7 s, most of it in G (generator): 5.2 s'; H's refinement steps count as one stage.
-    (On a cold start the first call of each network dominates: torch's one-time set-up.)"""
-    stages: dict[str, float] = {}
-    for stage, ms in timings_ms.items():
-        if stage != "total":
-            name = "H" if stage[:1] == "H" and stage[1:].isdigit() else stage
-            stages[name] = stages.get(name, 0.0) + ms
-    slowest = max(stages, key=stages.get)
-    return f"searched in {duration(timings_ms['total'])}, most of it in {SEARCH_STAGES.get(slowest, slowest)}: {duration(stages[slowest])}"
-
-
-def duration(ms: float) -> str:
-    return f"{ms / 1000:.1f} s" if ms >= 1000 else f"{ms:.0f} ms"
-
-
-def report_skipped(skipped: list[tuple[Path, str]]) -> None:
-    """One line per input that failed; exit 1 once all the others were done."""
-    for path, why in skipped:
-        typer.echo(f"  skipped {path}: {why}")
-    if skipped:
-        raise typer.Exit(1)
-
-
-PROGRESS_LINE_EVERY_S = 5.0
-
-
-class ProgressLines:
-    """A progress bar's calls as a line every PROGRESS_LINE_EVERY_S seconds, for output that is not a
-    terminal (a log), where rich would draw the bar only at the end."""
-
-    def start(self) -> None:
-        import time
-
-        self.last = time.monotonic()
-
-    def add_task(self, description: str, total: int | None = None) -> int:
-        return 0
-
-    def update(self, task: int, completed: int, total: int | None, description: str) -> None:
-        import time
-
-        if time.monotonic() - self.last >= PROGRESS_LINE_EVERY_S:
-            typer.echo(f"{description}: {completed}/{total}")
-            self.last = time.monotonic()
-
-    def stop(self) -> None:
-        pass
-
-
 @app.command()
 def phantom(
     out: Path = typer.Argument(..., metavar="OUT", help="Folder to write images/, masks/, classes.json, split.csv into."),
@@ -300,7 +226,8 @@ DB_HELP = "SQLAlchemy URL of the catalog (default: SQLite inside the workspace),
 
 @app.command()
 def index(
-    paths: list[Path] = typer.Argument(..., metavar="PATHS", help="Image files or folders (PNG, JPEG, TIFF, BMP, DICOM), searched recursively."),
+    paths: list[str] = typer.Argument(..., metavar="PATHS", help="Image files or folders (PNG, JPEG, TIFF, BMP, DICOM), searched recursively; "
+                                      "or one DICOMweb server, dicomweb+http(s)://HOST:PORT/PATH (needs the pacs extra)."),
     workspace: Path = typer.Option(None, "--workspace", help=WORKSPACE_HELP),
     bundle: Path = typer.Option(None, "--bundle", help="Bundle made by `train all` (default: $SKETCH2MEDI_BUNDLE, else the shipped one)."),
     db_url: str = typer.Option(None, "--db-url", "--db", help=DB_HELP),
@@ -308,17 +235,36 @@ def index(
     index_kind: str = typer.Option("auto", "--index", help="auto (exact up to 100k images, then HNSW) | flat | ivf | hnsw."),
     weights: str = typer.Option(None, "--weights", help="Vector weights, e.g. sketch=0.9,code=0.05,image=0.05 (the default; docs/SEARCH.md)."),
     verify: bool = typer.Option(False, "--verify", help="Re-hash every file, also those whose size, mtime, inode and ctime are unchanged."),
+    tag: str = typer.Option(None, "--tag", help="Tag recorded with every file (default: the top folder's name) or instance (default: none)."),
+    auth: str = typer.Option(None, "--auth", help="DICOMweb: bearer:VARIABLE or basic:VARIABLE, the environment variable holding the token or user:password."),
+    modality: list[str] = typer.Option(None, "--modality", help="DICOMweb: only series of this modality (CT, MR, ES, ...); repeatable."),
+    study_date: str = typer.Option(None, "--study-date", help="DICOMweb: only studies of these dates: YYYYMMDD, YYYYMMDD-YYYYMMDD, YYYYMMDD- or -YYYYMMDD."),
+    study_uid: str = typer.Option(None, "--study-uid", help="DICOMweb: only this study (StudyInstanceUID)."),
+    timeout: float = typer.Option(30.0, "--timeout", min=0.001, help="DICOMweb: seconds the server has to answer each request."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
 ):
     """Add images to the archive: S's masks, the synthesized sketch's field and E's code, C's embedding; incremental."""
-    from indexing.ingest import index_folders
+    import functools
+
+    from indexing.dicomweb import DicomWebFilters, is_dicomweb
+    from indexing.ingest import index_dicomweb, index_folders
     from retrieval.models import SystemModels
     from retrieval.vector import ArchiveEmbedder, VectorRecipe
 
+    servers = [path for path in paths if is_dicomweb(path)]
+    if servers and (len(paths) > 1 or verify):
+        raise InputError("index one DICOMweb server at a time, without folders or --verify")
+    if not servers and (auth or modality or study_date or study_uid):
+        raise InputError("--auth, --modality, --study-date and --study-uid are for a DICOMweb server (dicomweb+http://...)")
+    filters = DicomWebFilters(tuple(modality or ()), study_date, study_uid)  # checked before any network is loaded
     embedder = ArchiveEmbedder(SystemModels(bundle, device), VectorRecipe.parse(weights) if weights else VectorRecipe())
-    options = dict(db_url=db_url, batch_size=batch_size, index_kind=index_kind, verify=verify)
+    options = dict(db_url=db_url, batch_size=batch_size, index_kind=index_kind, tag=tag)
+    if servers:
+        run = functools.partial(index_dicomweb, servers[0], workspace, embedder, auth=auth, filters=filters, timeout=timeout, **options)
+    else:
+        run = functools.partial(index_folders, paths, workspace, embedder, verify=verify, **options)
     if not is_main_process():  # torchrun: the other ranks embed their shares quietly
-        index_folders(paths, workspace, embedder, **options)
+        run()
         return
     from rich.console import Console
 
@@ -330,11 +276,12 @@ def index(
         progress.start()
         task = progress.add_task("index", total=total)
 
-    def on_progress(done: int, total: int, path: Path) -> None:
-        progress.update(task, completed=done, total=total, description=f"index {path.name[:40]}")
+    def on_progress(done: int, total: int, path: Path | str) -> None:
+        name = path.name if isinstance(path, Path) else path.rsplit("/", 1)[-1]
+        progress.update(task, completed=done, total=total, description=f"index {name[:40]}")
 
     try:
-        summary = index_folders(paths, workspace, embedder, **options, on_start=on_start, on_progress=on_progress)
+        summary = run(on_start=on_start, on_progress=on_progress)
     finally:
         if task is not None:
             progress.stop()
@@ -357,27 +304,36 @@ def search(
     steps: int = typer.Option(None, "--steps", min=0, help="Refinement steps (default: as trained, 3)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON (schema in docs/SEARCH.md) instead of a table."),
     out: Path = typer.Option(None, "--out", help="Folder for sketch.png, generated.png and results.png (contact sheet)."),
+    group: str = typer.Option(None, "--group", help="patient | study | series | none: the top k groups with their best frames "
+                                                    "(default: study where studies are known, else none)."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
 ):
     """Find the archive images that look like the sketch."""
     import json
 
+    from retrieval.grouping import grouped_search
     from retrieval.search import Retriever
 
     if out is not None:
         check_folder_out(out)
     with Retriever(workspace, bundle, db_url, device) as retriever:
-        result = retriever.search(sketch, k=k, candidates=candidates, rerank=rerank, lam=lam, steps=steps)
+        result, groups = grouped_search(retriever, sketch, k=k, group=group, candidates=candidates, rerank=rerank, lam=lam, steps=steps)
         if out is not None:
             from retrieval.contact_sheet import write_search_outputs
 
             write_search_outputs(result, out)
     if as_json:
-        typer.echo(json.dumps(result.to_json(), indent=1))
+        payload = result.to_json()
+        if groups is not None:
+            payload["groups"] = [g.to_json() for g in groups]
+        typer.echo(json.dumps(payload, indent=1))
         return
-    paths = [hit.path + (f" [frame {hit.frame}]" if hit.frame else "") for hit in result.results]
-    folder, labels = shortened_paths(paths)
-    print_results(result.results, labels, note=f"paths under {folder}/" if folder else None)
+    if groups is not None:
+        print_groups(groups)
+    else:
+        paths = [hit.path + (f" [frame {hit.frame}]" if hit.frame else "") for hit in result.results]
+        folder, labels = shortened_paths(paths)
+        print_results(result.results, labels, note=f"paths under {folder}/" if folder else None)
     typer.echo(timing_line(result.timings_ms) + (f"; wrote {out}" if out else ""))
 
 

@@ -12,7 +12,9 @@ Tables:
              (AUTOINCREMENT / sequences), so an id always names the same vector.
     files    (path, frame) -> image id, with the file's size, mtime, inode and ctime (NULL when
              written before schema 2); a second path with the same content is a second row here
-             (an alias), not a second image
+             (an alias), not a second image. Also, where known (`FileMeta`, schema 3): the DICOM
+             PatientID, StudyInstanceUID, SeriesInstanceUID, SOPInstanceUID, Modality, StudyDate
+             and BodyPartExamined, and the file's tag (its folder's, or the run's `--tag`)
     masks    (image id, class index) -> np.packbits + zlib of that class's binary mask
 
 Schema changes: bump by appending a function to `MIGRATIONS`; catalogs are upgraded on open.
@@ -24,9 +26,10 @@ import uuid
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import sqlalchemy as sa
@@ -45,7 +48,38 @@ def _add_file_identity(connection: sa.Connection) -> None:
         connection.execute(sa.text(f"ALTER TABLE files ADD COLUMN {column} BIGINT"))
 
 
-MIGRATIONS: list[Callable[[sa.Connection], None]] = [_add_file_identity]
+def _add_file_meta(connection: sa.Connection) -> None:
+    # 2 -> 3: the DICOM identifiers and the tag. A DICOM file's inode is forgotten, so the next
+    # index run re-reads it once (as for schema 2) and records its identifiers; a plain file gets
+    # its tag from the next run without being read.
+    for column in FileMeta.COLUMNS:
+        connection.execute(sa.text(f"ALTER TABLE files ADD COLUMN {column} VARCHAR(64)"))
+    connection.execute(sa.text("UPDATE files SET inode = NULL WHERE image_id IN (SELECT id FROM images WHERE modality LIKE 'DICOM%')"))
+
+
+MIGRATIONS: list[Callable[[sa.Connection], None]] = [_add_file_identity, _add_file_meta]
+
+
+@dataclass(frozen=True)
+class FileMeta:
+    """What the catalog records about a file beyond its content: DICOM identifiers (None where
+    unknown, as for plain image files) and a tag. Nothing else from a DICOM header is kept."""
+
+    patient_id: str | None = None  # PatientID
+    study_uid: str | None = None  # StudyInstanceUID
+    series_uid: str | None = None  # SeriesInstanceUID
+    sop_uid: str | None = None  # SOPInstanceUID
+    modality: str | None = None  # Modality: 'CT', 'MR', 'ES', ...
+    study_date: str | None = None  # StudyDate, as DICOM writes it: YYYYMMDD
+    body_part: str | None = None  # BodyPartExamined
+    tag: str | None = None  # the top folder indexed, or the index run's --tag
+
+    COLUMNS: ClassVar[tuple[str, ...]] = (
+        "patient_id", "study_uid", "series_uid", "sop_uid", "modality", "study_date", "body_part", "tag",
+    )  # fmt: skip
+
+    def values(self) -> dict[str, str | None]:
+        return {column: getattr(self, column) for column in self.COLUMNS}
 
 
 def schema_version() -> int:
@@ -86,6 +120,7 @@ files_table = sa.Table(
     sa.Column("mtime_ns", sa.BigInteger, nullable=False),
     sa.Column("inode", sa.BigInteger),
     sa.Column("ctime_ns", sa.BigInteger),
+    *(sa.Column(column, sa.String(64)) for column in FileMeta.COLUMNS),
     sa.UniqueConstraint("path", "frame", name="files_path_frame"),
     sqlite_autoincrement=True,
 )
@@ -110,6 +145,7 @@ class FileEntry:
     sha256: str
     inode: int | None  # None: recorded before the catalog kept it
     ctime_ns: int | None
+    tag: str | None = None
 
 
 @dataclass(frozen=True)
@@ -125,6 +161,7 @@ class ImageRecord:
     modality: str  # 'PNG', 'JPEG', 'TIFF', 'BMP', 'DICOM:CT', ...
     added_at: datetime
     aliases: tuple[str, ...]  # other paths with the same content
+    meta: FileMeta = field(default_factory=FileMeta)  # of the first path
 
 
 def encode_label_map(label_map: np.ndarray) -> list[tuple[int, bytes]]:
@@ -287,20 +324,32 @@ class Catalog:
         return int(image_id)
 
     def add_file(
-        self, path: str, frame: int, image_id: int, size: int, mtime_ns: int, inode: int | None = None, ctime_ns: int | None = None
-    ) -> None:
+        self, path: str, frame: int, image_id: int, size: int, mtime_ns: int, inode: int | None = None, ctime_ns: int | None = None,
+        meta: FileMeta | None = None,
+    ) -> None:  # fmt: skip
         with self._connect() as c:
             c.execute(
                 files_table.insert().values(path=path, frame=frame, image_id=image_id, size=size, mtime_ns=mtime_ns,
-                                            inode=inode, ctime_ns=ctime_ns)  # fmt: skip
+                                            inode=inode, ctime_ns=ctime_ns, **(meta or FileMeta()).values())  # fmt: skip
             )
 
-    def touch_file(self, path: str, size: int, mtime_ns: int, inode: int | None = None, ctime_ns: int | None = None) -> None:
-        """Record a new size/mtime/inode/ctime for a file whose content did not change."""
+    def touch_file(
+        self, path: str, size: int, mtime_ns: int, inode: int | None = None, ctime_ns: int | None = None, meta: FileMeta | None = None
+    ) -> None:
+        """Record a new size/mtime/inode/ctime (and, when given, what is known about it) for a file
+        whose content did not change."""
+        known = meta.values() if meta is not None else {}
         with self._connect() as c:
             c.execute(
-                files_table.update().where(files_table.c.path == path).values(size=size, mtime_ns=mtime_ns, inode=inode, ctime_ns=ctime_ns)
-            )
+                files_table.update().where(files_table.c.path == path)
+                .values(size=size, mtime_ns=mtime_ns, inode=inode, ctime_ns=ctime_ns, **known)
+            )  # fmt: skip
+
+    def set_tag(self, paths: Iterable[str], tag: str | None) -> None:
+        """Tag these paths (all frames)."""
+        with self._connect() as c:
+            for chunk in _chunks(list(paths)):
+                c.execute(files_table.update().where(files_table.c.path.in_(chunk)).values(tag=tag))
 
     def remove_files(self, paths: Iterable[str]) -> None:
         """Forget these paths (all frames); their images stay until `prune()`."""
@@ -334,7 +383,8 @@ class Catalog:
         """Every indexed path and its entries (one per frame)."""
         query = (
             sa.select(files_table.c.path, files_table.c.frame, files_table.c.image_id, files_table.c.size,
-                      files_table.c.mtime_ns, images_table.c.sha256, files_table.c.inode, files_table.c.ctime_ns)
+                      files_table.c.mtime_ns, images_table.c.sha256, files_table.c.inode, files_table.c.ctime_ns,
+                      files_table.c.tag)
             .join(images_table, images_table.c.id == files_table.c.image_id)
             .order_by(files_table.c.path, files_table.c.frame)
         )  # fmt: skip
@@ -375,19 +425,21 @@ class Catalog:
         with self._connect() as c:
             for chunk in _chunks(wanted):
                 paths: dict[int, list[tuple]] = {}
+                meta_columns = [files[column] for column in FileMeta.COLUMNS]
                 for row in c.execute(
-                    sa.select(files.image_id, files.path, files.size, files.mtime_ns).where(files.image_id.in_(chunk)).order_by(files.id)
-                ):
+                    sa.select(files.image_id, files.path, files.size, files.mtime_ns, *meta_columns)
+                    .where(files.image_id.in_(chunk)).order_by(files.id)
+                ):  # fmt: skip
                     paths.setdefault(int(row[0]), []).append(row[1:])
                 query = sa.select(images.id, images.frame, images.sha256, images.width, images.height, images.modality,
                                   images.added_at).where(images.id.in_(chunk))  # fmt: skip
                 for image_id, frame, sha256, width, height, modality, added_at in c.execute(query):
-                    shown = paths.get(int(image_id)) or [("", 0, 0)]
-                    (path, size, mtime_ns), aliases = shown[0], tuple(p for p, _, _ in shown[1:])
+                    shown = paths.get(int(image_id)) or [("", 0, 0, *[None] * len(FileMeta.COLUMNS))]
+                    (path, size, mtime_ns, *meta), aliases = shown[0], tuple(row[0] for row in shown[1:])
                     if added_at.tzinfo is None:  # SQLite keeps no time zone; it was written as UTC
                         added_at = added_at.replace(tzinfo=timezone.utc)
                     result[int(image_id)] = ImageRecord(
-                        int(image_id), path, frame, sha256, size, mtime_ns, width, height, modality, added_at, aliases
+                        int(image_id), path, frame, sha256, size, mtime_ns, width, height, modality, added_at, aliases, FileMeta(*meta)
                     )
         return result
 

@@ -6,12 +6,17 @@ file gives one entry per frame: its stored values are rescaled (RescaleSlope/Int
 with the file's own WindowCenter/WindowWidth (else its min/max), and MONOCHROME1 is inverted.
 
 A file's identity is (sha256 of its bytes, frame). Anything unreadable raises `InputError`, which
-the caller reports as a skipped file with the message as reason.
+the caller reports as a skipped file with the message as reason. A DICOM instance fetched from a
+server (`DicomInstance`) is read the same way from its bytes in memory, and is never written to disk.
+
+Of a DICOM header only the identifiers of `indexing.catalog.FileMeta` are kept (`dicom_meta`).
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
+import io
 import os
 import warnings
 from collections.abc import Iterable, Iterator
@@ -23,6 +28,7 @@ from PIL import Image, UnidentifiedImageError
 
 from generation.errors import InputError
 from generation.images import IMAGE_SUFFIXES, file_sha256, load_rgb
+from indexing.catalog import FileMeta
 
 DICOM_SUFFIXES = (".dcm", ".dicom")
 
@@ -38,14 +44,56 @@ class FileStat:
     ctime_ns: int
 
 
+class Unavailable(Exception):
+    """An item that cannot be read now (vanished, deleted on the server): skipped, its entries kept."""
+
+
+class SourceFailed(InputError):
+    """Where the items come from failed as a whole (a server down or refusing): the run stops,
+    keeping what it committed."""
+
+
+class DicomInstance:
+    """A DICOM instance held in memory (fetched from a server): its name and its Part 10 bytes."""
+
+    def __init__(self, name: str, data: bytes):
+        self.name, self.data = name, data
+        self.sha256 = hashlib.sha256(data).hexdigest()
+        self._dataset = self._pixels = None  # decoded on first use; not pickled (see __getstate__)
+
+    def __getstate__(self) -> dict:
+        return {"name": self.name, "data": self.data, "sha256": self.sha256, "_dataset": None, "_pixels": None}
+
+    def __str__(self) -> str:
+        return self.name
+
+    def dataset(self):
+        if self._dataset is None:
+            self._dataset = _parse_dicom(self.name, io.BytesIO(self.data))
+        return self._dataset
+
+    def load(self, frame: int = 0) -> np.ndarray:
+        dataset = self.dataset()
+        if self._pixels is None:
+            self._pixels = _decoded_pixels(self.name, dataset)
+        return _dicom_frame(self.name, dataset, self._pixels, frame)
+
+
 @dataclass(frozen=True)
 class FileRecord:
-    path: Path  # absolute
+    path: Path | str  # absolute; a DICOMweb instance's URL
     frame: int  # 0 unless a multi-frame DICOM
     sha256: str  # of the whole file's bytes
     stat: FileStat  # taken before hashing: a change while the file is read shows up next run
     modality: str  # 'PNG', 'JPEG', 'TIFF', 'BMP', 'DICOM:CT', ...
     frames: int = 1  # of the file
+    meta: FileMeta = FileMeta()  # DICOM identifiers and tag
+    instance: DicomInstance | None = None  # the fetched instance, for one not read from a file
+
+    @property
+    def source(self) -> Path | DicomInstance:
+        """What `load` reads this entry's pixels from."""
+        return self.instance if self.instance is not None else Path(self.path)
 
     @property
     def size(self) -> int:
@@ -131,8 +179,35 @@ def file_stat(path: Path) -> FileStat:
     return FileStat(stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_ctime_ns)
 
 
-def probe(path: str | Path) -> list[FileRecord]:
-    """The entries of one file (one per DICOM frame), without decoding pixels."""
+def dicom_meta(dataset, tag: str | None = None) -> FileMeta:
+    """The identifiers the catalog keeps of a DICOM header (and nothing else from it)."""
+
+    def text(keyword: str) -> str | None:
+        value = dataset.get(keyword)
+        return str(value).strip()[:64] or None if value is not None else None
+
+    return FileMeta(
+        patient_id=text("PatientID"), study_uid=text("StudyInstanceUID"), series_uid=text("SeriesInstanceUID"),
+        sop_uid=text("SOPInstanceUID"), modality=text("Modality"), study_date=text("StudyDate"),
+        body_part=text("BodyPartExamined"), tag=tag,
+    )  # fmt: skip
+
+
+def _dicom_records(path: Path | str, sha256: str, stat: FileStat, dataset, tag: str | None, instance: DicomInstance | None = None):
+    frames = int(dataset.get("NumberOfFrames", 1) or 1)
+    modality = f"DICOM:{dataset.Modality}" if dataset.get("Modality") else "DICOM"
+    meta = dicom_meta(dataset, tag)
+    return [FileRecord(path, frame, sha256, stat, modality, frames, meta, instance) for frame in range(frames)]
+
+
+def instance_records(instance: DicomInstance, tag: str | None = None) -> list[FileRecord]:
+    """The entries of a fetched DICOM instance (one per frame), without decoding pixels."""
+    stat = FileStat(len(instance.data), 0, 0, 0)  # an instance never changes under its SOPInstanceUID
+    return _dicom_records(instance.name, instance.sha256, stat, instance.dataset(), tag, instance)
+
+
+def probe(path: str | Path, tag: str | None = None) -> list[FileRecord]:
+    """The entries of one file (one per DICOM frame), without decoding pixels; `tag` is recorded with them."""
     path = Path(path).absolute()
     try:
         stat = file_stat(path)
@@ -140,9 +215,7 @@ def probe(path: str | Path) -> list[FileRecord]:
     except OSError as error:
         raise InputError(f"{path}: cannot read ({error.strerror or error}); check its permissions")
     if is_dicom(path):
-        dataset = _read_dicom(path, stat.size, stat.mtime_ns)
-        frames = int(dataset.get("NumberOfFrames", 1) or 1)
-        modality = f"DICOM:{dataset.Modality}" if dataset.get("Modality") else "DICOM"
+        return _dicom_records(path, sha256, stat, _read_dicom(path, stat.size, stat.mtime_ns), tag)
     else:
         try:
             with warnings.catch_warnings():
@@ -155,23 +228,26 @@ def probe(path: str | Path) -> list[FileRecord]:
             raise InputError(f"{path}: too many pixels to decode safely; downscale the image first")
         except (OSError, SyntaxError, ValueError) as error:
             raise InputError(f"{path}: corrupt or truncated image ({error}); re-export the file")
-    return [FileRecord(path, frame, sha256, stat, modality, frames) for frame in range(frames)]
+    return [FileRecord(path, frame, sha256, stat, modality, frames, FileMeta(tag=tag)) for frame in range(frames)]
 
 
-def load(path: str | Path, frame: int = 0) -> np.ndarray:
-    """One entry's pixels as uint8 RGB (H, W, 3)."""
-    path = Path(path)
+def load(source: str | Path | DicomInstance, frame: int = 0) -> np.ndarray:
+    """One entry's pixels as uint8 RGB (H, W, 3), from a file or a fetched DICOM instance."""
+    if isinstance(source, DicomInstance):
+        return source.load(frame)
+    path = Path(source)
     if not is_dicom(path):
         return load_rgb(path)
     stat = file_stat(path)
     dataset = _read_dicom(path, stat.size, stat.mtime_ns)
-    try:
-        pixels = _dicom_pixels(path, stat.size, stat.mtime_ns)
-    except Exception as error:  # pydicom raises many kinds for undecodable pixel data
-        raise InputError(f"{path}: cannot decode its pixel data ({error}); it may need a pydicom codec plugin")
+    return _dicom_frame(path, dataset, _dicom_pixels(path, stat.size, stat.mtime_ns), frame)
+
+
+def _dicom_frame(name: Path | str, dataset, pixels: np.ndarray, frame: int) -> np.ndarray:
+    """One frame of a DICOM image's decoded pixels as uint8 RGB (H, W, 3)."""
     frames = int(dataset.get("NumberOfFrames", 1) or 1)
     if not 0 <= frame < frames:
-        raise InputError(f"{path}: has {frames} frame(s), no frame {frame}")
+        raise InputError(f"{name}: has {frames} frame(s), no frame {frame}")
     values = pixels[frame] if frames > 1 else pixels
     if values.ndim == 3:  # colour, which pydicom has made RGB (palette LUTs give 16-bit values)
         palette = dataset.get("PhotometricInterpretation") == "PALETTE COLOR"
@@ -211,28 +287,38 @@ def _pydicom():
     return pydicom
 
 
+def _parse_dicom(name: Path | str, source):
+    pydicom = _pydicom()
+    try:
+        dataset = pydicom.dcmread(source, force=True, defer_size="64 KB")
+    except Exception as error:
+        raise InputError(f"{name}: not a readable DICOM file ({error})")
+    if "PixelData" not in dataset or "Rows" not in dataset:
+        raise InputError(f"{name}: a DICOM file without an image (no pixel data)")
+    return dataset
+
+
+def _decoded_pixels(name: Path | str, dataset) -> np.ndarray:
+    try:
+        pixels = dataset.pixel_array
+        if dataset.get("PhotometricInterpretation") == "PALETTE COLOR":
+            from pydicom.pixels import apply_color_lut
+
+            pixels = apply_color_lut(pixels, dataset)
+    except Exception as error:  # pydicom raises many kinds for undecodable pixel data
+        raise InputError(f"{name}: cannot decode its pixel data ({error}); it may need a pydicom codec plugin")
+    return pixels
+
+
 # One file's header and pixels are cached: the frames of a multi-frame file are loaded one by one.
 @functools.lru_cache(maxsize=1)
 def _read_dicom(path: Path, size: int, mtime_ns: int):
-    pydicom = _pydicom()
-    try:
-        dataset = pydicom.dcmread(path, force=True, defer_size="64 KB")
-    except Exception as error:
-        raise InputError(f"{path}: not a readable DICOM file ({error})")
-    if "PixelData" not in dataset or "Rows" not in dataset:
-        raise InputError(f"{path}: a DICOM file without an image (no pixel data)")
-    return dataset
+    return _parse_dicom(path, path)
 
 
 @functools.lru_cache(maxsize=1)
 def _dicom_pixels(path: Path, size: int, mtime_ns: int) -> np.ndarray:
-    dataset = _read_dicom(path, size, mtime_ns)
-    pixels = dataset.pixel_array
-    if dataset.get("PhotometricInterpretation") == "PALETTE COLOR":
-        from pydicom.pixels import apply_color_lut
-
-        pixels = apply_color_lut(pixels, dataset)
-    return pixels
+    return _decoded_pixels(path, _read_dicom(path, size, mtime_ns))
 
 
 def _frame_value(dataset, frame: int, group: str, keyword: str):

@@ -1,4 +1,5 @@
-"""An index run: the images under some folders into a workspace (`index_folders`).
+"""An index run: the images under some folders (`index_folders`), or on a DICOMweb server
+(`index_dicomweb`), into a workspace. Both go through one run over a source (`indexing.sources`).
 
 Crash safety. An index run works in batches: embed the batch's new files, commit them to the
 catalog in one transaction (vectors, masks, file rows, removals of changed files), then update
@@ -10,15 +11,19 @@ Incremental runs: a file whose (path, size, mtime, inode, ctime) are unchanged i
 `verify`, every file is); any other is hashed, and only a changed hash re-indexes it (its old entry
 is replaced). Identical content under a second path is recorded as an alias of the first entry, not
 embedded again. Files known to be gone from a folder being indexed are removed from the catalog;
-those of a sub-folder that cannot be listed are kept, and the folder is reported.
+those of a sub-folder that cannot be listed are kept, and the folder is reported. Each file gets a
+tag (`--tag`, else the top folder's name); an unchanged file whose tag differs is re-tagged.
 
-Under torchrun every rank calls `index_folders`; rank 0 does the run and the others embed their
+A DICOMweb run is incremental by instance: one already in the catalog is not fetched again. A
+server that fails as a whole stops the run with its one-line error, keeping every committed batch,
+so that the next run resumes where it stopped.
+
+Under torchrun every rank calls `index_folders` (or `index_dicomweb`); rank 0 does the run and the others embed their
 shares of each batch (`indexing.embedding`).
 """
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -28,8 +33,10 @@ import numpy as np
 
 from generation.errors import InputError
 from indexing.catalog import FileEntry
+from indexing.dicomweb import DicomWebFilters, DicomWebServer
 from indexing.embedding import Embedded, Embedder, Item, Key, Ranks
-from indexing.files import Discovery, FileRecord, FileStat, discover, file_stat, probe, reason
+from indexing.files import FileRecord, SourceFailed, Unavailable, reason
+from indexing.sources import DicomWebSource, Source, folder_source
 from indexing.vector_index import KINDS, VectorIndex, target_kind
 from indexing.workspace import open_workspace_for_writing, resolve_workspace
 
@@ -45,7 +52,7 @@ class IndexSummary:
     added: int = 0  # embedded and stored (new or changed files)
     unchanged: int = 0
     duplicates: int = 0  # recorded as another path of an entry with the same content
-    skipped: list[tuple[Path, str]] = field(default_factory=list)  # unreadable files and folders, with the reason
+    skipped: list[tuple[Path | str, str]] = field(default_factory=list)  # unreadable files, folders and instances, with the reason
     total: int = 0  # added + unchanged + duplicates + skipped
     removed: int = 0  # entries deleted because their file changed or vanished
 
@@ -60,7 +67,7 @@ class BatchTiming:
     commit_s: float  # the catalog transaction, the FAISS update and any periodic save of the index file
 
 
-Progress = Callable[[int, int, Path], None]
+Progress = Callable[[int, int, Path | str], None]  # (done, total, the path or instance URL last committed)
 
 
 @dataclass
@@ -70,29 +77,10 @@ class _Batch:
     pending: dict[Key, list[FileRecord]] = field(default_factory=dict)  # new content -> its files
     aliases: list[tuple[FileRecord, int]] = field(default_factory=list)  # file -> existing image id
     touched: list[FileRecord] = field(default_factory=list)  # same content, new stat
+    retagged: list[tuple[str, str]] = field(default_factory=list)  # unchanged files whose tag changes: (path, new tag)
     removed_paths: list[str] = field(default_factory=list)  # changed or vanished files
     orphans: list[int] = field(default_factory=list)  # image ids that may be left without a file
-    done: list[Path] = field(default_factory=list)  # files to report once committed
-
-
-def _unchanged(entry: FileEntry, stat: FileStat) -> bool:
-    return (entry.size, entry.mtime_ns, entry.inode, entry.ctime_ns) == (stat.size, stat.mtime_ns, stat.inode, stat.ctime_ns)
-
-
-def _known_gone(path: str, discovery: Discovery) -> bool:
-    """Whether an indexed path that this run did not find is to be pruned: under a folder being
-    indexed, not under one that could not be listed, and gone (or no longer an image candidate)."""
-    if not path.startswith(tuple(f"{folder}{os.sep}" for folder in discovery.folders)):
-        return False
-    if path.startswith(tuple(f"{folder}{os.sep}" for folder in discovery.unlisted)):
-        return False
-    try:
-        os.stat(path)
-    except (FileNotFoundError, NotADirectoryError):
-        return True
-    except OSError:  # there, perhaps, but it cannot be looked at now
-        return False
-    return True
+    done: list[Path | str] = field(default_factory=list)  # items to report once committed
 
 
 class _Writer:
@@ -116,21 +104,21 @@ class _Writer:
         self.workspace.save_index()
         self.unsaved = 0
 
-    def run(self, discovery: Discovery, chunk: int) -> IndexSummary:
-        files = discovery.files
+    def run(self, source: Source, chunk: int) -> IndexSummary:
+        names = source.names
         known = self.catalog.entries()  # each path is planned once per run, so this stays true
-        summary, batch, done = IndexSummary(skipped=list(discovery.skipped)), _Batch(), 0
-        for path in files:
-            self._plan(path, known.get(str(path), []), batch, summary)
+        summary, batch, done = IndexSummary(skipped=list(source.skipped)), _Batch(), 0
+        for name in names:
+            self._plan(source, name, known.get(str(name), []), batch, summary)
             if sum(map(len, batch.pending.values())) >= chunk or len(batch.done) >= chunk:
-                done = self._commit(batch, summary, chunk, done, len(files))
+                done = self._commit(batch, summary, chunk, done, len(names))
                 batch = _Batch()
-        seen = {str(p) for p in files}
+        seen = {str(name) for name in names}
         for path, entries in known.items():
-            if path not in seen and _known_gone(path, discovery):
+            if path not in seen and source.is_gone(path):
                 batch.removed_paths.append(path)
                 batch.orphans += [e.image_id for e in entries]
-        self._commit(batch, summary, chunk, done, len(files))
+        self._commit(batch, summary, chunk, done, len(names))
         index = self.workspace.index
         wanted = target_kind(self.index_kind, index.kind, index.ntotal - len(self.doomed))
         if wanted != index.kind:
@@ -142,28 +130,31 @@ class _Writer:
         summary.total = summary.added + summary.unchanged + summary.duplicates + len(summary.skipped)
         return summary
 
-    def _plan(self, path: Path, entries: list[FileEntry], batch: _Batch, summary: IndexSummary) -> None:
-        """Sort one file into unchanged / touched / alias / new content, reading it only when needed."""
-        batch.done.append(path)
+    def _plan(self, source: Source, name: Path | str, entries: list[FileEntry], batch: _Batch, summary: IndexSummary) -> None:
+        """Sort one item into unchanged / touched / alias / new content, reading it only when needed."""
+        batch.done.append(name)
         try:
-            stat = file_stat(path)
-        except OSError as error:  # vanished since discovery
-            summary.skipped.append((path, f"cannot read ({error.strerror or error})"))
+            records = source.read(name, entries, self.verify)
+        except Unavailable as error:
+            summary.skipped.append((name, str(error)))
             return
-        if entries and not self.verify and all(_unchanged(e, stat) for e in entries):
-            summary.unchanged += len(entries)
-            return
-        try:
-            records = probe(path)
+        except SourceFailed:
+            raise
         except InputError as error:
             records = []
-            summary.skipped.append((path, reason(path, error)))
+            summary.skipped.append((name, reason(name, error)))
+        if records is None:
+            summary.unchanged += len(entries)
+            tag = source.tag(name)
+            if tag is not None and any(e.tag != tag for e in entries):
+                batch.retagged.append((str(name), tag))
+            return
         if entries and records and len(records) == len(entries) and {e.sha256 for e in entries} == {records[0].sha256}:
             batch.touched.append(records[0])
             summary.unchanged += len(entries)
             return
         if entries:  # changed (or now unreadable): its old entries go, its new content comes in
-            batch.removed_paths.append(str(path))
+            batch.removed_paths.append(str(name))
             batch.orphans += [e.image_id for e in entries]
         for record in records:
             if record.key in batch.pending:
@@ -176,7 +167,7 @@ class _Writer:
     def _commit(self, batch: _Batch, summary: IndexSummary, chunk: int, done: int, total: int) -> int:
         """Embed the batch's new content, commit everything in one transaction, update the index, report."""
         started = time.perf_counter()
-        items: list[Item] = [(key, records[0].path, records[0].frame) for key, records in batch.pending.items()]
+        items: list[Item] = [(key, records[0].source, records[0].frame) for key, records in batch.pending.items()]
         results: dict[Key, Embedded] = {}
         for start in range(0, len(items), chunk):
             results.update(self.ranks.embed(items[start : start + chunk]))
@@ -222,12 +213,17 @@ class _Writer:
             summary.duplicates += 1
         for record in batch.touched:
             stat = record.stat
-            self.catalog.touch_file(str(record.path), stat.size, stat.mtime_ns, stat.inode, stat.ctime_ns)
+            self.catalog.touch_file(str(record.path), stat.size, stat.mtime_ns, stat.inode, stat.ctime_ns, record.meta)
+        by_tag: dict[str, list[str]] = {}
+        for path, tag in batch.retagged:
+            by_tag.setdefault(tag, []).append(path)
+        for tag, paths in by_tag.items():
+            self.catalog.set_tag(paths, tag)
         return new_ids, new_vectors
 
     def _add_file(self, record: FileRecord, image_id: int) -> None:
         stat = record.stat
-        self.catalog.add_file(str(record.path), record.frame, image_id, stat.size, stat.mtime_ns, stat.inode, stat.ctime_ns)
+        self.catalog.add_file(str(record.path), record.frame, image_id, stat.size, stat.mtime_ns, stat.inode, stat.ctime_ns, record.meta)
 
     def _update_index(self, new_ids: list[int], new_vectors: list[np.ndarray], deleted: list[int]) -> None:
         index = self.workspace.index
@@ -242,6 +238,39 @@ class _Writer:
             self.save()
 
 
+def _index(
+    make_source: Callable[[], Source],
+    workspace: str | Path | None,
+    embedder: Embedder,
+    db_url: str | None,
+    batch_size: int,
+    index_kind: str,
+    verify: bool,
+    on_start: Callable[[int], None] | None,
+    on_progress: Progress | None,
+    on_batch: Callable[[BatchTiming], None] | None,
+) -> IndexSummary:
+    """One index run over the source `make_source()` gives (made on rank 0, before the workspace is touched)."""
+    ranks = Ranks(embedder)
+    if not ranks.is_main:
+        return ranks.follow()
+    with ranks.lead():
+        if isinstance(batch_size, bool) or int(batch_size) < 1:
+            raise InputError(f"batch size must be a positive integer, got {batch_size!r}")
+        if index_kind not in KINDS:
+            raise InputError(f"unknown index kind {index_kind!r}; use one of {', '.join(KINDS)}")
+        source = make_source()  # before the workspace is touched: a wrong path or server leaves it as it was
+        writer = _Writer(resolve_workspace(workspace), embedder, ranks, db_url, index_kind, verify, on_progress, on_batch)
+        try:
+            if on_start is not None:
+                on_start(len(source.names))
+            summary = writer.run(source, int(batch_size) * ranks.world_size)
+        finally:
+            writer.close()
+    ranks.finish(summary)
+    return summary
+
+
 def index_folders(
     paths: str | Path | Iterable[str | Path],
     workspace: str | Path | None,
@@ -253,36 +282,49 @@ def index_folders(
     on_start: Callable[[int], None] | None = None,
     on_progress: Progress | None = None,
     on_batch: Callable[[BatchTiming], None] | None = None,
+    tag: str | None = None,
 ) -> IndexSummary:
     """Index the images under `paths` (files or folders) into `workspace`; see the module docstring.
 
     `batch_size` images go to one `embed_images` call (per rank under torchrun). `verify` re-hashes
-    every file, also those whose stat is unchanged. Once the paths are found and the workspace is
+    every file, also those whose stat is unchanged. `tag` is recorded with every file (default: the
+    name of the top folder it was found under). Once the paths are found and the workspace is
     open (its bundle checked), `on_start(total_files)` is called; each batch is committed before
     `on_progress(done_files, total_files, path)` reports its files, and `on_batch(BatchTiming)` says
     where its time went. Every rank returns the summary.
     """
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
-    ranks = Ranks(embedder)
-    if not ranks.is_main:
-        return ranks.follow()
-    with ranks.lead():
-        if isinstance(batch_size, bool) or int(batch_size) < 1:
-            raise InputError(f"batch size must be a positive integer, got {batch_size!r}")
-        if index_kind not in KINDS:
-            raise InputError(f"unknown index kind {index_kind!r}; use one of {', '.join(KINDS)}")
-        if not paths:
-            raise InputError("no paths to index; name image files or folders")
-        discovery = discover(paths)  # before the workspace is touched: a wrong path leaves it as it was
-        writer = _Writer(resolve_workspace(workspace), embedder, ranks, db_url, index_kind, verify, on_progress, on_batch)
-        try:
-            if on_start is not None:
-                on_start(len(discovery.files))
-            summary = writer.run(discovery, int(batch_size) * ranks.world_size)
-        finally:
-            writer.close()
-    ranks.finish(summary)
-    return summary
+    return _index(lambda: folder_source(paths, tag), workspace, embedder, db_url, batch_size, index_kind, verify,
+                  on_start, on_progress, on_batch)  # fmt: skip
 
 
-__all__ = ["BatchTiming", "IndexSummary", "index_folders"]
+def index_dicomweb(
+    url: str,
+    workspace: str | Path | None,
+    embedder: Embedder,
+    *,
+    auth: str | None = None,
+    filters: DicomWebFilters | None = None,
+    timeout: float = 30.0,
+    tag: str | None = None,
+    db_url: str | None = None,
+    batch_size: int = 32,
+    index_kind: str = "auto",
+    on_start: Callable[[int], None] | None = None,
+    on_progress: Progress | None = None,
+    on_batch: Callable[[BatchTiming], None] | None = None,
+) -> IndexSummary:
+    """Index the instances a DICOMweb server lists (`dicomweb+http://HOST:PORT/PATH`) into `workspace`.
+
+    `auth` is `bearer:VARIABLE` or `basic:VARIABLE` (the environment variable holding the secret),
+    `filters` narrow the listing (modality, study date range, study UID), and every request must
+    be answered within `timeout` seconds. Instances already in the catalog are not fetched again;
+    the rest are fetched, embedded and committed `batch_size` at a time, reported as `index_folders`
+    reports files (by instance URL). A server failing as a whole raises `SourceFailed` (an
+    `InputError`) with what was committed kept: the next run goes on from there.
+    """
+    return _index(lambda: DicomWebSource(DicomWebServer(url, auth, timeout), filters, tag), workspace, embedder, db_url,
+                  batch_size, index_kind, False, on_start, on_progress, on_batch)  # fmt: skip
+
+
+__all__ = ["BatchTiming", "IndexSummary", "index_dicomweb", "index_folders"]

@@ -9,7 +9,7 @@ from conftest import fresh_postgres_database
 
 import indexing.catalog as catalog_module
 from generation.errors import InputError
-from indexing.catalog import Catalog, decode_label_map, encode_label_map
+from indexing.catalog import Catalog, FileMeta, decode_label_map, encode_label_map
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -211,7 +211,7 @@ def test_a_version_1_catalog_gains_inode_and_ctime(db_url):
     with Catalog(db_url) as catalog:
         image_id = add(catalog, "a", 1)
         with catalog.engine.begin() as connection:  # the schema before inodes and ctimes were kept
-            for column in ("inode", "ctime_ns"):
+            for column in ("inode", "ctime_ns", *FileMeta.COLUMNS):
                 connection.execute(sa.text(f"ALTER TABLE files DROP COLUMN {column}"))
             connection.execute(sa.text("UPDATE meta SET value = '1' WHERE key = 'schema_version'"))
     with Catalog(db_url) as catalog:
@@ -220,3 +220,28 @@ def test_a_version_1_catalog_gains_inode_and_ctime(db_url):
         assert (entry.image_id, entry.size, entry.inode, entry.ctime_ns) == (image_id, 1001, None, None)
         catalog.touch_file("/archive/a.png", 1001, 10**9, inode=42, ctime_ns=7)
         assert catalog.entries()["/archive/a.png"][0].inode == 42
+
+
+def test_a_version_2_catalog_gains_the_dicom_identifiers_and_the_tag(db_url):
+    with Catalog(db_url) as catalog:
+        png_id = add(catalog, "a", 1)
+        dicom_id = catalog.add_image(sha256="d" * 64, frame=0, width=4, height=4, modality="DICOM:CT",
+                                     vector=np.ones(8, np.float32), label_map=np.zeros((2, 2), np.uint8))  # fmt: skip
+        catalog.add_file("/archive/ct.dcm", 0, dicom_id, 99, 10**9, inode=5, ctime_ns=6)
+        catalog.touch_file("/archive/a.png", 1001, 10**9, inode=42, ctime_ns=7)
+        with catalog.engine.begin() as connection:  # the schema before the identifiers were kept
+            for column in FileMeta.COLUMNS:
+                connection.execute(sa.text(f"ALTER TABLE files DROP COLUMN {column}"))
+            connection.execute(sa.text("UPDATE meta SET value = '2' WHERE key = 'schema_version'"))
+    with Catalog(db_url) as catalog:
+        assert catalog.get_meta("schema_version") == "3" == str(catalog_module.schema_version())
+        entries = catalog.entries()
+        # the DICOM file is re-read by the next run (its inode forgotten), the PNG is not
+        assert (entries["/archive/ct.dcm"][0].inode, entries["/archive/a.png"][0].inode) == (None, 42)
+        assert catalog.records([png_id])[png_id].meta == FileMeta()
+        meta = FileMeta(patient_id="P1", study_uid="1.2", series_uid="1.2.3", sop_uid="1.2.3.4", modality="CT",
+                        study_date="20240131", body_part="LARYNX", tag="clinic-a")  # fmt: skip
+        catalog.touch_file("/archive/ct.dcm", 99, 10**9, inode=5, ctime_ns=6, meta=meta)
+        assert catalog.records([dicom_id])[dicom_id].meta == meta
+        catalog.set_tag(["/archive/a.png"], "clinic-b")
+        assert catalog.entries()["/archive/a.png"][0].tag == "clinic-b"

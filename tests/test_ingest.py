@@ -771,10 +771,11 @@ def test_cli_index_without_a_terminal_prints_progress_lines(tiny_chain, tmp_path
     from typer.testing import CliRunner
 
     import cli
+    from training import console
 
     _, bundle, _ = tiny_chain
     write_images(tmp_path / "archive", 3)
-    monkeypatch.setattr(cli, "PROGRESS_LINE_EVERY_S", 0.0)  # a line at each report
+    monkeypatch.setattr(console, "PROGRESS_LINE_EVERY_S", 0.0)  # a line at each report
     result = CliRunner().invoke(cli.app, ["index", str(tmp_path / "archive"), "--workspace", str(tmp_path / "ws"),
                                           "--bundle", str(bundle), "--device", "cpu", "--batch-size", "2"])  # fmt: skip
     assert result.exit_code == 0, result.output
@@ -782,3 +783,48 @@ def test_cli_index_without_a_terminal_prints_progress_lines(tiny_chain, tmp_path
         "index image_000.png: 1/3", "index image_001.png: 2/3", "index image_002.png: 3/3",
         "added 3, unchanged 0, duplicates 0, skipped 0, removed 0",
     ]  # fmt: skip
+
+
+def test_files_are_tagged_with_their_top_folder_or_the_given_tag(tmp_path):
+    write_images(tmp_path / "clinic-a" / "2024", 2)
+    write_images(tmp_path / "clinic-b", 1, start=5)
+    single = write_images(tmp_path / "loose", 1, start=9)[0]
+    workspace = tmp_path / "ws"
+
+    def tags() -> dict[str, str | None]:
+        with Catalog(catalog_url(workspace), create=False) as catalog:
+            return {Path(path).relative_to(tmp_path).as_posix(): entries[0].tag for path, entries in catalog.entries().items()}
+
+    index_folders([tmp_path / "clinic-a", tmp_path / "clinic-b", single], workspace, FakeEmbedder())
+    assert tags() == {"clinic-a/2024/image_000.png": "clinic-a", "clinic-a/2024/image_001.png": "clinic-a",
+                      "clinic-b/image_005.png": "clinic-b", "loose/image_009.png": "loose"}  # fmt: skip
+    embedder = FakeEmbedder()
+    summary = index_folders(tmp_path / "clinic-b", workspace, embedder, tag="archive-2")  # unchanged, not read, re-tagged
+    assert (summary.unchanged, embedder.embedded) == (1, 0)
+    assert tags()["clinic-b/image_005.png"] == "archive-2" and tags()["loose/image_009.png"] == "loose"
+
+
+def test_dicom_files_record_their_identifiers_also_in_a_migrated_catalog(tmp_path):
+    from indexing.catalog import FileMeta
+
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    path = write_dicom(archive / "ct.dcm", np.arange(64, dtype=np.int16).reshape(8, 8), PatientID="P7", PatientName="Doe^John",
+                       StudyInstanceUID="1.2.3", SeriesInstanceUID="1.2.3.4", StudyDate="20240229", BodyPartExamined="LARYNX")  # fmt: skip
+    sop_uid = str(files._read_dicom(path, path.stat().st_size, path.stat().st_mtime_ns).SOPInstanceUID)
+    expected = FileMeta("P7", "1.2.3", "1.2.3.4", sop_uid, "CT", "20240229", "LARYNX", "archive")
+    workspace = tmp_path / "ws"
+    index_folders(archive, workspace, FakeEmbedder())
+    with open_workspace_for_search(workspace) as ws:
+        [record] = ws.records_for(ws.index.ids()).values()
+        assert record.meta == expected
+    with Catalog(catalog_url(workspace), create=False) as catalog, catalog.engine.begin() as connection:
+        for column in FileMeta.COLUMNS:  # back to schema 2, which did not keep them
+            connection.execute(sa.text(f"ALTER TABLE files DROP COLUMN {column}"))
+        connection.execute(sa.text("UPDATE meta SET value = '2' WHERE key = 'schema_version'"))
+    embedder = FakeEmbedder()
+    summary = index_folders(archive, workspace, embedder)  # the upgrade makes this run re-read the file, not re-embed it
+    assert (summary.unchanged, summary.added, embedder.embedded) == (1, 0, 0)
+    with open_workspace_for_search(workspace) as ws:
+        [record] = ws.records_for(ws.index.ids()).values()
+        assert record.meta == expected

@@ -1,5 +1,6 @@
-"""What the command lines (cli.py and the train sub-app) share: the progress bar, literal printing, and the checks of numeric
-options and output paths. File names are printed as written: `[bold]x.png` is a name, not rich markup."""
+"""What the command lines (cli.py and the train sub-app) print and check: progress, result tables,
+literal printing, numeric options and output paths. File names are printed as written: `[bold]x.png`
+is a name, not rich markup."""
 
 from __future__ import annotations
 
@@ -69,3 +70,112 @@ def check_folder_out(path: Path) -> None:
     if path.exists() and not path.is_dir():
         raise InputError(f"--out {path}: is a file; give a folder (it is created if missing)")
     _check_parents(path)
+
+
+SEARCH_STAGES = {"normalize": "sketch normalisation", "E": "E (encoder)", "G": "G (generator)", "H": "H (refinement)",
+                 "C": "C (embedding)", "faiss": "the FAISS search", "S": "S (masks)", "rerank": "re-ranking"}
+
+
+def print_results(hits, labels: list[str], note: str | None = None) -> None:
+    """The results as a table, one label (path or name) per hit, printed literally and never wrapped."""
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table("rank", "score", "similarity", "DICE")
+    table.add_column("path", no_wrap=True)
+    for hit, label in zip(hits, labels):
+        table.add_row(str(hit.rank), f"{hit.score:.4f}", f"{hit.similarity:.4f}", "-" if hit.dice is None else f"{hit.dice:.1f}", Text(label))
+    if note:
+        typer.echo(note)
+    _print_wide(table)
+
+
+def _print_wide(table) -> None:
+    """A wider table rather than cut or wrapped paths, so that they can be copied."""
+    from rich.console import Console
+    from rich.measure import Measurement
+
+    console = Console()
+    width = Measurement.get(console, console.options.update(max_width=100_000), table).maximum
+    if width > console.width:
+        console = Console(width=width)
+    console.print(table)
+
+
+def print_groups(groups) -> None:
+    """Grouped results (`retrieval.grouping.Group`) as a table: one row per patient, study or series
+    with its best frames; every identifier and path printed literally."""
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table("rank", "score", "group", "patient", "date", "modality", "frames")
+    table.add_column("best frames (x near-duplicates)", no_wrap=True)
+    for g in groups:
+        best = "\n".join(h.hit.path + (f" [frame {h.hit.frame}]" if h.hit.frame else "") + (f" x{h.count}" if h.count > 1 else "")
+                         for h in g.hits)  # fmt: skip
+        table.add_row(str(g.rank), f"{g.score:.4f}", Text(f"{g.by} {g.key}"), Text(g.meta.patient_id or "-"), Text(g.meta.study_date or "-"),
+                      Text(g.meta.modality or "-"), str(g.frames), Text(best))  # fmt: skip
+    _print_wide(table)
+
+
+def shortened_paths(paths: list[str]) -> tuple[str | None, list[str]]:
+    """(the folder every path lies under, the paths relative to it), or (None, the paths) when they share none."""
+    import os
+
+    try:
+        common = os.path.commonpath([os.path.dirname(path) for path in paths]) if len(paths) > 1 else ""
+    except ValueError:  # absolute and relative paths mixed
+        common = ""
+    if common in ("", os.sep):
+        return None, paths
+    return common, [path[len(common):].lstrip(os.sep) for path in paths]
+
+
+def timing_line(timings_ms: dict[str, float]) -> str:
+    """'searched in 7.7 s, most of it in G (generator): 5.2 s'; H's refinement steps count as one stage.
+    (On a cold start the first call of each network dominates: torch's one-time set-up.)"""
+    stages: dict[str, float] = {}
+    for stage, ms in timings_ms.items():
+        if stage != "total":
+            name = "H" if stage[:1] == "H" and stage[1:].isdigit() else stage
+            stages[name] = stages.get(name, 0.0) + ms
+    slowest = max(stages, key=stages.get)
+    return f"searched in {duration(timings_ms['total'])}, most of it in {SEARCH_STAGES.get(slowest, slowest)}: {duration(stages[slowest])}"
+
+
+def duration(ms: float) -> str:
+    return f"{ms / 1000:.1f} s" if ms >= 1000 else f"{ms:.0f} ms"
+
+
+def report_skipped(skipped: list[tuple[Path, str]]) -> None:
+    """One line per input that failed; exit 1 once all the others were done."""
+    for path, why in skipped:
+        typer.echo(f"  skipped {path}: {why}")
+    if skipped:
+        raise typer.Exit(1)
+
+
+PROGRESS_LINE_EVERY_S = 5.0
+
+
+class ProgressLines:
+    """A progress bar's calls as a line every PROGRESS_LINE_EVERY_S seconds, for output that is not a
+    terminal (a log), where rich would draw the bar only at the end."""
+
+    def start(self) -> None:
+        import time
+
+        self.last = time.monotonic()
+
+    def add_task(self, description: str, total: int | None = None) -> int:
+        return 0
+
+    def update(self, task: int, completed: int, total: int | None, description: str) -> None:
+        import time
+
+        if time.monotonic() - self.last >= PROGRESS_LINE_EVERY_S:
+            typer.echo(f"{description}: {completed}/{total}")
+            self.last = time.monotonic()
+
+    def stop(self) -> None:
+        pass

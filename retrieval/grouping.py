@@ -1,0 +1,107 @@
+"""Search results by patient, study or series: the top k groups, each with its best frames.
+
+A group is the hits that share a PatientID, StudyInstanceUID or SeriesInstanceUID (a hit without
+that identifier, such as a plain image file, is a group of its own), ranked by its best hit. Within
+a group, a frame that is a near-duplicate of a better one of the same sequence (its series, or its
+file: a video or a multi-frame DICOM), with vectors whose inner product is at least
+`DUPLICATE_SIMILARITY`, collapses into that hit, which counts it.
+
+Groups are formed from the ranked candidates (`--candidates`), so k groups come back when the
+candidates hold that many.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from generation.errors import InputError
+from indexing.catalog import FileMeta, ImageRecord
+from indexing.workspace import Workspace
+from retrieval.search import Hit, Retriever, SearchResult
+
+GROUPINGS = ("patient", "study", "series", "none")
+DUPLICATE_SIMILARITY = 0.95  # near-copies only: a set value, not tuned on validation
+BEST_FRAMES = 3  # shown per group
+_FIELDS = {"patient": "patient_id", "study": "study_uid", "series": "series_uid"}
+
+
+@dataclass(frozen=True)
+class GroupedHit:
+    hit: Hit
+    count: int  # the frames it stands for: itself and the near-duplicates collapsed into it
+
+
+@dataclass(frozen=True)
+class Group:
+    rank: int
+    by: str  # 'patient', 'study' or 'series'; 'image' for a hit without that identifier
+    key: str  # the identifier (for 'image', the image id)
+    score: float  # of its best hit
+    frames: int  # candidates in the group
+    hits: tuple[GroupedHit, ...]  # its best frames, best first (at most BEST_FRAMES)
+    meta: FileMeta  # of its best hit: patient, study, series, modality, date, body part, tag
+
+    def to_json(self) -> dict:
+        return {"rank": self.rank, "by": self.by, "key": self.key, "score": self.score, "frames": self.frames,
+                **{k: v for k, v in asdict(self.meta).items() if k != "sop_uid"},
+                "hits": [{"id": h.hit.id, "rank": h.hit.rank, "count": h.count} for h in self.hits]}  # fmt: skip
+
+
+def default_grouping(records: dict[int, ImageRecord]) -> str:
+    """'study' where the hits' studies are known, else 'none'."""
+    return "study" if any(record.meta.study_uid for record in records.values()) else "none"
+
+
+def group_hits(workspace: Workspace, hits: list[Hit], by: str, k: int) -> list[Group]:
+    """The top `k` groups of `hits` (ranked, best first) by patient, study or series."""
+    if by not in _FIELDS:
+        raise InputError(f"group by {by!r}: use one of {', '.join(GROUPINGS)}")
+    records = workspace.records_for([hit.id for hit in hits])
+    ids, vectors = workspace.catalog.vectors([hit.id for hit in hits])
+    vector_of = dict(zip(ids.tolist(), vectors))
+    members: dict[tuple[str, str], list[Hit]] = {}
+    for hit in hits:
+        if hit.id not in records:
+            continue
+        identifier = getattr(records[hit.id].meta, _FIELDS[by])
+        members.setdefault((by, identifier) if identifier else ("image", str(hit.id)), []).append(hit)
+    groups = []
+    for rank, ((kind, key), group) in enumerate(list(members.items())[:k], start=1):
+        collapsed = _collapse(group, records, vector_of)
+        groups.append(Group(rank, kind, key, group[0].score, len(group), tuple(collapsed[:BEST_FRAMES]), records[group[0].id].meta))
+    return groups
+
+
+def _collapse(hits: list[Hit], records: dict[int, ImageRecord], vector_of: dict[int, np.ndarray]) -> list[GroupedHit]:
+    """The group's hits with each near-duplicate of a better hit of the same sequence folded into it."""
+    kept: list[list] = []  # [hit, count, sequence]
+    for hit in hits:
+        record = records[hit.id]
+        sequence = record.meta.series_uid or record.path
+        for entry in kept:
+            if entry[2] == sequence and float(vector_of[hit.id] @ vector_of[entry[0].id]) >= DUPLICATE_SIMILARITY:
+                entry[1] += 1
+                break
+        else:
+            kept.append([hit, 1, sequence])
+    return [GroupedHit(hit, count) for hit, count, _ in kept]
+
+
+def grouped_search(retriever: Retriever, sketch: str | Path | Image.Image | np.ndarray, k: int = 10, group: str | None = None,
+                   candidates: int = 100, **options) -> tuple[SearchResult, list[Group] | None]:  # fmt: skip
+    """`retriever.search`, and its top k groups (`group`: patient, study or series; None: study
+    where studies are known; 'none', or None without studies: no groups). The flat results are
+    those of the same search without grouping."""
+    if group is not None and group not in GROUPINGS:
+        raise InputError(f"--group {group!r}: use one of {', '.join(GROUPINGS)}")
+    if group == "none":
+        return retriever.search(sketch, k=k, candidates=candidates, **options), None
+    result = retriever.search(sketch, k=max(k, candidates), candidates=candidates, **options)  # every candidate, ranked
+    by = group or default_grouping(retriever.workspace.records_for([hit.id for hit in result.results]))
+    groups = group_hits(retriever.workspace, result.results, by, k) if by != "none" else None
+    result.results = result.results[:k]
+    return result, groups
