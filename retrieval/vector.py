@@ -34,7 +34,7 @@ from generation.errors import InputError
 from generation.images import square_resize
 from generation.normalize import normalize_sketch
 from generation.sketch import INK, sketch_to_tensor
-from indexing.ingest import EmbeddedBatch
+from indexing.embedding import EmbeddedBatch
 from retrieval.defaults import DEFAULT_WEIGHTS
 from retrieval.models import SystemModels
 
