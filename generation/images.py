@@ -101,12 +101,65 @@ def to_float_channels(image: Image.Image) -> tuple[np.ndarray, np.ndarray | None
     return values, alpha
 
 
-def load_rgb(path: str | Path) -> np.ndarray:
-    """An image file as uint8 RGB, shape (H, W, 3). 16-bit and grayscale inputs are converted."""
-    values, _ = to_float_channels(open_image(path))
+def rgb_pixels(image: Image.Image) -> np.ndarray:
+    """A decoded image as uint8 RGB, shape (H, W, 3). 16-bit and grayscale inputs are converted."""
+    values, _ = to_float_channels(image)
     if values.shape[2] == 1:
         values = np.repeat(values, 3, axis=2)
     return np.clip(np.rint(values * 255.0), 0, 255).astype(np.uint8)
+
+
+def load_rgb(path: str | Path) -> np.ndarray:
+    """An image file as uint8 RGB, shape (H, W, 3). 16-bit and grayscale inputs are converted."""
+    return rgb_pixels(open_image(path))
+
+
+def box_reduce(image: Image.Image, factor: int, mode: str) -> Image.Image:
+    """`image` in `mode` (one PIL can reduce), box-reduced by an integer `factor` (the last block of
+    a row or column may be partial). Converted and reduced in strips of whole factor x factor blocks,
+    the same pixels as one reduce of the whole image, without another full-size copy."""
+    width, height = image.size
+    reduced = Image.new(mode, (-(-width // factor), -(-height // factor)))
+    rows = factor * max(1, 256 // factor)
+    for top in range(0, height, rows):
+        strip = image.crop((0, top, width, min(top + rows, height)))
+        reduced.paste((strip if strip.mode == mode else strip.convert(mode)).reduce(factor), (0, top // factor))
+    return reduced
+
+
+def _reduction_mode(mode: str) -> str:
+    """The mode to box-reduce an image of `mode` in so that `rgb_pixels` reads the same colours:
+    alpha is dropped there anyway, and PIL reduces 16-bit grey only as 32-bit."""
+    if mode in ("L", "RGB", "I", "F"):
+        return mode
+    if mode.startswith("I;16"):
+        return "I"
+    return "L" if mode in ("1", "LA", "PA") else "RGB"
+
+
+def load_rgb_reduced(path: str | Path, side: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """`load_rgb` of an image file, reduced while it is decoded when its shorter side is at least
+    2 * `side`: JPEG decodes at a reduced scale (`draft`), then the pixels are box-reduced by the
+    largest integer factor that keeps the shorter side at `side` or more. Smaller images come back
+    exactly as `load_rgb` gives them. Also returns the file's own (height, width)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as header:
+                width, height = header.size
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning):
+        width = height = 0  # unreadable: `load_rgb` below says why
+    if min(width, height) < 2 * side:
+        pixels = load_rgb(path)
+        return pixels, pixels.shape[:2]
+    image = decode_image(Path(path), str(path), draft_side=side)
+    factor = min(image.size) // side
+    if factor > 1:
+        mode = image.mode
+        image = box_reduce(image, factor, _reduction_mode(mode))
+        if mode.startswith("I;16"):
+            image = image.convert("I;16")  # back to 16 bits, which `rgb_pixels` scales by 65535
+    return rgb_pixels(image), (height, width)
 
 
 def load_mask(path: str | Path) -> np.ndarray:

@@ -24,7 +24,7 @@ from PIL import Image
 from skimage import morphology
 
 from generation.errors import InputError
-from generation.images import open_image, to_float_channels
+from generation.images import box_reduce, open_image, to_float_channels
 from generation.sketch import INK, PAPER, line_width
 
 # Decoding work beyond this many pixels per side buys nothing at sketch resolution.
@@ -44,15 +44,7 @@ def reduce_to_work_side(image: Image.Image) -> Image.Image:
         return image
     factor = -(-max(image.size) // WORK_SIDE)
     mode = "RGBA" if "A" in image.getbands() or "transparency" in image.info else "RGB"
-    # In strips of whole factor x factor blocks (the same pixels as one reduce of the whole image):
-    # converting and reducing all at once would copy the full-size image once more.
-    width, height = image.size
-    reduced = Image.new(mode, (-(-width // factor), -(-height // factor)))
-    rows = factor * max(1, 256 // factor)
-    for top in range(0, height, rows):
-        strip = image.crop((0, top, width, min(top + rows, height)))
-        reduced.paste((strip if strip.mode == mode else strip.convert(mode)).reduce(factor), (0, top // factor))
-    return reduced
+    return box_reduce(image, factor, mode)
 
 
 def sketch_ink(image: Image.Image) -> np.ndarray:

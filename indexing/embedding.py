@@ -19,7 +19,7 @@ import torch.distributed
 
 from generation.device import init_distributed
 from generation.errors import InputError
-from indexing.files import load, reason
+from indexing.files import load_reduced, reason
 
 Key = tuple[str, int]  # (sha256, frame)
 Item = tuple[Key, Path, int]  # an entry to load and embed: (key, path, frame)
@@ -38,17 +38,22 @@ class Embedder(Protocol):
     # Optional: `bundle_path`, the bundle folder, recorded in workspace.json for `search`.
 
     def embed_images(self, images: list[np.ndarray]) -> EmbeddedBatch:
-        """uint8 (H, W, 3) images of any size -> their vectors and S's label maps."""
+        """uint8 (H, W, 3) images of any size (large ones come reduced, `indexing.files.load_reduced`)
+        -> their vectors and S's label maps."""
         ...
 
 
 def embed_files(embedder: Embedder, items: list[Item]) -> dict[Key, Embedded]:
-    """Load and embed some entries; an unreadable one gives the reason instead."""
+    """Load and embed some entries, one decode at a time, each image reduced as it is decoded
+    (`indexing.files.load_reduced`); an unreadable one gives the reason instead. The recorded
+    (height, width) is the entry's own."""
     results: dict[Key, Embedded] = {}
-    keys, images = [], []
+    keys, images, sizes = [], [], []
     for key, path, frame in items:
         try:
-            images.append(load(path, frame))
+            image, size = load_reduced(path, frame)
+            images.append(image)
+            sizes.append(size)
             keys.append(key)
         except InputError as error:
             results[key] = reason(path, error)
@@ -63,8 +68,8 @@ def embed_files(embedder: Embedder, items: list[Item]) -> dict[Key, Embedded]:
             f"the embedder returned vectors {vectors.shape} and {len(batch.label_maps)} label maps "
             f"for {len(images)} images of dimension {embedder.dim}"
         )
-    for key, image, vector, label_map in zip(keys, images, vectors, batch.label_maps):
-        results[key] = (vector, np.asarray(label_map, np.uint8), image.shape[:2])
+    for key, size, vector, label_map in zip(keys, sizes, vectors, batch.label_maps):
+        results[key] = (vector, np.asarray(label_map, np.uint8), size)
     return results
 
 

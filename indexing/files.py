@@ -27,10 +27,14 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from generation.errors import InputError
-from generation.images import IMAGE_SUFFIXES, file_sha256, load_rgb
+from generation.images import IMAGE_SUFFIXES, box_reduce, file_sha256, load_rgb, load_rgb_reduced
 from indexing.catalog import FileMeta
 
 DICOM_SUFFIXES = (".dcm", ".dicom")
+# `load_reduced` keeps at least this many pixels on an image's shorter side: far more than the
+# networks take (64-256 px in the shipped bundles; StyleGAN2 goes to 1024), and an image whose
+# shorter side is under twice this loads unreduced, so its vectors are those of the full pixels.
+INDEX_SIDE = 1024
 
 
 @dataclass(frozen=True)
@@ -257,6 +261,20 @@ def _dicom_frame(name: Path | str, dataset, pixels: np.ndarray, frame: int) -> n
     if dataset.get("PhotometricInterpretation", "MONOCHROME2") == "MONOCHROME1":
         grey = 255 - grey  # MONOCHROME1: low values are white
     return np.repeat(grey[..., None], 3, axis=2)
+
+
+def load_reduced(source: str | Path | DicomInstance, frame: int = 0, side: int = INDEX_SIDE) -> tuple[np.ndarray, tuple[int, int]]:
+    """`load`, reduced as soon as it is decoded when the shorter side is at least 2 * `side` (see
+    `generation.images.load_rgb_reduced`; a DICOM frame is box-reduced after decoding), and the
+    entry's own (height, width). The full-size pixels are dropped before this returns."""
+    if not isinstance(source, DicomInstance) and not is_dicom(Path(source)):
+        return load_rgb_reduced(Path(source), side)
+    pixels = load(source, frame)
+    size = pixels.shape[:2]
+    factor = min(size) // side
+    if factor > 1:
+        pixels = np.asarray(box_reduce(Image.fromarray(pixels), factor, "RGB"))
+    return pixels, size
 
 
 def scan(paths: Iterable[str | Path]) -> Iterator[FileRecord | tuple[Path, str]]:

@@ -2,7 +2,7 @@
 
 import json
 
-from bench import bench_faiss, bench_index, bench_search
+from bench import bench_faiss, bench_index, bench_index_memory, bench_search
 from indexing.ingest import index_folders
 from retrieval.models import SystemModels
 from retrieval.vector import ArchiveEmbedder
@@ -58,3 +58,10 @@ def test_index_reports_throughput_and_parts(tiny_chain, tmp_path):
     assert set(run["split_s"]) == {"embed", "load", "commit", "discover_plan"}
     assert {"S", "C", "sketch_normalize", "E", "fuse", "sum"} <= result["parts_ms_per_image"].keys()
     assert isinstance(result["target"]["met"], bool)
+
+
+def test_index_memory_reports_each_archive(tiny_chain):
+    result = bench_index_memory.main(["--bundle", str(tiny_chain[1]), "--side", "300", "--batch-side", "200", "--count", "2"])
+    assert list(result["runs"]) == ["1 x 256^2 PNG", "1 x 300^2 PNG", "2 x 200^2 PNG", "2 x 200^2 JPEG"]
+    assert [run["images"] for run in result["runs"].values()] == [1, 1, 2, 2]
+    assert all(run["peak_rss_mb"] > 0 for run in result["runs"].values()) and isinstance(result["met"], bool)

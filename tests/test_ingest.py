@@ -828,3 +828,64 @@ def test_dicom_files_record_their_identifiers_also_in_a_migrated_catalog(tmp_pat
     with open_workspace_for_search(workspace) as ws:
         [record] = ws.records_for(ws.index.ids()).values()
         assert record.meta == expected
+
+
+# -- large images --------------------------------------------------------------------------------
+
+
+def box_mean(pixels: np.ndarray, factor: int) -> np.ndarray:
+    """Mean of each factor x factor block (the sides are multiples of factor)."""
+    h, w = pixels.shape[:2]
+    return pixels.reshape(h // factor, factor, w // factor, factor, -1).mean(axis=(1, 3))
+
+
+@pytest.mark.parametrize("kind", ["rgb", "grey16", "palette", "rgba"])
+def test_a_large_image_is_reduced_while_loading_keeping_its_own_size(tmp_path, kind):
+    side = files.INDEX_SIDE
+    rgb = blocky(7, (3 * side, 2 * side + 8))  # shorter side 2048 + 8: reduced by 2
+    image = {"rgb": Image.fromarray(rgb), "grey16": Image.fromarray(rgb[..., 0].astype(np.uint16) * 257),
+             "palette": Image.fromarray(rgb).quantize(16), "rgba": Image.fromarray(rgb).convert("RGBA")}[kind]
+    path = tmp_path / f"{kind}.png"
+    image.save(path)
+
+    pixels, size = files.load_reduced(path)
+    assert size == (3 * side, 2 * side + 8) and pixels.dtype == np.uint8
+    assert pixels.shape == (3 * side // 2, side + 4, 3)
+    np.testing.assert_allclose(pixels, box_mean(files.load(path), 2), atol=1)
+
+
+def test_a_large_jpeg_decodes_at_a_reduced_scale(tmp_path):
+    path = tmp_path / "large.jpg"
+    Image.fromarray(blocky(8, (4 * files.INDEX_SIDE + 40, 4 * files.INDEX_SIDE))).save(path, quality=95)
+    pixels, size = files.load_reduced(path)
+    assert size == (4 * files.INDEX_SIDE + 40, 4 * files.INDEX_SIDE)
+    assert pixels.shape == (files.INDEX_SIDE + 10, files.INDEX_SIDE, 3)  # libjpeg's 1/4 scale
+
+
+def test_images_under_twice_the_index_side_load_unreduced(tmp_path):
+    for name, shape in (("square.png", (1024, 1024)), ("wide.jpg", (2047, 8000)), ("tall.tif", (2100, 2047))):
+        Image.fromarray(blocky(9, shape)).save(tmp_path / name)
+        pixels, size = files.load_reduced(tmp_path / name)
+        assert size == shape
+        np.testing.assert_array_equal(pixels, files.load(tmp_path / name))
+
+
+def test_a_large_dicom_frame_is_reduced_after_decoding(tmp_path):
+    stored = np.tile(np.arange(2048 + 16, dtype=np.int16)[None] % 1000, (2048, 1))
+    path = write_dicom(tmp_path / "large.dcm", stored)
+    pixels, size = files.load_reduced(path)
+    assert size == (2048, 2048 + 16) and pixels.shape == (1024, 1024 + 8, 3)
+    np.testing.assert_allclose(pixels, box_mean(files.load(path), 2), atol=1)
+
+
+def test_a_large_image_is_recorded_with_its_own_size(tmp_path):
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    Image.fromarray(blocky(10, (2 * files.INDEX_SIDE, 3 * files.INDEX_SIDE))).save(archive / "large.png")
+    embedder = FakeEmbedder()
+    assert index_folders(archive, tmp_path / "ws", embedder).added == 1
+    with open_workspace_for_search(tmp_path / "ws") as workspace:
+        [record] = workspace.records_for(workspace.index.ids()).values()
+        assert (record.height, record.width) == (2 * files.INDEX_SIDE, 3 * files.INDEX_SIDE)
+        reduced, _ = files.load_reduced(archive / "large.png")
+        assert workspace.index.search(embedder.vector(reduced)[None], 1)[0][0, 0] == pytest.approx(1.0, abs=1e-5)

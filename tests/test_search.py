@@ -12,8 +12,9 @@ from cli import app
 from generation.bundle import write_manifest
 from generation.dataset import ImageDataset
 from generation.errors import InputError
-from generation.images import square_resize
+from generation.images import load_rgb, square_resize
 from indexing.ingest import index_folders
+from indexing.workspace import open_workspace_for_search
 from retrieval.metrics import dice_per_image
 from retrieval.models import SystemModels
 from retrieval.search import Retriever
@@ -75,6 +76,45 @@ def test_own_synthesized_sketch_finds_its_image_first(tiny_chain, models, tmp_pa
             result = retriever.search(own_sketch(models, dataset.image(i)), k=3, rerank=False)
             assert result.results[0].path == str(dataset.samples[i].image_path), i
             assert result.results[0].similarity == pytest.approx(1.0, abs=1e-4)
+
+
+def test_images_up_to_1024_px_get_the_vectors_of_their_full_pixels(tiny_chain, models, tmp_path):
+    """Large images are reduced while they are loaded for indexing; these are not, so their vectors
+    are exactly `archive_parts` of the whole decoded file."""
+    dataset = ImageDataset(tiny_chain[0])
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    Image.fromarray(dataset.image(0)).resize((256, 256), Image.BICUBIC).save(archive / "a_256.png")
+    Image.fromarray(dataset.image(1)).resize((1024, 768), Image.BICUBIC).save(archive / "b_1024.jpg", quality=90)
+    Image.fromarray(dataset.image(2)).resize((1024, 1024), Image.BICUBIC).save(archive / "c_1024.png")
+    embedder = ArchiveEmbedder(models)
+    index_folders(archive, tmp_path / "ws", embedder, batch_size=8)
+    paths = sorted(archive.resolve().iterdir())
+    expected = embedder.embed_images([load_rgb(path) for path in paths]).vectors
+    with open_workspace_for_search(tmp_path / "ws") as workspace:
+        ids, vectors = workspace.catalog.vectors()
+        records = workspace.records_for(ids)
+    stored = {records[int(i)].path: vector for i, vector in zip(ids, vectors)}
+    np.testing.assert_array_equal(np.stack([stored[str(path)] for path in paths]), expected)
+    assert [(records[int(i)].width, records[int(i)].height) for i in ids] == [(256, 256), (1024, 768), (1024, 1024)]
+
+
+def test_a_huge_image_is_found_by_its_own_synthesized_sketch(tiny_chain, models, tmp_path):
+    """Indexed from its reduced pixels, found by the sketch S draws of its full pixels, recorded at
+    its own size."""
+    data, _, _ = tiny_chain
+    dataset = ImageDataset(data)
+    archive = tmp_path / "archive"
+    shutil.copytree(data / "images", archive)
+    (archive / dataset.samples[3].image_path.name).unlink()
+    huge = archive / "huge.png"
+    Image.fromarray(dataset.image(3)).resize((4800, 3600), Image.BICUBIC).save(huge)
+    index_folders(archive, tmp_path / "ws", ArchiveEmbedder(models, VectorRecipe(sketch=0.5, code=0.5, image=0)), batch_size=8)
+    with Retriever(tmp_path / "ws", models=models) as retriever:
+        [first, *_] = retriever.search(own_sketch(models, load_rgb(huge)), k=3, rerank=False).results
+        assert first.path == str(huge.resolve()) and first.similarity > 0.99
+        record = retriever.workspace.records_for([first.id])[first.id]
+        assert (record.width, record.height) == (4800, 3600)
 
 
 def test_rerank_orders_by_the_dice_of_S_masks(tiny_chain, models, tmp_path):
