@@ -7,6 +7,7 @@ group (gloo on CPU, nccl on GPU); otherwise everything is a no-op and rank 0 of 
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 
@@ -55,7 +56,15 @@ def init_distributed(device: torch.device | None = None) -> Distributed:
         if use_nccl:
             torch.cuda.set_device(local_rank)
         dist.init_process_group(backend="nccl" if use_nccl else "gloo")
+        # Leave the group before the interpreter exits: a gloo group still alive at exit can abort
+        # the process (SIGABRT) when its peer has already gone.
+        atexit.register(_leave_process_group)
     return Distributed(rank, world_size, local_rank)
+
+
+def _leave_process_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def pick_device(name: str = "auto") -> torch.device:
