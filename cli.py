@@ -188,7 +188,8 @@ def evaluate(
     if not all(0 <= level <= 2 for level in levels):  # also refuses NaN; 2 is the simulator's MAX_STRENGTH
         raise InputError(f"--strengths {strengths!r}: give numbers between 0 and 2, e.g. 0,1,2")
     options = EvaluationOptions(strengths=levels, seeds=tuple(range(seeds)), candidates=candidates, lam=lam, limit=limit,
-                                recipe=VectorRecipe.parse(weights) if weights else VectorRecipe(), sketches=sketches)
+                                recipe=VectorRecipe.parse(weights) if weights else VectorRecipe(),
+                                sketches=str(sketches) if sketches else None)
     with progress_bar() as progress:
         tasks: dict[str, int] = {}
 
