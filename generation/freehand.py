@@ -454,11 +454,11 @@ def warp_mask(mask: np.ndarray, stretch: float, correlation: float, rng: np.rand
     """The class-index mask resampled through a smooth random displacement field.
 
     `stretch` is the std of the field's gradient, the relative change of proportions: the field's
-    amplitude is `stretch * correlation / 2` (a smooth field's gradient is about its amplitude over
-    half its correlation length).
+    amplitude is `stretch * correlation` (the gradient of a `smooth_field` has about its amplitude
+    over its correlation length as std).
     """
     height, width = mask.shape
-    field = smooth_field(height, width, stretch * correlation / 2, correlation, rng)
+    field = smooth_field(height, width, stretch * correlation, correlation, rng)
     yy, xx = np.mgrid[:height, :width]
     sources = field(np.stack([xx.ravel(), yy.ravel()], axis=1).astype(np.float64))
     coordinates = np.stack([sources[:, 1], sources[:, 0]]).reshape(2, height, width)

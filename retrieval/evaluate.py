@@ -32,7 +32,8 @@ References, to read the others against:
                  symmetric chamfer after the best similarity transform (`retrieval.oracle`): what a
                  perfect synthesizer plus alignment could reach (needs the dataset's masks)
     random       a random order (seeded per query): the chance level of every metric
-    best         the archive ranked by DICE@10's DICE itself: the highest DICE@10 any ranking can reach
+    best         the archive ordered by DICE to the query image's masks: the highest DICE@10 any
+                 ranking can reach
 Ranks are over the whole archive: re-ranked candidates first, the rest in similarity order.
 """
 
@@ -68,6 +69,7 @@ METHODS = ("full", "no_refiner", "no_rerank", "w_only", "image_only", "sketch_on
 SKETCH_SIZE = 256  # simulated free-hand sketches are drawn at this size, then normalised
 DRAWN = "drawn"  # the query set of drawn sketches, in place of a strength
 RELEVANCE_DEPTH = 10  # DICE@10
+RANDOM_SEED = 20240601  # the `random` row's orders, the same on every run
 
 
 @dataclass
@@ -89,14 +91,11 @@ class Queries:
     sketches: list[np.ndarray] = field(default_factory=list)  # normalised uint8 (R, R)
 
 
-def recall_table(ranks: np.ndarray, top_dice: np.ndarray | None = None) -> dict[str, float]:
+def recall_table(ranks: np.ndarray, top_dice: np.ndarray) -> dict[str, float]:
     """ranks: 1-based rank of the right answer per query; top_dice: DICE@10 per query."""
-    table = {"recall@1": float(np.mean(ranks <= 1)), "recall@5": float(np.mean(ranks <= 5)),
-             "recall@10": float(np.mean(ranks <= 10)), "mrr": float(np.mean(1.0 / ranks)),
-             "median_rank": float(np.median(ranks)), "queries": int(len(ranks))}
-    if top_dice is not None:
-        table["dice@10"] = float(np.mean(top_dice))
-    return table
+    return {"recall@1": float(np.mean(ranks <= 1)), "recall@5": float(np.mean(ranks <= 5)),
+            "recall@10": float(np.mean(ranks <= 10)), "mrr": float(np.mean(1.0 / ranks)),
+            "median_rank": float(np.median(ranks)), "queries": int(len(ranks)), "dice@10": float(np.mean(top_dice))}
 
 
 def rank_of(target: int, order: np.ndarray) -> int:
@@ -379,9 +378,6 @@ def reference_orders(truth: GroundTruth, sketch: np.ndarray, target: int, number
     if truth.oracle is not None:
         orders["oracle"] = np.argsort(truth.oracle.distances(sketch), kind="stable")
     return orders
-
-
-RANDOM_SEED = 20240601  # the `random` row's orders, the same on every run
 
 
 METHOD_NOTES = {
