@@ -68,7 +68,8 @@ def phantom(
 def freehand(
     source: Path = typer.Argument(..., metavar="SOURCE", help="A mask file, a folder of masks, or a dataset folder with masks/."),
     out: Path = typer.Option(..., "--out", help="Folder for the simulated sketches (NAME.png)."),
-    strength: float = typer.Option(0.5, "--strength", min=0.0, max=1.0, callback=finite, help="0 = synthesized sketch, 1 = sloppiest."),
+    strength: float = typer.Option(0.5, "--strength", min=0.0, max=2.0, callback=finite,
+                                   help="0 = synthesized sketch, 1 = sloppy, 2 = drawn from memory (misplaced, warped, partial)."),
     seed: int = typer.Option(0, "--seed", help="Seed for the random hand."),
 ):
     """Simulate free-hand sketches drawn from segmentation masks; a file that fails is reported and skipped."""
@@ -160,7 +161,9 @@ def evaluate(
     data: Path = typer.Option(..., "--data", help="Dataset folder: every image is the archive, the split's images are queried."),
     split: str = typer.Option("test", "--split", help="Split whose images are the right answers."),
     bundle: Path = typer.Option(None, "--bundle", help="Bundle to evaluate (default: as for `generate`)."),
-    strengths: str = typer.Option("0,0.5,1", "--strengths", help="Free-hand simulator strengths, comma-separated."),
+    strengths: str = typer.Option("0,1,2", "--strengths", help="Free-hand simulator strengths (0 to 2), comma-separated."),
+    sketches: Path = typer.Option(None, "--sketches", help="Query with drawn sketches instead: a folder of sketches/NAME.png, "
+                                  "each of the dataset's image NAME.png (the split, strengths and seeds then do not apply)."),
     seeds: int = typer.Option(2, "--seeds", min=1, help="Simulated sketches per image and strength."),
     limit: int = typer.Option(None, "--limit", min=1, help="Only the first N images of the split."),
     candidates: int = typer.Option(100, "--candidates", min=1),
@@ -182,10 +185,11 @@ def evaluate(
         levels = tuple(float(value) for value in strengths.split(","))
     except ValueError:
         levels = (math.nan,)
-    if not all(0 <= level <= 1 for level in levels):  # also refuses NaN
-        raise InputError(f"--strengths {strengths!r}: give numbers between 0 and 1, e.g. 0,0.5,1")
+    if not all(0 <= level <= 2 for level in levels):  # also refuses NaN; 2 is the simulator's MAX_STRENGTH
+        raise InputError(f"--strengths {strengths!r}: give numbers between 0 and 2, e.g. 0,1,2")
     options = EvaluationOptions(strengths=levels, seeds=tuple(range(seeds)), candidates=candidates, lam=lam, limit=limit,
-                                recipe=VectorRecipe.parse(weights) if weights else VectorRecipe())
+                                recipe=VectorRecipe.parse(weights) if weights else VectorRecipe(),
+                                sketches=str(sketches) if sketches else None)
     with progress_bar() as progress:
         tasks: dict[str, int] = {}
 

@@ -1,4 +1,4 @@
-"""Figure: simulated free-hand sketches at strengths 0, 0.5 and 1 -> docs/freehand_strengths.png.
+"""Figure: simulated free-hand sketches at strengths 0, 1 and 2 -> docs/freehand_strengths.png.
 
 Rows are phantom samples (`generation.phantom.phantom_sample`). Columns: the image, then the
 sketch at each strength.
@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw
 from generation.freehand import freehand_sketch
 from generation.phantom import phantom_sample
 
-STRENGTHS = (0.0, 0.5, 1.0)
+STRENGTHS = (0.0, 1.0, 2.0)
 SIZE = 256
 
 
@@ -32,7 +32,8 @@ def figure(seed: int) -> Image.Image:
     columns = 1 + len(STRENGTHS)
     sheet = Image.new("RGB", (columns * (SIZE + gap) - gap, header + len(pairs) * (SIZE + gap) - gap), "white")
     draw = ImageDraw.Draw(sheet)
-    titles = ["image"] + [f"strength {s:g}" + (" (synthesized)" if s == 0 else "") for s in STRENGTHS]
+    notes = {0.0: " (synthesized)", 2.0: " (from memory)"}
+    titles = ["image"] + [f"strength {s:g}" + notes.get(s, "") for s in STRENGTHS]
     for column, title in enumerate(titles):
         draw.text((column * (SIZE + gap) + 4, 5), title, fill="black")
     for row, (image, mask) in enumerate(pairs):

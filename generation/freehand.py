@@ -10,8 +10,13 @@ something is added. `freehand_sketch` reproduces this in four stages:
     contour strokes (`contour_strokes`) -> stroke perturbations -> global deformation
     rendering                          (`draw_strokes` at strength 0, else variable width/pressure)
 
-Every effect is scaled by `strength` in [0, 1]: probabilities are `strength * p` and magnitudes
-are `strength * m`, with `p` and `m` the fields of `HandParameters` (values at strength 1).
+and, above strength 1, memory errors around them: the mask is warped before its instances are
+taken, instances are simplified and only the biggest kept, and the finished strokes are misplaced.
+
+Strengths 0 to 1 are the hand: every effect is scaled by `strength`: probabilities are
+`strength * p` and magnitudes are `strength * m`, with `p` and `m` the fields of `HandParameters`
+(values at strength 1). Strengths 1 to 2 keep the hand at its strength-1 level and add the errors of
+drawing from memory (`MemoryParameters`, values at strength 2), each scaled by `strength - 1`.
 Lengths are fractions of the sketch side `size = max(H, W)`. At strength 0 every effect is the
 identity and the strokes are drawn with `draw_strokes`, so the result is byte-identical to the
 synthesized sketch. Strength 1 is a sloppy but recognisable drawing. The random numbers are drawn
@@ -50,6 +55,21 @@ Rendering (4x supersampled discs, averaged down; paper stays exactly 255):
   width_wave    relative variation of width along a stroke.
   pressure_var  how much lighter (grey instead of black) a stroke can be, per stroke and along it.
   taper         how much width and pressure fade over the first and last `taper_length` of a stroke.
+
+Drawing from memory (`MemoryParameters`, strength 1 to 2; each magnitude times `strength - 1`):
+  warp          proportions: a smooth displacement of the mask, before its contours are taken, whose
+                gradient (the relative stretch of a part) has about this std; correlation length
+                `warp_length`.
+  outline       shapes reduced to their rough outline: each instance closed then opened by a disc of
+                this radius, so notches fill and thin parts vanish.
+  keep          partial drawing: only the `keep` biggest instances are drawn at strength 2; between
+                1 and 2 the number left out grows linearly.
+  rotation      rotation of the whole drawing about the image centre, uniform in +- this (degrees).
+  scale         relative scale error, uniform in +- this.
+  shift         offset along each axis, uniform in +- this; the drawing is then moved back inside the
+                frame where it fits, as a drawing stays on its paper.
+The memory errors use their own random stream, drawn after the hand's, so the hand makes the same
+choices at every strength and strengths 0 to 1 are exactly what they were without them.
 """
 
 from __future__ import annotations
@@ -101,6 +121,23 @@ class HandParameters:
 
 
 HAND = HandParameters()
+
+
+@dataclass(frozen=True)
+class MemoryParameters:
+    """Errors of drawing from memory at strength 2; lengths as fractions of the sketch side."""
+
+    warp: float = 0.1
+    warp_length: float = 0.3
+    outline: float = 0.03
+    keep: int = 3
+    rotation: float = 15.0
+    scale: float = 0.25
+    shift: float = 0.1
+
+
+MEMORY = MemoryParameters()
+MAX_STRENGTH = 2.0
 PointMap = Callable[[np.ndarray], np.ndarray]  # (N, 2) (x, y) points -> moved points
 SUPERSAMPLE = 4
 MAX_MASK_VALUES = 128  # more distinct values than this is a grayscale picture, not a label map
@@ -116,23 +153,35 @@ class Stroke:
 
 
 def freehand_sketch(
-    mask: np.ndarray, strength: float, rng: np.random.Generator | int, hand: HandParameters = HAND
+    mask: np.ndarray,
+    strength: float,
+    rng: np.random.Generator | int,
+    hand: HandParameters = HAND,
+    memory: MemoryParameters = MEMORY,
 ) -> np.ndarray:
     """A simulated free-hand sketch of a class-index mask (H, W): uint8 (H, W), black on white.
 
-    Strength 0 gives exactly `sketch_from_mask(mask)`; strength 1 a sloppy but recognisable drawing.
+    Strength 0 gives exactly `sketch_from_mask(mask)`; strength 1 a sloppy but recognisable drawing;
+    strength 2 that drawing made from memory (misplaced, warped, simplified, partial).
     """
-    if not 0.0 <= strength <= 1.0:
-        raise ValueError(f"strength must be in [0, 1], got {strength}")
+    if not 0.0 <= strength <= MAX_STRENGTH:
+        raise ValueError(f"strength must be in [0, {MAX_STRENGTH:g}], got {strength}")
     rng = np.random.default_rng(rng)
     # Independent streams per stage, so one stage's random choices do not shift another's.
     streams = rng.integers(0, 2**63, 5)
     object_rng, field_rng, stroke_rng, global_rng, render_rng = (np.random.default_rng(s) for s in streams)
+    warp_rng, placement_rng = (np.random.default_rng(s) for s in rng.integers(0, 2**63, 2))
+    level = max(0.0, strength - 1.0)
+    strength = min(strength, 1.0)
     height, width = mask.shape
     size = max(height, width)
+    if level > 0.0:
+        mask = warp_mask(mask, level * memory.warp, memory.warp_length * size, warp_rng)
     instances = [m for _, m in mask_instances(mask)]
     if not instances:
         return np.full(mask.shape, PAPER, dtype=np.uint8)
+    if level > 0.0:
+        instances = remember_objects(instances, level, memory)
     instances = edit_objects(instances, strength, object_rng, hand)
     contours = [c for instance in instances for c in contour_strokes(instance)]
     if strength == 0.0:
@@ -144,6 +193,8 @@ def freehand_sketch(
     deform = global_deformation(height, width, strength, global_rng, hand)
     for stroke in strokes:
         stroke.points = deform(stroke.points)
+    if level > 0.0:
+        misplace_drawing(strokes, height, width, level, placement_rng, memory)
     set_width_and_pressure(strokes, size, strength, render_rng, hand)
     return render_strokes(strokes, height, width)
 
@@ -396,6 +447,76 @@ def global_deformation(
 
 
 # ---------------------------------------------------------------------------------------------
+# Drawing from memory
+
+
+def warp_mask(mask: np.ndarray, stretch: float, correlation: float, rng: np.random.Generator) -> np.ndarray:
+    """The class-index mask resampled through a smooth random displacement field.
+
+    `stretch` is the std of the field's gradient, the relative change of proportions: the field's
+    amplitude is `stretch * correlation` (the gradient of a `smooth_field` has about its amplitude
+    over its correlation length as std).
+    """
+    height, width = mask.shape
+    field = smooth_field(height, width, stretch * correlation, correlation, rng)
+    yy, xx = np.mgrid[:height, :width]
+    sources = field(np.stack([xx.ravel(), yy.ravel()], axis=1).astype(np.float64))
+    coordinates = np.stack([sources[:, 1], sources[:, 0]]).reshape(2, height, width)
+    return ndimage.map_coordinates(mask, coordinates, order=0, mode="nearest")
+
+
+def remember_objects(instances: list[np.ndarray], level: float, memory: MemoryParameters = MEMORY) -> list[np.ndarray]:
+    """Instances as remembered: each reduced to its rough outline, and only the biggest kept.
+
+    `level` in [0, 1] is the strength above 1. An instance the simplification erases is drawn
+    as it was: a remembered structure is still drawn, only coarsely.
+    """
+    height, width = instances[0].shape
+    radius = round(level * memory.outline * max(height, width))
+    if radius >= 1:
+        disk = _disk(radius)
+        rough = []
+        for instance in instances:
+            padded = np.pad(instance, radius, mode="edge")  # the frame edge is not an outline to round
+            simple = ndimage.binary_opening(ndimage.binary_closing(padded, disk), disk)[radius:-radius, radius:-radius]
+            rough.append(simple if simple.any() else instance)
+        instances = rough
+    left_out = math.floor(level * max(0, len(instances) - memory.keep))
+    biggest = np.argsort([-int(m.sum()) for m in instances], kind="stable")[: len(instances) - left_out]
+    return [instances[i] for i in sorted(biggest)]
+
+
+def misplace_drawing(
+    strokes: list[Stroke], height: int, width: int, level: float, rng: np.random.Generator,
+    memory: MemoryParameters = MEMORY,
+) -> None:
+    """Rotate, rescale and shift all strokes together (in place), then bring them back on the paper.
+
+    Uniform errors up to `level` times the `memory` limits. Where the drawing fits in the frame
+    it is moved back inside it; a larger one is centred on it.
+    """
+    angle, zoom, dx, dy = rng.uniform(-1.0, 1.0, 4)
+    theta = math.radians(level * memory.rotation * angle)
+    rotation = np.array([[math.cos(theta), -math.sin(theta)], [math.sin(theta), math.cos(theta)]])
+    factor = 1.0 + level * memory.scale * zoom
+    centre = np.array([(width - 1) / 2, (height - 1) / 2])
+    shift = level * memory.shift * max(height, width) * np.array([dx, dy])
+    for stroke in strokes:
+        stroke.points = centre + shift + factor * (stroke.points - centre) @ rotation.T
+    if not strokes:
+        return
+    points = np.vstack([stroke.points for stroke in strokes])
+    low, high = points.min(axis=0), points.max(axis=0)
+    frame = np.array([width - 1, height - 1], dtype=np.float64)
+    fits = high - low <= frame
+    inside = np.maximum(0.0, -low) - np.maximum(0.0, high - frame)
+    centred = (frame - (high + low)) / 2
+    correction = np.where(fits, inside, centred)
+    for stroke in strokes:
+        stroke.points = stroke.points + correction
+
+
+# ---------------------------------------------------------------------------------------------
 # Rendering
 
 
@@ -481,8 +602,10 @@ def freehand_sketches_from_folder(source: Path, out: Path, strength: float, seed
     be, the first one's error is raised. Returns the number of sketches written.
     """
     source, out = Path(source), Path(out)
-    if not (0.0 <= strength <= 1.0):  # also rejects NaN
-        raise InputError(f"strength {strength} is outside [0, 1]; use 0 (synthesized) to 1 (sloppiest)")
+    if not (0.0 <= strength <= MAX_STRENGTH):  # also rejects NaN
+        raise InputError(
+            f"strength {strength} is outside [0, {MAX_STRENGTH:g}]; use 0 (synthesized), 1 (sloppy) to 2 (from memory)"
+        )
     if not source.exists():
         raise InputError(f"{source}: no such file or folder; pass a mask file, a folder of masks or a dataset folder")
     root = source

@@ -5,6 +5,13 @@ Protocol. The archive is every image of the dataset. For each image of the split
 free-hand sketches (`generation.freehand`, drawn at 256 px from the image's mask, then normalised as
 a user's sketch is) at each strength and seed are the queries; that image is the one right answer.
 Masks are the dataset's own when it has them (as a person would draw the true anatomy), else S's.
+Or the queries are drawn sketches (`EvaluationOptions.sketches`): a folder with `sketches/NAME.png`,
+each a drawing of the dataset's image NAME.png (see `drawn_queries`); they are reported as "drawn".
+
+Metrics per method and query set: Recall@1/5/10, MRR and median rank of the right answer, and the
+anatomical relevance DICE@10: the mean DICE (percent) between the ground-truth masks (as for the
+queries: the dataset's, else S's) of the top 10 and those of the query's image. It does not punish
+returning a neighbouring frame of a video, only anatomy unlike the query's.
 
 Methods, all on the same queries and the same archive vectors:
     full         E, G, H (T steps) -> fused vector (sketch field, E's code, C(x_hat)) -> top candidates
@@ -20,6 +27,13 @@ Methods, all on the same queries and the same archive vectors:
     pix2pix      pix2pix's image instead of Sketch2MedI's in the fused vector (sketch field and C's
                  embedding; pix2pix has no latent code, so E's part is left out) and for the DICE
                  re-rank (needs `train pix2pix` in the bundle)
+References, to read the others against:
+    oracle       the query against each archive image's contours drawn from its ground-truth masks, by
+                 symmetric chamfer after the best similarity transform (`retrieval.oracle`): what a
+                 perfect synthesizer plus alignment could reach (needs the dataset's masks)
+    random       a random order (seeded per query): the chance level of every metric
+    best         the archive ordered by DICE to the query image's masks: the highest DICE@10 any
+                 ranking can reach
 Ranks are over the whole archive: re-ranked candidates first, the rest in similarity order.
 """
 
@@ -38,44 +52,50 @@ from scipy import ndimage
 from generation.dataset import ImageDataset
 from generation.errors import InputError
 from generation.freehand import freehand_sketch
-from generation.images import square_resize, tensor_to_images
+from generation.images import find_images, square_resize, tensor_to_images
 from generation.registry import load_network, network_exists
-from generation.sketch import INK, sketch_to_tensor
+from generation.sketch import INK, PAPER, sketch_from_mask, sketch_to_tensor
 from retrieval.defaults import DEFAULT_LAMBDA
-from retrieval.metrics import fd_c
+from retrieval.metrics import dice_matrix, fd_c
 from retrieval.models import SystemModels
+from retrieval.oracle import AlignedChamfer
 from retrieval.perceptual import lpips_unavailable_reason, perceptual_distance
 from retrieval.rerank import dice_score, rerank_score
 from retrieval.search import load_sketch
 from retrieval.vector import ArchiveParts, VectorRecipe, archive_parts, fuse_vectors, sketch_field
 
-METHODS = ("full", "no_refiner", "no_rerank", "w_only", "image_only", "sketch_only", "chamfer", "pix2pix")
+METHODS = ("full", "no_refiner", "no_rerank", "w_only", "image_only", "sketch_only", "chamfer", "pix2pix",
+           "oracle", "random", "best")
 SKETCH_SIZE = 256  # simulated free-hand sketches are drawn at this size, then normalised
+DRAWN = "drawn"  # the query set of drawn sketches, in place of a strength
+RELEVANCE_DEPTH = 10  # DICE@10
+RANDOM_SEED = 20240601  # the `random` row's orders, the same on every run
 
 
 @dataclass
 class EvaluationOptions:
-    strengths: tuple[float, ...] = (0.0, 0.5, 1.0)
+    strengths: tuple[float, ...] = (0.0, 1.0, 2.0)
     seeds: tuple[int, ...] = (0, 1)
     candidates: int = 100
     lam: float = DEFAULT_LAMBDA
     recipe: VectorRecipe = field(default_factory=VectorRecipe)
     limit: int | None = None  # evaluate only the first `limit` images of the split
     batch: int = 16
+    sketches: str | None = None  # a folder of drawn sketches (sketches/NAME.png) to query with instead
 
 
 @dataclass
 class Queries:
     target: list[int] = field(default_factory=list)  # archive index of the right answer
-    strength: list[float] = field(default_factory=list)
+    group: list[str] = field(default_factory=list)  # the strength ("0", "1", ...) or DRAWN
     sketches: list[np.ndarray] = field(default_factory=list)  # normalised uint8 (R, R)
 
 
-def recall_table(ranks: np.ndarray) -> dict[str, float]:
-    """ranks: 1-based rank of the right answer per query."""
+def recall_table(ranks: np.ndarray, top_dice: np.ndarray) -> dict[str, float]:
+    """ranks: 1-based rank of the right answer per query; top_dice: DICE@10 per query."""
     return {"recall@1": float(np.mean(ranks <= 1)), "recall@5": float(np.mean(ranks <= 5)),
             "recall@10": float(np.mean(ranks <= 10)), "mrr": float(np.mean(1.0 / ranks)),
-            "median_rank": float(np.median(ranks)), "queries": int(len(ranks))}
+            "median_rank": float(np.median(ranks)), "queries": int(len(ranks)), "dice@10": float(np.mean(top_dice))}
 
 
 def rank_of(target: int, order: np.ndarray) -> int:
@@ -123,9 +143,33 @@ def make_queries(dataset: ImageDataset, split_indices: list[int], resolution: in
                     empty += 1
                     continue
                 queries.target.append(index)
-                queries.strength.append(strength)
+                queries.group.append(f"{strength:g}")
                 queries.sketches.append(sketch)
     return queries, empty
+
+
+def drawn_queries(dataset: ImageDataset, folder: str | Path, resolution: int, limit: int | None = None) -> Queries:
+    """The drawn sketches `folder/sketches/NAME.png` as queries; the right answer is the dataset's image NAME.
+
+    Names are matched without their suffix and may have sub-folders, as the dataset's images do.
+    """
+    folder = Path(folder)
+    root = folder / "sketches"
+    if not root.is_dir():
+        raise InputError(f"{folder}: no sketches/ folder; pass a folder with sketches/NAME.png, one per image NAME of the dataset")
+    paths = find_images(root)[:limit]
+    if not paths:
+        raise InputError(f"{root}: no sketch images found; add sketches/NAME.png, one per image NAME of the dataset")
+    by_name = {Path(sample.name).with_suffix("").as_posix(): i for i, sample in enumerate(dataset.samples)}
+    queries = Queries()
+    for path in paths:
+        name = path.relative_to(root).with_suffix("").as_posix()
+        if name not in by_name:
+            raise InputError(f"{path}: the dataset {dataset.root} has no image {name}; name each sketch after the image it depicts")
+        queries.target.append(by_name[name])
+        queries.group.append(DRAWN)
+        queries.sketches.append(load_sketch(path, resolution))
+    return queries
 
 
 @dataclass
@@ -141,6 +185,36 @@ class Archive:
     sketches: np.ndarray  # uint8 (N, R, R) S's normalised sketches
     transforms: np.ndarray  # float32 (N, R, R) distance to each sketch's nearest ink (chamfer)
     fused: torch.Tensor  # (N, D) the fused vectors of the recipe
+
+
+@dataclass
+class GroundTruth:
+    """What the ground-truth masks say about the archive: the oracle and every answer's relevance."""
+
+    labels: np.ndarray  # uint8 (N, R, R) the dataset's label maps (S's where it has no masks)
+    oracle: AlignedChamfer | None  # None when the dataset has no masks
+    relevance: dict[int, np.ndarray]  # per query image (archive index): DICE (percent) to every archive image
+
+    @classmethod
+    def of_dataset(cls, dataset: ImageDataset, resolution: int, fallback_labels: np.ndarray, targets: list[int],
+                   classes: int) -> GroundTruth:
+        oracle = None
+        if dataset.has_masks:
+            labels = np.stack([dataset.mask(i, resolution) for i in range(len(dataset))]).astype(np.uint8)
+            oracle = AlignedChamfer(np.stack([truth_outline(dataset.mask(i, SKETCH_SIZE), resolution) for i in range(len(dataset))]))
+        else:
+            labels = fallback_labels
+        images = sorted(set(targets))
+        rows = np.nan_to_num(dice_matrix(labels[images], labels, classes))  # NaN (nothing on either side) -> 0, as dice_score
+        return cls(labels, oracle, dict(zip(images, rows)))
+
+
+def truth_outline(mask: np.ndarray, resolution: int) -> np.ndarray:
+    """The synthesized sketch of a ground-truth mask, normalised as the queries are; blank paper if empty."""
+    try:
+        return load_sketch(sketch_from_mask(mask), resolution)
+    except InputError:
+        return np.full((resolution, resolution), PAPER, np.uint8)
 
 
 def embed_archive(models: SystemModels, archive: ImageDataset, options: EvaluationOptions,
@@ -190,33 +264,44 @@ def evaluate(data: str | Path, split: str = "test", bundle: str | Path | None = 
     dataset = ImageDataset(data)
     split_names = {sample.name for sample in ImageDataset(data, split).samples}
     split_indices = [i for i, sample in enumerate(dataset.samples) if sample.name in split_names][: options.limit]
+    # Drawn sketches are read before the archive is embedded, so a bad folder fails at once.
+    drawn = drawn_queries(dataset, options.sketches, models.resolution, options.limit) if options.sketches else None
     archive = embed_archive(models, dataset, options, progress)
-
-    queries, empty = make_queries(dataset, split_indices, models.resolution, options, archive.labels)
+    if drawn is not None:
+        queries, empty, groups, query_images = drawn, 0, [DRAWN], len(set(drawn.target))
+    else:
+        queries, empty = make_queries(dataset, split_indices, models.resolution, options, archive.labels)
+        groups, query_images = [f"{s:g}" for s in options.strengths], len(split_indices)
     if not queries.target:
         raise InputError(f"{data}: no query could be drawn for split {split!r} (no structures in its masks)")
+    classes = max(models.label_classes, dataset.num_classes)
+    truth = GroundTruth.of_dataset(dataset, models.resolution, archive.labels, queries.target, classes)
     pix2pix = Pix2PixBaseline.of_bundle(models, archive, options.recipe)
-    ranks, generated, gen_labels = rank_queries(models, archive, queries, options, pix2pix, progress)
+    ranks, top_dice, generated, gen_labels = rank_queries(models, archive, truth, queries, options, pix2pix, progress)
 
-    strengths = np.array(queries.strength)
-    retrieval = {method: {f"{s:g}": recall_table(np.array(r)[strengths == s]) for s in options.strengths if (strengths == s).any()}
+    group_of = np.array(queries.group)
+    retrieval = {method: {g: recall_table(np.array(r)[group_of == g], np.array(top_dice[method])[group_of == g])
+                          for g in groups if (group_of == g).any()}
                  for method, r in ranks.items()}
     return {
         "data": str(data), "split": split, "bundle": str(models.bundle), "bundle_id": models.bundle_id,
-        "archive_images": len(dataset), "query_images": len(split_indices), "queries": len(queries.target),
+        "archive_images": len(dataset), "query_images": query_images, "queries": len(queries.target),
         "empty_queries": empty, "options": asdict(options), "methods": {m: METHOD_NOTES[m] for m in ranks},
         "retrieval": retrieval,
         "generation": generation_quality(models, queries, generated, gen_labels, archive.labels, archive.parts, archive.pixels,
-                                         options.strengths),
+                                         groups),
     }
 
 
 @torch.no_grad()
-def rank_queries(models: SystemModels, archive: Archive, queries: Queries, options: EvaluationOptions,
+def rank_queries(models: SystemModels, archive: Archive, truth: GroundTruth, queries: Queries, options: EvaluationOptions,
                  pix2pix: Pix2PixBaseline | None, progress: Callable[[str, int, int], None]
-                 ) -> tuple[dict[str, list[int]], dict[str, list[torch.Tensor]], dict[str, list[np.ndarray]]]:
-    """Every method's rank of the right answer per query, and each generator's images and S's label maps of them."""
-    ranks: dict[str, list[int]] = {method: [] for method in METHODS if method != "pix2pix" or pix2pix is not None}
+                 ) -> tuple[dict[str, list[int]], dict[str, list[float]], dict[str, list[torch.Tensor]], dict[str, list[np.ndarray]]]:
+    """Every method's rank of the right answer and DICE@10 per query, and each generator's images and
+    S's label maps of them."""
+    absent = {"pix2pix": pix2pix is None, "oracle": truth.oracle is None}
+    ranks: dict[str, list[int]] = {method: [] for method in METHODS if not absent.get(method, False)}
+    top_dice: dict[str, list[float]] = {method: [] for method in ranks}
     generated: dict[str, list[torch.Tensor]] = {"sketch2medi": [], "no_refiner": [], **({"pix2pix": []} if pix2pix else {})}
     gen_labels: dict[str, list[np.ndarray]] = {name: [] for name in generated}
     code_mean = models.code_mean.cpu()
@@ -239,13 +324,17 @@ def rank_queries(models: SystemModels, archive: Archive, queries: Queries, optio
         if pix2pix is not None:
             fused["pix2pix"] = torch.from_numpy(fuse_vectors(fields, w, embeddings["pix2pix"], pix2pix.recipe))
         for row in range(stop - start):
-            query = QueryVectors(queries.sketches[start + row], F.normalize(w[row], dim=0), fields[row],
+            number, target = start + row, queries.target[start + row]
+            query = QueryVectors(queries.sketches[number], F.normalize(w[row], dim=0), fields[row],
                                  {name: vector[row] for name, vector in fused.items()}, embeddings["sketch2medi"][row],
                                  {name: label[row] for name, label in labels.items()})
-            for method, order in method_orders(archive, query, options, models.label_classes, pix2pix).items():
-                ranks[method].append(rank_of(queries.target[start + row], order))
+            orders = method_orders(archive, query, options, models.label_classes, pix2pix)
+            orders.update(reference_orders(truth, query.sketch, target, number))
+            for method, order in orders.items():
+                ranks[method].append(rank_of(target, order))
+                top_dice[method].append(float(truth.relevance[target][order[:RELEVANCE_DEPTH]].mean()))
         progress("queries", stop, len(queries.target))
-    return ranks, generated, gen_labels
+    return ranks, top_dice, generated, gen_labels
 
 
 class QueryVectors(NamedTuple):
@@ -280,6 +369,17 @@ def method_orders(archive: Archive, query: QueryVectors, options: EvaluationOpti
     return orders
 
 
+def reference_orders(truth: GroundTruth, sketch: np.ndarray, target: int, number: int) -> dict[str, np.ndarray]:
+    """The reference rows' orders for query `number` (its image `target`): oracle, random, best."""
+    orders = {
+        "random": np.random.default_rng([RANDOM_SEED, number]).permutation(len(truth.labels)),
+        "best": np.argsort(-truth.relevance[target], kind="stable"),
+    }
+    if truth.oracle is not None:
+        orders["oracle"] = np.argsort(truth.oracle.distances(sketch), kind="stable")
+    return orders
+
+
 METHOD_NOTES = {
     "full": "Sketch2MedI (E, G, H) + fused vector + DICE re-ranking",
     "no_refiner": "E and G only (no H), fused vector + DICE re-ranking",
@@ -289,16 +389,19 @@ METHOD_NOTES = {
     "sketch_only": "no generator: the sketch field alone (soft chamfer, searchable)",
     "chamfer": "no generator: chamfer distance to each archive image's synthesized sketch",
     "pix2pix": "pix2pix instead of Sketch2MedI: sketch field + C(pix2pix image) + DICE re-ranking",
+    "oracle": "reference: chamfer to ground-truth contours after the best rotation, scale and shift",
+    "random": "reference: a random order (chance level)",
+    "best": "reference: the archive ordered by DICE to the query image's masks (the highest DICE@10)",
 }
 
 
 def generation_quality(models: SystemModels, queries: Queries, generated: dict[str, list[torch.Tensor]],
                        gen_labels: dict[str, list[np.ndarray]], labels_archive: np.ndarray, parts: list,
-                       pixels: np.ndarray, strengths: tuple[float, ...]) -> dict:
-    """Per generator and strength: FD_C against the real query images, DICE(S(x_hat), S(x_ref)) and
-    the perceptual distance to the reference (LPIPS-C, and LPIPS when installed)."""
+                       pixels: np.ndarray, groups: list[str]) -> dict:
+    """Per generator and query set (strength or DRAWN): FD_C against the real query images,
+    DICE(S(x_hat), S(x_ref)) and the perceptual distance to the reference (LPIPS-C, and LPIPS when installed)."""
     targets = np.array(queries.target)
-    strength_of = np.array(queries.strength)
+    group_of = np.array(queries.group)
     backends = {"lpips_c": perceptual_distance("domain", network=models.C)}
     if lpips_unavailable_reason() is None:
         backends["lpips"] = perceptual_distance("lpips", device=models.device)
@@ -308,8 +411,8 @@ def generation_quality(models: SystemModels, queries: Queries, generated: dict[s
     for name, batches in generated.items():
         images = torch.cat(batches)
         report[name] = {}
-        for s in strengths:
-            chosen = np.nonzero(strength_of == s)[0]
+        for group in groups:
+            chosen = np.nonzero(group_of == group)[0]
             if not len(chosen):
                 continue
             real_idx = sorted(set(targets[chosen].tolist()))
@@ -325,20 +428,22 @@ def generation_quality(models: SystemModels, queries: Queries, generated: dict[s
                     values = [distance(images[chosen[i : i + 16]].to(models.device), references[i : i + 16].to(models.device)).cpu()
                               for i in range(0, len(chosen), 16)]
                     entry[backend] = float(torch.cat(values).mean())
-            report[name][f"{s:g}"] = entry
+            report[name][group] = entry
     return report
 
 
 
 def markdown_tables(report: dict) -> str:
     """The report as the Markdown tables docs/RESULTS.md shows."""
-    lines = [f"{report['queries']} queries on {report['query_images']} images of `{report['split']}`, archive of "
+    sketches = report["options"].get("sketches")
+    queried = f"drawn sketches from `{sketches}`" if sketches else f"`{report['split']}`"
+    lines = [f"{report['queries']} queries on {report['query_images']} images of {queried}, archive of "
              f"{report['archive_images']} images; bundle `{report['bundle_id']}`", "",
-             "| method | strength | R@1 | R@5 | R@10 | MRR | median rank |", "|---|---|---|---|---|---|---|"]
+             "| method | strength | R@1 | R@5 | R@10 | MRR | median rank | DICE@10 |", "|---|---|---|---|---|---|---|---|"]
     for method, per_strength in report["retrieval"].items():
         for strength, row in per_strength.items():
             lines.append(f"| {method} | {strength} | {row['recall@1']:.3f} | {row['recall@5']:.3f} | {row['recall@10']:.3f} | "
-                         f"{row['mrr']:.3f} | {row['median_rank']:g} |")
+                         f"{row['mrr']:.3f} | {row['median_rank']:g} | {row['dice@10']:.1f} |")
     lines += ["", "| generator | strength | FD_C | DICE | LPIPS-C | LPIPS |", "|---|---|---|---|---|---|"]
     for name, per_strength in report["generation"].items():
         for strength, row in per_strength.items():

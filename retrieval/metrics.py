@@ -176,3 +176,23 @@ def dice_summary(results: Sequence[tuple[float, dict[int, float]]]) -> DiceSumma
         images=len(means),
         empty=len(results) - len(means),
     )
+
+
+def dice_matrix(labels_a: np.ndarray, labels_b: np.ndarray, num_classes: int) -> np.ndarray:
+    """`dice_per_image(a, b).mean` for every pair of label maps: (A, H, W) x (B, H, W) -> (A, B) percent.
+
+    NaN where neither map of a pair has any foreground class, as `dice_per_image`.
+    """
+    if labels_a.shape[1:] != labels_b.shape[1:]:
+        raise ValueError(f"label maps of {labels_a.shape[1:]} and {labels_b.shape[1:]} pixels cannot be compared")
+    sum_dice = np.zeros((len(labels_a), len(labels_b)))
+    present = np.zeros((len(labels_a), len(labels_b)), dtype=np.int64)
+    for index in range(1, num_classes):
+        a = torch.from_numpy((labels_a == index).reshape(len(labels_a), -1).astype(np.float32))
+        b = torch.from_numpy((labels_b == index).reshape(len(labels_b), -1).astype(np.float32))
+        overlap = (a @ b.T).double().numpy()  # pixel counts, exact in float32 below 2**24 pixels
+        total = a.sum(dim=1).double().numpy()[:, None] + b.sum(dim=1).double().numpy()[None, :]
+        sum_dice += np.where(total > 0, 200.0 * overlap / np.maximum(total, 1), 0.0)
+        present += total > 0
+    with np.errstate(invalid="ignore"):
+        return np.where(present > 0, sum_dice / np.maximum(present, 1), np.nan)

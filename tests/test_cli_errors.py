@@ -62,7 +62,7 @@ def test_paths_print_as_written_whole_and_unwrapped(tiny_chain, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["train", "generator", "--data", "d", "--out", "o", "--kimg", "inf"], "--kimg inf: give a finite number"),
     (["train", "moco", "--data", "d", "--out", "o", "--lr", "inf"], "--lr inf: give a finite number"),
-    (["evaluate", "--data", "d", "--strengths", "0,nan"], "--strengths '0,nan': give numbers between 0 and 1"),
+    (["evaluate", "--data", "d", "--strengths", "0,nan"], "--strengths '0,nan': give numbers between 0 and 2"),
 ])
 def test_non_finite_numbers_are_refused(args, message):
     refused(runner.invoke(app, args), message)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import math
 from pathlib import Path
 
 import numpy as np
@@ -13,12 +15,16 @@ from scipy import ndimage
 
 from generation.errors import InputError
 from generation.freehand import (
+    HandParameters,
+    MemoryParameters,
     Stroke,
     edit_objects,
     file_seed,
     freehand_sketch,
     freehand_sketches_from_folder,
+    remember_objects,
     render_strokes,
+    warp_mask,
 )
 from generation.sketch import PAPER, mask_instances, sketch_from_mask
 
@@ -132,8 +138,108 @@ def test_renderer_leaves_paper_exactly_white() -> None:
 
 
 def test_strength_outside_range_is_rejected() -> None:
-    with pytest.raises(ValueError):
-        freehand_sketch(anatomy(64), 1.5, 0)
+    for strength in (-0.1, 2.5):
+        with pytest.raises(ValueError):
+            freehand_sketch(anatomy(64), strength, 0)
+
+
+# --- drawing from memory (strength 1 to 2) ------------------------------------------------------
+
+# SHA-256 of the sketches of `anatomy()` at strengths 0, 0.25, 0.5, 0.75 and 1, seeds 0-2, as drawn
+# before the memory errors existed: those strengths must keep giving the same pixels.
+STRENGTH_0_TO_1_DIGEST = "502c6bc1d67046b32da572d541c6c641e4f3c341c8703fb3777fe4eb2490beda"
+STILL_HAND = HandParameters(**{name: 0.0 for name in ("merge_p", "drop_p", "extra_p", "simplify", "smooth", "wobble",
+                                                      "tremor", "split_p", "end_offset", "end_drift", "elastic", "rotation",
+                                                      "scale", "shift", "width_var", "width_wave", "pressure_var", "taper")})
+NO_MEMORY = MemoryParameters(warp=0.0, outline=0.0, keep=100, rotation=0.0, scale=0.0, shift=0.0)
+
+
+def test_strengths_up_to_one_give_the_same_sketches_as_before() -> None:
+    digest = hashlib.sha256()
+    for strength in (0.0, 0.25, 0.5, 0.75, 1.0):
+        for seed in (0, 1, 2):
+            digest.update(freehand_sketch(anatomy(), strength, seed).tobytes())
+    assert digest.hexdigest() == STRENGTH_0_TO_1_DIGEST
+
+
+def test_strength_two_differs_from_one_and_stays_on_the_paper() -> None:
+    corner = np.zeros((128, 128), np.uint8)  # an object against the top-left edge: shifting out would lose it
+    corner[ellipse(corner.shape, (22, 22), (20, 16))] = 1
+    for mask in (anatomy(), corner):
+        for seed in range(6):
+            one, two = freehand_sketch(mask, 1.0, seed), freehand_sketch(mask, 2.0, seed)
+            assert not np.array_equal(one, two)
+            assert ink(two).sum() > 0.5 * ink(freehand_sketch(mask, 0.0, seed)).sum()
+            assert set(np.unique(two)) <= set(range(256)) and two.shape == mask.shape
+
+
+def tilt(sketch: np.ndarray) -> float:
+    """Orientation (degrees, -90 to 90) of the ink's main axis."""
+    ys, xs = np.nonzero(ink(sketch))
+    covariance = np.cov(np.stack([xs, ys]).astype(float))
+    values, vectors = np.linalg.eigh(covariance)
+    x, y = vectors[:, -1]
+    return (math.degrees(math.atan2(y, x)) + 90) % 180 - 90
+
+
+def test_rotation_error_is_up_to_fifteen_degrees_and_grows_with_strength() -> None:
+    bar = np.zeros((128, 128), np.uint8)
+    bar[58:70, 14:114] = 1  # a long horizontal bar: its outline's main axis is at 0 degrees
+    only_rotation = MemoryParameters(warp=0.0, outline=0.0, keep=100, scale=0.0, shift=0.0)
+    angles = []
+    for seed in range(12):
+        full = tilt(freehand_sketch(bar, 2.0, seed, STILL_HAND, only_rotation))
+        half = tilt(freehand_sketch(bar, 1.5, seed, STILL_HAND, only_rotation))
+        assert abs(full) <= 15.5 and abs(half - full / 2) < 1.0  # the same error, half as big
+        angles.append(abs(full))
+    assert max(angles) > 8
+    assert abs(tilt(freehand_sketch(bar, 1.0, 0, STILL_HAND, only_rotation))) < 0.5
+
+
+def test_scale_and_shift_errors_move_the_drawing() -> None:
+    disc = ellipse((128, 128), (64, 64), (20, 20)).astype(np.uint8)
+    only_scale = MemoryParameters(warp=0.0, outline=0.0, keep=100, rotation=0.0, shift=0.0)
+    only_shift = MemoryParameters(warp=0.0, outline=0.0, keep=100, rotation=0.0, scale=0.0)
+    reference = ink(freehand_sketch(disc, 1.0, 0, STILL_HAND, NO_MEMORY))
+    ys, xs = np.nonzero(reference)
+    radius = np.hypot(xs - 63.5, ys - 63.5).mean()
+    ratios, offsets = [], []
+    for seed in range(12):
+        ys, xs = np.nonzero(ink(freehand_sketch(disc, 2.0, seed, STILL_HAND, only_scale)))
+        ratios.append(np.hypot(xs - 63.5, ys - 63.5).mean() / radius)
+        ys, xs = np.nonzero(ink(freehand_sketch(disc, 2.0, seed, STILL_HAND, only_shift)))
+        offsets.append(max(abs(xs.mean() - 63.5), abs(ys.mean() - 63.5)))
+    assert 0.73 < min(ratios) and max(ratios) < 1.27 and max(abs(r - 1) for r in ratios) > 0.1
+    assert max(offsets) <= 0.1 * 128 + 1 and max(offsets) > 4
+
+
+def test_warp_changes_proportions_by_about_a_tenth() -> None:
+    square = np.zeros((128, 128), np.uint8)
+    square[34:94, 34:94] = 1
+    changes = []
+    for seed in range(8):
+        warped = warp_mask(square, 0.1, 0.3 * 128, np.random.default_rng(seed))
+        assert set(np.unique(warped)) <= {0, 1}
+        rows, columns = np.nonzero(warped.any(axis=1))[0], np.nonzero(warped.any(axis=0))[0]
+        changes += [abs(len(rows) / 60 - 1), abs(len(columns) / 60 - 1)]
+    assert np.array_equal(warp_mask(square, 0.0, 38.4, np.random.default_rng(0)), square)
+    assert 0.05 < np.mean(changes) < 0.15
+
+
+def test_remembered_objects_are_rough_outlines_of_the_biggest_few() -> None:
+    mask = np.zeros((128, 128), np.uint8)
+    mask[ellipse(mask.shape, (40, 40), (30, 24))] = 1
+    mask[20:60, 38:42] = 0  # a narrow notch a rough outline fills in
+    for k, (x, y, r) in enumerate([(100, 30, 14), (100, 90, 10), (40, 100, 7), (70, 70, 4)]):
+        mask[ellipse(mask.shape, (x, y), (r, r))] = k + 2
+    instances = [m for _, m in mask_instances(mask)]
+    assert len(instances) == 5
+    remembered = remember_objects(instances, 1.0)
+    assert len(remembered) == 3  # the three biggest
+    assert sorted(int(m.sum()) for m in remembered)[0] > 250
+    assert remembered[0][30, 40] and not instances[0][30, 40]  # the notch is gone
+    assert len(remember_objects(instances, 0.5)) == 4
+    assert remember_objects(instances, 0.0) == instances
 
 
 def test_object_edits_are_identity_at_zero_and_happen_at_full_strength() -> None:
@@ -195,7 +301,7 @@ def test_folder_command_errors(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="has no masks/"):
         freehand_sketches_from_folder(tmp_path / "dataset", tmp_path / "out", 0.5, 0)
     write_mask(tmp_path / "ok" / "m.png", anatomy(32))
-    for strength in (-0.1, 1.5, float("nan")):
-        with pytest.raises(InputError, match=r"outside \[0, 1\]"):
+    for strength in (-0.1, 2.5, float("nan")):
+        with pytest.raises(InputError, match=r"outside \[0, 2\]; use 0 \(synthesized\), 1 \(sloppy\) to 2 \(from memory\)"):
             freehand_sketches_from_folder(tmp_path / "ok", tmp_path / "out", strength, 0)
     assert not (tmp_path / "out").exists()  # nothing written by a failed call
