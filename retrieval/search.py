@@ -198,8 +198,7 @@ class Retriever:
         """The query's vector (1, D), its masks for the re-ranking and what to show of it."""
         m = self.models
         stored = self._stored_vectors(like + unlike)
-        liked, disliked = np.stack([stored[i] for i in like] or [np.zeros(0)]), np.stack([stored[i] for i in unlike] or [np.zeros(0)])
-        liked, disliked = liked.reshape(len(like), -1), disliked.reshape(len(unlike), -1)
+        liked, disliked = (np.array([stored[i] for i in ids], np.float32).reshape(len(ids), self.workspace.dim) for ids in (like, unlike))
         if sketch is None and image is None:  # more like the liked archive images: their stored vectors and masks
             labels = self.workspace.masks_for(like[:1])[like[0]]
             return _Query(feedback.move(None, liked, disliked)[None], labels, None, None)
@@ -226,11 +225,13 @@ class Retriever:
 
     def _stored_vectors(self, ids: tuple[int, ...]) -> dict[int, np.ndarray]:
         """The archive vectors of these catalog ids; an unknown id is a one-line InputError."""
-        found, vectors = self.workspace.catalog.vectors(ids) if ids else (np.zeros(0, np.int64), None)
+        if not ids:
+            return {}
+        found, vectors = self.workspace.catalog.vectors(ids)
         missing = sorted(set(ids) - set(found.tolist()))
         if missing:
             raise InputError(f"image id {missing[0]}: not in this workspace; use an id from the search results")
-        return dict(zip(found.tolist(), vectors)) if ids else {}
+        return dict(zip(found.tolist(), vectors))
 
     def _reranked(self, found: list[tuple[int, float]], labels: np.ndarray, lam: float) -> list[Candidate]:
         """(image id, similarity) pairs -> candidates by re-rank score (ties: lower id first)."""
