@@ -17,6 +17,7 @@ from cli import app
 from generation.dataset import ImageDataset
 from generation.errors import InputError
 from indexing.ingest import index_folders
+from retrieval.feedback import FeedbackOptions, PreparedQueries, simulate
 from retrieval.models import SystemModels
 from retrieval.relevance import Rocchio
 from retrieval.search import Retriever
@@ -143,3 +144,22 @@ def test_web_api_takes_like_unlike_image_and_where(retriever, indexed):
         assert bad.status_code == 400 and bad.json() == {"error": "--where clause 'date>=yesterday': 'yesterday' is not a date; write YYYY-MM-DD"}
         unknown = client.post("/api/search", data={"like": "999"})
         assert unknown.status_code == 400 and "image id 999: not in this workspace" in unknown.json()["error"]
+
+
+def test_the_simulated_user_s_feedback_brings_relevant_images_into_the_top_10():
+    """8 irrelevant images near e2 outrank 22 relevant ones near e1 for a query a little closer to
+    e2: liking the relevant hits and disliking the others moves the top 10 to the relevant ones."""
+    rng = np.random.default_rng(0)
+    irrelevant = np.array([0.0, 1.0, 0.0]) + 0.05 * rng.standard_normal((8, 3))
+    relevant = np.array([1.0, 0.0, 0.0]) + 0.05 * rng.standard_normal((22, 3))
+    archive = np.concatenate([irrelevant, relevant]).astype(np.float32)
+    archive /= np.linalg.norm(archive, axis=1, keepdims=True)
+    query = np.array([0.45, 0.55, 0.0], np.float32) / np.linalg.norm([0.45, 0.55, 0.0])
+    target = 8 + int(np.argmin(archive[8:] @ query))  # the relevant image farthest from the query
+    relevance = np.array([[0.0] * 8 + [80.0] * 22])
+    relevance[0, target] = 100.0
+    queries = PreparedQueries(np.array([target]), query[None], np.zeros((1, 30)), relevance)
+    rounds = simulate(archive, queries, Rocchio(), FeedbackOptions(rounds=2, lam=1.0))
+    assert [r["round"] for r in rounds] == [0, 1, 2]
+    assert rounds[0]["dice@10"] == pytest.approx(2 * 80 / 10) and rounds[0]["recall@10"] == 0
+    assert rounds[0]["dice@10"] < rounds[1]["dice@10"] <= rounds[2]["dice@10"] and rounds[2]["dice@10"] >= 80
