@@ -344,6 +344,8 @@ def _add_search(app: FastAPI, retriever: Retriever, models: ThreadPoolExecutor, 
                      k: int = Form(10, ge=1, le=MAX_K), candidates: int = Form(100, ge=1, le=MAX_CANDIDATES),
                      rerank: bool = Form(True), lam: float = Form(DEFAULT_LAMBDA, alias="lambda", ge=0, le=1),
                      steps: int | None = Form(None, ge=0, le=MAX_STEPS)):
+        if sketch is None and image is None and not like:
+            raise _ApiError(422, "sketch: a file is required (or image, a file to search by, or like, archive image ids)")
         search_filter = SearchFilter.parse(where) if where else None
         uploads = {}
         for name, upload in (("sketch", sketch), ("image", image)):
