@@ -39,7 +39,7 @@ from retrieval.vector import fuse_vectors, sketch_field
 TOP = 10
 # The coefficients tried when choosing on validation (a = 1: only the ratios matter after renormalising)
 LIKED_GRID = (0.25, 0.5, 0.75, 1.0, 1.5)
-DISLIKED_GRID = (0.0, 0.15, 0.3, 0.6)
+DISLIKED_GRID = (0.0, 0.15, 0.3, 0.6, 1.0, 1.5)
 
 
 @dataclass
@@ -137,8 +137,9 @@ def evaluate_feedback(data: str | Path, bundle: str | Path | None = None, split:
                     "options": {k: v for k, v in vars(options).items()}}  # fmt: skip
     feedback = Rocchio()
     if choose_on is not None:
-        feedback, trials = choose(vectors, prepare(models, dataset, archive.labels, truth, choose_on, options, progress), options)
-        report["chosen_on"], report["trials"] = choose_on, trials
+        validation = prepare(models, dataset, archive.labels, truth, choose_on, options, progress)
+        feedback, trials = choose(vectors, validation, options)
+        report.update(chosen_on=choose_on, trials=trials, validation_rounds=simulate(vectors, validation, feedback, options))
     queries = prepare(models, dataset, archive.labels, truth, split, options, progress)
     report.update(coefficients=vars(feedback), queries=len(queries.target), rounds=simulate(vectors, queries, feedback, options))
     return report

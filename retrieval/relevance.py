@@ -21,7 +21,7 @@ from generation.errors import InputError
 class Rocchio:
     query: float = 1.0  # a
     liked: float = 0.75  # b
-    disliked: float = 0.15  # c
+    disliked: float = 1.0  # c
 
     def __post_init__(self) -> None:
         if min(self.query, self.liked, self.disliked) < 0:
