@@ -297,7 +297,8 @@ def index(
 
 @app.command()
 def search(
-    sketch: Path = typer.Argument(..., metavar="SKETCH", help="The sketch (any polarity, mode and size)."),
+    sketch: Path = typer.Argument(None, metavar="[SKETCH]", help="The sketch (any polarity, mode and size); "
+                                                                 "leave out with --image or --like."),
     k: int = typer.Option(10, "-k", "--top", min=1, help="How many results."),
     workspace: Path = typer.Option(None, "--workspace", help=WORKSPACE_HELP),
     bundle: Path = typer.Option(None, "--bundle", help="Bundle (default: the one the workspace was indexed with)."),
@@ -310,18 +311,27 @@ def search(
     out: Path = typer.Option(None, "--out", help="Folder for sketch.png, generated.png and results.png (contact sheet)."),
     group: str = typer.Option(None, "--group", help="patient | study | series | none: the top k groups with their best frames "
                                                     "(default: study where studies are known, else none)."),
+    where: str = typer.Option(None, "--where", help='Only images matching this filter, e.g. "modality=ES,XA; date>=2020-01-01; '
+                                                    'body=LARYNX; tag=clinic-a" (docs/SEARCH.md).'),
+    image: Path = typer.Option(None, "--image", help="Search by this image instead of a sketch (query by example)."),
+    like: list[int] = typer.Option([], "--like", metavar="ID", help="An archive image id (repeatable): alone, more like it; "
+                                                                    "with a sketch or --image, feedback toward it."),
+    unlike: list[int] = typer.Option([], "--unlike", metavar="ID", help="An archive image id (repeatable): feedback away from it."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
 ):
-    """Find the archive images that look like the sketch."""
+    """Find the archive images that look like the sketch (or the --image, or the --like images)."""
     import json
 
+    from indexing.filters import SearchFilter
     from retrieval.grouping import grouped_search
     from retrieval.search import Retriever
 
     if out is not None:
         check_folder_out(out)
+    search_filter = SearchFilter.parse(where) if where is not None else None  # a bad clause is refused before the models load
     with Retriever(workspace, bundle, db_url, device) as retriever:
-        result, groups = grouped_search(retriever, sketch, k=k, group=group, candidates=candidates, rerank=rerank, lam=lam, steps=steps)
+        result, groups = grouped_search(retriever, sketch, k=k, group=group, candidates=candidates, rerank=rerank, lam=lam, steps=steps,
+                                        image=image, like=like, unlike=unlike, where=search_filter)  # fmt: skip
         if out is not None:
             from retrieval.contact_sheet import write_search_outputs
 
@@ -332,6 +342,8 @@ def search(
             payload["groups"] = [g.to_json() for g in groups]
         typer.echo(json.dumps(payload, indent=1))
         return
+    if result.matching is not None:
+        typer.echo(f"{result.matching} archive images match --where {result.where!r}")
     if groups is not None:
         print_groups(groups)
     else:

@@ -35,6 +35,7 @@ import numpy as np
 import sqlalchemy as sa
 
 from generation.errors import InputError
+from indexing.filters import SearchFilter
 
 # MIGRATIONS[n - 1] upgrades a catalog from schema version n to n + 1 (inside the opening
 # transaction) and must leave the tables as the definitions below describe them, e.g.
@@ -403,6 +404,13 @@ class Catalog:
         with self._connect() as c:
             ids = c.execute(sa.select(images_table.c.id).order_by(images_table.c.id)).scalars().all()
         return np.asarray(ids, np.int64)
+
+    def ids_matching(self, search_filter: SearchFilter) -> np.ndarray:
+        """The ids of the images with a file that matches the filter, sorted, int64."""
+        query = sa.select(files_table.c.image_id).where(search_filter.condition(files_table.c)).distinct()
+        with self._connect() as c:
+            ids = c.execute(query).scalars().all()
+        return np.sort(np.asarray(ids, np.int64))
 
     def vectors(self, ids: Iterable[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(ids int64 (N,), vectors float32 (N, dim)) for these ids (all when None), sorted by id."""

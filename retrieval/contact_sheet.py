@@ -31,7 +31,9 @@ def contact_sheet(result: SearchResult, columns: int = 6, size: int = THUMBNAIL)
     """Row 1: query sketch and generated image; then the results in rank order, captioned."""
     from indexing.files import load
 
-    tiles: list[tuple[Image.Image, str]] = [(_tile(result.sketch, size), "sketch"), (_tile(result.image, size), "generated")]
+    blank = Image.new("RGB", (size, size), (200, 200, 200))  # a query by archive id has no sketch or image of its own
+    tiles: list[tuple[Image.Image, str]] = [(blank if result.sketch is None else _tile(result.sketch, size), "sketch"),
+                                            (blank if result.image is None else _tile(result.image, size), "generated")]
     for hit in result.results:
         try:
             picture = _tile(load(Path(hit.path), hit.frame), size)
@@ -64,11 +66,13 @@ def save_for_display(picture: np.ndarray, path: Path, size: int = DISPLAY) -> No
 
 def write_search_outputs(result: SearchResult, out: str | Path) -> list[Path]:
     """sketch.png (the query as normalised) and generated.png (the image made from it), both
-    enlarged for display, and results.png, the contact sheet."""
+    enlarged for display, where the query has them, and results.png, the contact sheet."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    written = [out / "sketch.png", out / "generated.png", out / "results.png"]
-    save_for_display(result.sketch, written[0])
-    save_for_display(result.image, written[1])
-    contact_sheet(result).save(written[2])
-    return written
+    written = []
+    for name, picture in (("sketch.png", result.sketch), ("generated.png", result.image)):
+        if picture is not None:
+            save_for_display(picture, out / name)
+            written.append(out / name)
+    contact_sheet(result).save(out / "results.png")
+    return [*written, out / "results.png"]

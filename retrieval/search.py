@@ -9,6 +9,7 @@ The vector is described in `retrieval.vector`, the re-ranking score in `retrieva
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -19,15 +20,18 @@ from PIL import Image
 
 from generation.device import pick_device
 from generation.errors import InputError
-from generation.images import open_image, tensor_to_images
+from generation.images import open_image, square_resize, tensor_to_images
 from generation.normalize import normalize_sketch
+from indexing.files import load
+from indexing.filters import SearchFilter
 from indexing.workspace import check_bundle, open_workspace_for_search
 from retrieval.defaults import DEFAULT_LAMBDA
 from retrieval.models import SystemModels
+from retrieval.relevance import Rocchio
 from retrieval.rerank import dice_score, rerank_score
-from retrieval.vector import RECIPE_SEPARATOR, ArchiveEmbedder, VectorRecipe, fuse_vectors, sketch_field
+from retrieval.vector import RECIPE_SEPARATOR, ArchiveEmbedder, VectorRecipe, archive_parts, fuse_vectors, sketch_field
 
-JSON_SCHEMA_VERSION = 1
+JSON_SCHEMA_VERSION = 2
 
 
 @dataclass
@@ -39,6 +43,13 @@ class Hit:
     score: float
     similarity: float
     dice: float | None  # percent; None without re-ranking
+
+
+class _Query(NamedTuple):
+    vector: np.ndarray  # float32 (1, D), unit
+    labels: np.ndarray  # uint8 label map the candidates' stored masks are compared with
+    sketch: np.ndarray | None
+    image: np.ndarray | None
 
 
 class Candidate(NamedTuple):
@@ -54,14 +65,38 @@ class Candidate(NamedTuple):
 class SearchResult:
     results: list[Hit]
     timings_ms: dict[str, float]
-    sketch: np.ndarray = field(repr=False)  # the normalised query sketch, uint8 (R, R)
-    image: np.ndarray = field(repr=False)  # the generated image x_hat, uint8 (R, R, 3)
-    labels: np.ndarray = field(repr=False)  # S(x_hat), uint8 (R, R)
+    # The normalised query sketch, uint8 (R, R) (an image's synthesized sketch); None for `like` alone
+    sketch: np.ndarray | None = field(repr=False)
+    # The generated image x_hat, uint8 (R, R, 3) (the query image itself); None for `like` alone
+    image: np.ndarray | None = field(repr=False)
+    labels: np.ndarray = field(repr=False)  # the masks the hits are re-ranked against: S(x_hat), S(image) or the liked image's
+    where: str | None = None  # the filter, as written
+    matching: int | None = None  # archive images matching the filter; None without one
+    like: tuple[int, ...] = ()
+    unlike: tuple[int, ...] = ()
 
     def to_json(self) -> dict:
         """The documented `search --json` schema (docs/SEARCH.md)."""
         return {"schema_version": JSON_SCHEMA_VERSION, "results": [asdict(hit) for hit in self.results],
-                "timings_ms": self.timings_ms}
+                "timings_ms": self.timings_ms, "where": self.where, "matching": self.matching,
+                "like": list(self.like), "unlike": list(self.unlike)}
+
+
+def load_query_image(image: str | Path | Image.Image | np.ndarray) -> np.ndarray:
+    """A query image (any file `index` reads, PIL image or array) -> uint8 RGB (H, W, 3)."""
+    if isinstance(image, (str, Path)):
+        return load(image)
+    array = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image)
+    if array.ndim == 2:
+        array = np.repeat(array[:, :, None], 3, axis=2)
+    if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
+        raise InputError(f"query image of shape {array.shape} and type {array.dtype}: expected uint8 RGB (H, W, 3)")
+    return array
+
+
+def _image_ids(ids: Iterable[int]) -> tuple[int, ...]:
+    """Catalog ids in the order given, each once."""
+    return tuple(dict.fromkeys(int(i) for i in ids))
 
 
 def load_sketch(sketch: str | Path | Image.Image | np.ndarray, size: int) -> np.ndarray:
@@ -105,12 +140,29 @@ class Retriever:
         self.close()
 
     @torch.no_grad()
-    def search(self, sketch: str | Path | Image.Image | np.ndarray, k: int = 10, candidates: int = 100,
-               rerank: bool = True, lam: float = DEFAULT_LAMBDA, steps: int | None = None) -> SearchResult:
+    def search(self, sketch: str | Path | Image.Image | np.ndarray | None = None, k: int = 10, candidates: int = 100,
+               rerank: bool = True, lam: float = DEFAULT_LAMBDA, steps: int | None = None, *,
+               image: str | Path | Image.Image | np.ndarray | None = None, like: Iterable[int] = (), unlike: Iterable[int] = (),
+               where: str | SearchFilter | None = None, feedback: Rocchio = Rocchio()) -> SearchResult:
+        """The top k archive images for a sketch, or for an image (`image`, query by example), or
+        like the archive images `like` (no sketch or image).
+
+        like, unlike: catalog ids; with a sketch or image they move its vector toward the liked and
+            away from the disliked images (`feedback`, see `retrieval.relevance`).
+        where: only images matching this filter (`indexing.filters`), applied inside the vector search.
+        """
         if k < 1 or candidates < 1:
             raise InputError("k and candidates must be positive")
         if not 0 <= lam <= 1:
             raise InputError(f"lambda {lam}: must be between 0 and 1")
+        like, unlike = _image_ids(like), _image_ids(unlike)
+        if sketch is not None and image is not None:
+            raise InputError("give a sketch or an image to search by, not both")
+        if sketch is None and image is None and not like:
+            raise InputError("nothing to search by: give a sketch, an image, or the id of an archive image to find more like")
+        if set(like) & set(unlike):
+            raise InputError(f"image {sorted(set(like) & set(unlike))[0]} is both liked and disliked; keep it in one of the two")
+        search_filter = SearchFilter.parse(where) if isinstance(where, str) else where
         m = self.models
         timings: dict[str, float] = {}
         clock = time.perf_counter()
@@ -123,28 +175,63 @@ class Retriever:
             timings[stage] = round((now - clock) * 1000, 3)
             clock = now
 
-        canonical = load_sketch(sketch, m.resolution)
-        lap("normalize")
-        generation = m.sketch2medi.generate(canonical, steps, on_stage=lap)
-        image = generation.images.to(m.device)
-        vector = fuse_vectors(sketch_field(canonical[None]), generation.w.to(m.device) - m.code_mean, m.C.embed(image),
-                              self.embedder.recipe)
-        lap("C")
-        count = min(max(candidates, k), max(self.workspace.index.ntotal, 1))
-        scores, ids = self.workspace.index.search(vector, count)
-        found = [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0]
+        query = self._query(sketch, image, like, unlike, steps, rerank, feedback, lap)
+        allowed = self.workspace.catalog.ids_matching(search_filter) if search_filter is not None else None
+        available = self.workspace.index.ntotal if allowed is None else len(allowed)
+        found = []
+        if available:
+            scores, ids = self.workspace.index.search(query.vector, min(max(candidates, k), available), allowed)
+            found = [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0]
         lap("faiss")
-        generated = tensor_to_images(image)[0]
-        labels = m.S.predict_label_map([generated])[0] if rerank else np.zeros(generated.shape[:2], np.uint8)
-        lap("S")
-        ranked = self._reranked(found, labels, lam) if rerank else [Candidate(s, s, None, i) for i, s in found]
+        ranked = self._reranked(found, query.labels, lam) if rerank else [Candidate(s, s, None, i) for i, s in found]
         lap("rerank")
         records = self.workspace.records_for([c.image_id for c in ranked[:k]])
         hits = [Hit(rank, c.image_id, records[c.image_id].path, records[c.image_id].frame, round(c.score, 6),
                     round(c.similarity, 6), None if c.dice is None else round(c.dice, 3))
                 for rank, c in enumerate((c for c in ranked if c.image_id in records), start=1)][:k]
         timings["total"] = round(sum(timings.values()), 3)
-        return SearchResult(hits, timings, canonical, generated, labels)
+        return SearchResult(hits, timings, query.sketch, query.image, query.labels, search_filter.text if search_filter else None,
+                            None if allowed is None else len(allowed), like, unlike)
+
+    def _query(self, sketch, image, like: tuple[int, ...], unlike: tuple[int, ...], steps: int | None, rerank: bool,
+               feedback: Rocchio, lap: Callable[[str], None]) -> _Query:
+        """The query's vector (1, D), its masks for the re-ranking and what to show of it."""
+        m = self.models
+        stored = self._stored_vectors(like + unlike)
+        liked, disliked = (np.array([stored[i] for i in ids], np.float32).reshape(len(ids), self.workspace.dim) for ids in (like, unlike))
+        if sketch is None and image is None:  # more like the liked archive images: their stored vectors and masks
+            labels = self.workspace.masks_for(like[:1])[like[0]]
+            return _Query(feedback.move(None, liked, disliked)[None], labels, None, None)
+        if sketch is not None:
+            canonical = load_sketch(sketch, m.resolution)
+            lap("normalize")
+            generation = m.sketch2medi.generate(canonical, steps, on_stage=lap)
+            pixels = generation.images.to(m.device)
+            vector = fuse_vectors(sketch_field(canonical[None]), generation.w.to(m.device) - m.code_mean, m.C.embed(pixels),
+                                  self.embedder.recipe)
+            lap("C")
+            shown = tensor_to_images(pixels)[0]
+            labels = m.S.predict_label_map([shown])[0] if rerank else np.zeros(shown.shape[:2], np.uint8)
+            lap("S")
+        else:  # query by example: the vector an archive image gets (its synthesized sketch, E's code, C's embedding)
+            pixels = load_query_image(image)
+            parts = archive_parts(m, [pixels])
+            vector = fuse_vectors(parts.fields, parts.codes - m.code_mean.cpu(), parts.embeddings, self.embedder.recipe)
+            canonical, labels, shown = parts.sketches[0], parts.labels[0], square_resize(pixels, m.resolution)
+            lap("embed")
+        if like or unlike:
+            vector = feedback.move(vector[0], liked, disliked)[None]
+        return _Query(vector, labels, canonical, shown)
+
+    def _stored_vectors(self, ids: tuple[int, ...]) -> dict[int, np.ndarray]:
+        """The archive vectors of these catalog ids; an unknown id is a one-line InputError."""
+        if not ids:
+            return {}
+        found, vectors = self.workspace.catalog.vectors(ids)
+        missing = sorted(set(ids) - set(found.tolist()))
+        if missing:
+            raise InputError(f"image id {missing[0]}: not in this workspace; use an id from the search results")
+        return dict(zip(found.tolist(), vectors))
 
     def _reranked(self, found: list[tuple[int, float]], labels: np.ndarray, lam: float) -> list[Candidate]:
         """(image id, similarity) pairs -> candidates by re-rank score (ties: lower id first)."""

@@ -3,7 +3,8 @@
     GET  /                              the page (index.html; app.js and style.css under /static/)
     GET  /api/health                    {"status": "ok"}
     GET  /api/info                      workspace, image count, bundle id, resolution, limits, defaults
-    POST /api/search                    multipart: sketch (image file), k, candidates, rerank, lambda, steps
+    POST /api/search                    multipart: sketch or image (file) and/or like (ids), unlike, where, k,
+                                        candidates, rerank, lambda, steps
     GET  /api/images/{id}/image.png     a catalogued image (longest side <= 1024)
     GET  /api/images/{id}/thumbnail.png the same, longest side <= 192
     GET  /api/images/{id}/masks.png     S's stored masks of it as an RGBA overlay aligned with image.png
@@ -61,6 +62,7 @@ from starlette.requests import Request
 from generation.errors import InputError
 from generation.images import decode_image
 from generation.normalize import WORK_SIDE, reduce_to_work_side
+from indexing.filters import SearchFilter
 from retrieval.defaults import DEFAULT_LAMBDA
 from retrieval.pictures import (
     PALETTE,
@@ -74,7 +76,7 @@ from retrieval.pictures import (
     released,
     shown_pngs,
 )
-from retrieval.search import JSON_SCHEMA_VERSION, Retriever
+from retrieval.search import Retriever
 
 ENV_TOKEN = "SKETCH2MEDI_TOKEN"
 COOKIE = "sketch2medi_token"
@@ -334,29 +336,42 @@ def _add_page_and_info(app: FastAPI, retriever: Retriever, max_upload_bytes: int
 def _add_search(app: FastAPI, retriever: Retriever, models: ThreadPoolExecutor, decoder: ThreadPoolExecutor, slots: _Slots,
                 max_upload_bytes: int, busy_wait_s: float) -> None:
     @app.post("/api/search")
-    async def search(sketch: UploadFile = File(..., description="the drawing, a PNG (or any image) file"),
+    async def search(sketch: UploadFile | None = File(None, description="the drawing, a PNG (or any image) file"),
+                     image: UploadFile | None = File(None, description="an image to search by instead of a sketch"),
+                     like: list[int] = Form([], description="archive image ids (repeated field): more like them"),
+                     unlike: list[int] = Form([], description="archive image ids (repeated field): less like them"),
+                     where: str | None = Form(None, description="a filter, e.g. modality=ES; date>=2020-01-01"),
                      k: int = Form(10, ge=1, le=MAX_K), candidates: int = Form(100, ge=1, le=MAX_CANDIDATES),
                      rerank: bool = Form(True), lam: float = Form(DEFAULT_LAMBDA, alias="lambda", ge=0, le=1),
                      steps: int | None = Form(None, ge=0, le=MAX_STEPS)):
-        data = await sketch.read(max_upload_bytes + 1)
-        if len(data) > max_upload_bytes:
-            raise _ApiError(413, f"upload over the {max_upload_bytes} byte limit; send a smaller image")
-        image = await asyncio.wrap_future(decoder.submit(released, decode_upload, data))  # a broken file never takes a slot
-        del data
+        if sketch is None and image is None and not like:
+            raise _ApiError(422, "sketch: a file is required (or image, a file to search by, or like, archive image ids)")
+        search_filter = SearchFilter.parse(where) if where else None
+        uploads = {}
+        for name, upload in (("sketch", sketch), ("image", image)):
+            if upload is None:
+                continue
+            data = await upload.read(max_upload_bytes + 1)
+            if len(data) > max_upload_bytes:
+                raise _ApiError(413, f"upload over the {max_upload_bytes} byte limit; send a smaller image")
+            uploads[name] = await asyncio.wrap_future(decoder.submit(released, decode_upload, data, name))  # a broken file never takes a slot
+            del data
         if not await slots.take(busy_wait_s):
             raise _ApiError(503, f"busy: {slots.n} searches are running or queued; try again shortly", {"Retry-After": "1"})
         try:
             result = await asyncio.wrap_future(
-                models.submit(retriever.search, image, k=k, candidates=candidates, rerank=rerank, lam=lam, steps=steps))
+                models.submit(retriever.search, uploads.get("sketch"), k=k, candidates=candidates, rerank=rerank, lam=lam, steps=steps,
+                              image=uploads.get("image"), like=like, unlike=unlike, where=search_filter))
         finally:
             slots.release()
         hits = []
         for hit in result.results:
             base = f"/api/images/{hit.id}"
             hits.append({**asdict(hit), "image": f"{base}/image.png", "thumbnail": f"{base}/thumbnail.png", "masks": f"{base}/masks.png"})
-        return {"schema_version": JSON_SCHEMA_VERSION, "results": hits, "timings_ms": result.timings_ms,
+        return {**result.to_json(), "results": hits,
                 "params": {"k": k, "candidates": candidates, "rerank": rerank, "lambda": lam, "steps": steps},
-                "query": {"sketch": data_url(result.sketch), "generated": data_url(result.image),
+                "query": {"sketch": None if result.sketch is None else data_url(result.sketch),
+                          "generated": None if result.image is None else data_url(result.image),
                           "masks": data_url(mask_overlay(result.labels)) if rerank else None}}
 
 

@@ -262,9 +262,9 @@ def test_the_networks_load_and_run_on_one_thread(retriever, sketch):
             threads.append(threading.get_ident())
             self.workspace, self.models = retriever.workspace, retriever.models
 
-        def search(self, image, **options):
+        def search(self, sketch, **options):
             threads.append(threading.get_ident())
-            return retriever.search(image, **options)
+            return retriever.search(sketch, **options)
 
     with TestClient(create_app(Watched), base_url=LOCAL) as watched:
         workers = [threading.Thread(target=lambda: post(watched, sketch, k=2)) for _ in range(4)]
