@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_ingest import FakeEmbedder, blocky
+from test_ingest import BLOCKING_RUN, FakeEmbedder, blocky
 
 from generation.errors import InputError
 from indexing.catalog import Catalog
@@ -258,28 +258,10 @@ def test_an_interrupted_run_resumes_where_it_stopped(archive, tmp_path):
     assert (summary.unchanged, summary.added, summary.total) == (kept, 7 - kept, 7)
 
 
-KILLED_RUN = """
-import sys, time
-from pathlib import Path
-sys.path[:0] = [sys.argv[1], sys.argv[2]]
-from test_ingest import FakeEmbedder
+KILLED_RUN = BLOCKING_RUN + """
 from indexing.ingest import index_dicomweb
 
-url, workspace, progress, blocked = sys.argv[3:7]
-
-class Blocking(FakeEmbedder):
-    def embed_images(self, images):
-        if self.calls == 1:
-            Path(blocked).touch()
-            while True:
-                time.sleep(1)
-        return super().embed_images(images)
-
-def report(done, total, name):
-    with open(progress, "a") as handle:
-        handle.write(name + "\\n")
-
-index_dicomweb(url, workspace, Blocking(), auth="basic:PACS_LOGIN", batch_size=2, on_progress=report)
+index_dicomweb(source, workspace, Blocking(), auth="basic:PACS_LOGIN", batch_size=2, on_progress=report)
 """
 
 

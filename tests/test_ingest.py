@@ -277,14 +277,15 @@ def test_the_index_file_is_repaired_from_the_catalog(tmp_path):
 
 
 # Run by test_kill_9_in_the_middle_of_a_run: embeds one batch, then blocks in the second until killed.
-KILLED_RUN = """
+# The head of a script that a test kills -9: an embedder that blocks in its second batch (after
+# touching `blocked`) and a progress report that appends each reported entry to `progress`.
+BLOCKING_RUN = """
 import sys, time
 from pathlib import Path
 sys.path[:0] = [sys.argv[1], sys.argv[2]]
 from test_ingest import FakeEmbedder
-from indexing.ingest import index_folders
 
-archive, workspace, progress, blocked, db_url = sys.argv[3:8]
+source, workspace, progress, blocked = sys.argv[3:7]
 
 class Blocking(FakeEmbedder):
     def embed_images(self, images):
@@ -294,11 +295,16 @@ class Blocking(FakeEmbedder):
                 time.sleep(1)
         return super().embed_images(images)
 
-def report(done, total, path):
+def report(done, total, entry):
     with open(progress, "a") as handle:
-        handle.write(f"{path}\\n")
+        handle.write(f"{entry}\\n")
+"""
 
-index_folders(archive, workspace, Blocking(), db_url=None if db_url == "-" else db_url, batch_size=2, on_progress=report)
+KILLED_RUN = BLOCKING_RUN + """
+from indexing.ingest import index_folders
+
+db_url = sys.argv[7]
+index_folders(source, workspace, Blocking(), db_url=None if db_url == "-" else db_url, batch_size=2, on_progress=report)
 """
 
 
