@@ -366,6 +366,8 @@ def serve(
     threads: int = typer.Option(0, "--threads", min=0, help="CPU threads for torch (0 = torch's default)."),
     allowed_hosts: str = typer.Option(None, "--allowed-hosts",
                                       help="Comma-separated host names to answer, * for any (default without a token: loopback and --host)."),
+    audit_log: Path = typer.Option(None, "--audit-log", help="Append one JSON line per search to this file: time, client, token identity, "
+                                                               "upload digests, filter, ids returned; never the images."),
 ):
     """Serve the draw-to-search web page and its JSON API (needs the `serve` extra)."""
     import os
@@ -378,7 +380,7 @@ def serve(
     check_bind(host, token or os.environ.get(ENV_TOKEN))  # before loading any network
     set_threads(threads)
     run_server(workspace, host, port, bundle, db_url, token, device, max_concurrent,
-               allowed_hosts.split(",") if allowed_hosts is not None else None)
+               allowed_hosts.split(",") if allowed_hosts is not None else None, audit_log)
 
 
 @app.command()

@@ -36,6 +36,7 @@ soon as they are decoded; archive images are kept only as small PNGs in a bounde
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import io
 import ipaddress
@@ -63,6 +64,7 @@ from generation.errors import InputError
 from generation.images import decode_image
 from generation.normalize import WORK_SIDE, reduce_to_work_side
 from indexing.filters import SearchFilter
+from retrieval.audit import AuditLog
 from retrieval.defaults import DEFAULT_LAMBDA
 from retrieval.pictures import (
     PALETTE,
@@ -265,11 +267,12 @@ def model_thread() -> ThreadPoolExecutor:
 def create_app(retriever: Retriever | Callable[[], Retriever], token: str | None = None,
                max_upload_bytes: int = MAX_UPLOAD_BYTES, max_concurrent: int = 32, busy_wait_s: float = 10.0,
                models: ThreadPoolExecutor | None = None, host: str | None = None,
-               allowed_hosts: Iterable[str] | None = None) -> FastAPI:
+               allowed_hosts: Iterable[str] | None = None, audit_log: AuditLog | None = None) -> FastAPI:
     """The web application over one retriever (or a factory, called once on the model thread). It
     does not close the retriever: the caller owns it. `models` is the thread searches run on (see
     `model_thread`; one is made if not given): pass the one the retriever was loaded on. `host` is
-    the address served on, `allowed_hosts` the Host header names to answer (see the module docstring)."""
+    the address served on, `allowed_hosts` the Host header names to answer (see the module docstring).
+    With `audit_log`, every search is recorded there (`retrieval.audit`)."""
     if max_upload_bytes < 1 or max_concurrent < 1 or busy_wait_s < 0:
         raise InputError("max_upload_bytes and max_concurrent must be positive, busy_wait_s not negative")
     models = models or model_thread()
@@ -282,7 +285,7 @@ def create_app(retriever: Retriever | Callable[[], Retriever], token: str | None
     _add_error_handlers(app)
     _add_page_and_info(app, retriever, max_upload_bytes, max_concurrent)
     decoder = decoder_thread()
-    _add_search(app, retriever, models, decoder, _Slots(max_concurrent), max_upload_bytes, busy_wait_s)
+    _add_search(app, retriever, models, decoder, _Slots(max_concurrent), max_upload_bytes, busy_wait_s, audit_log, token or None)
     _add_images(app, retriever, decoder)
     return app
 
@@ -334,9 +337,10 @@ def _add_page_and_info(app: FastAPI, retriever: Retriever, max_upload_bytes: int
 
 
 def _add_search(app: FastAPI, retriever: Retriever, models: ThreadPoolExecutor, decoder: ThreadPoolExecutor, slots: _Slots,
-                max_upload_bytes: int, busy_wait_s: float) -> None:
+                max_upload_bytes: int, busy_wait_s: float, audit_log: AuditLog | None, token: str | None) -> None:
     @app.post("/api/search")
-    async def search(sketch: UploadFile | None = File(None, description="the drawing, a PNG (or any image) file"),
+    async def search(request: Request,
+                     sketch: UploadFile | None = File(None, description="the drawing, a PNG (or any image) file"),
                      image: UploadFile | None = File(None, description="an image to search by instead of a sketch"),
                      like: list[int] = Form([], description="archive image ids (repeated field): more like them"),
                      unlike: list[int] = Form([], description="archive image ids (repeated field): less like them"),
@@ -347,13 +351,14 @@ def _add_search(app: FastAPI, retriever: Retriever, models: ThreadPoolExecutor, 
         if sketch is None and image is None and not like:
             raise _ApiError(422, "sketch: a file is required (or image, a file to search by, or like, archive image ids)")
         search_filter = SearchFilter.parse(where) if where else None
-        uploads = {}
+        uploads, digests = {}, {}
         for name, upload in (("sketch", sketch), ("image", image)):
             if upload is None:
                 continue
             data = await upload.read(max_upload_bytes + 1)
             if len(data) > max_upload_bytes:
                 raise _ApiError(413, f"upload over the {max_upload_bytes} byte limit; send a smaller image")
+            digests[name] = hashlib.sha256(data).hexdigest()
             uploads[name] = await asyncio.wrap_future(decoder.submit(released, decode_upload, data, name))  # a broken file never takes a slot
             del data
         if not await slots.take(busy_wait_s):
@@ -364,12 +369,16 @@ def _add_search(app: FastAPI, retriever: Retriever, models: ThreadPoolExecutor, 
                               image=uploads.get("image"), like=like, unlike=unlike, where=search_filter))
         finally:
             slots.release()
+        params = {"k": k, "candidates": candidates, "rerank": rerank, "lambda": lam, "steps": steps}
+        if audit_log is not None:
+            audit_log.record(client=request.client.host if request.client else None, token=token, uploads=digests, like=like,
+                             unlike=unlike, where=where, params=params, ids=[hit.id for hit in result.results])
         hits = []
         for hit in result.results:
             base = f"/api/images/{hit.id}"
             hits.append({**asdict(hit), "image": f"{base}/image.png", "thumbnail": f"{base}/thumbnail.png", "masks": f"{base}/masks.png"})
         return {**result.to_json(), "results": hits,
-                "params": {"k": k, "candidates": candidates, "rerank": rerank, "lambda": lam, "steps": steps},
+                "params": params,
                 "query": {"sketch": None if result.sketch is None else data_url(result.sketch),
                           "generated": None if result.image is None else data_url(result.image),
                           "masks": data_url(mask_overlay(result.labels)) if rerank else None}}
@@ -434,18 +443,19 @@ def _add_images(app: FastAPI, retriever: Retriever, decoder: ThreadPoolExecutor)
 
 def serve(workspace: str | Path | None, host: str, port: int, bundle: str | Path | None = None, db_url: str | None = None,
           token: str | None = None, device: str = "cpu", max_concurrent: int = 32,
-          allowed_hosts: Iterable[str] | None = None) -> None:
+          allowed_hosts: Iterable[str] | None = None, audit_log: str | Path | None = None) -> None:
     """`sketch2medi serve`: check the binding, open the workspace (one-line errors), run uvicorn."""
     import uvicorn
 
     token = token or os.environ.get(ENV_TOKEN) or None
     host = bind_host(host)
     check_bind(host, token)
+    audit = AuditLog(audit_log) if audit_log is not None else None  # refused before the networks load
     models = model_thread()
     retriever = models.submit(Retriever, workspace, bundle, db_url, device).result()  # loaded where it will run
     with retriever:
         app = create_app(retriever, token=token, max_concurrent=max_concurrent, models=models, host=host,
-                         allowed_hosts=allowed_hosts)
+                         allowed_hosts=allowed_hosts, audit_log=audit)
         print(f"sketch2medi: {retriever.workspace.index.ntotal} images; open {page_url(host, port)}" + ("?token=..." if token else ""),
               flush=True)
         config = uvicorn.Config(app, host=host, port=port, log_level="info")  # sets up uvicorn's loggers

@@ -208,3 +208,9 @@ def test_a_damaged_bundle_is_refused_by_every_command_that_loads_it(tiny_chain, 
         assert_one_line_failure(runner.invoke(app, args), "encoder.safetensors", "re-download")
     assert stored_state(workspace) == before
     assert not (tmp_path / "new_ws" / "catalog.sqlite").exists()
+
+
+def test_serve_refuses_an_audit_log_it_cannot_append_to_before_loading(workspace, tmp_path):
+    pytest.importorskip("fastapi")
+    result = runner.invoke(app, ["serve", "--workspace", str(workspace), "--audit-log", str(tmp_path), "--port", "8799"])
+    assert_one_line_failure(result, "is a folder; give --audit-log a file")

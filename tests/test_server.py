@@ -346,3 +346,37 @@ def test_the_picture_cache_is_bounded_in_bytes():
         cache.put(key, b"1234")
     assert cache.lookup("a") is None and cache.lookup("b") == b"1234" and cache.lookup("c") == b"1234" and cache.used == 8
     assert cache.get("d", lambda: b"xyz") == b"xyz" and cache.lookup("b") is None and cache.lookup("c") == b"1234"
+
+
+def test_the_audit_log_records_each_search_without_images(retriever, sketch, tmp_path):
+    import hashlib
+    import json
+
+    from retrieval.audit import AuditLog
+
+    log = AuditLog(tmp_path / "audit.jsonl")
+    with TestClient(create_app(retriever, token="s3cret", audit_log=log), base_url=LOCAL) as client:
+        bearer = {"Authorization": "Bearer s3cret"}
+        first = client.post("/api/search", headers=bearer, files={"sketch": ("s.png", sketch, "image/png")}, data={"k": "3"})
+        liked = first.json()["results"][0]["id"]
+        second = client.post("/api/search", headers=bearer, files={"sketch": ("s.png", sketch, "image/png")},
+                             data={"k": "2", "like": str(liked), "where": "tag=images"})
+        assert client.post("/api/search", headers=bearer, files={"sketch": ("s.png", b"junk", "image/png")}).status_code == 400
+    log.close()
+    lines = (tmp_path / "audit.jsonl").read_text().splitlines()
+    assert len(lines) == 2  # searches that ran, not refused uploads
+    records = [json.loads(line) for line in lines]
+    assert [r["ids"] for r in records] == [[hit["id"] for hit in answer.json()["results"]] for answer in (first, second)]
+    assert records[0]["uploads"] == {"sketch": hashlib.sha256(sketch).hexdigest()} and records[0]["client"]
+    assert records[1]["like"] == [liked] and records[1]["where"] == "tag=images" and records[1]["params"]["k"] == 2
+    assert records[0]["token"] == hashlib.sha256(b"s3cret").hexdigest()[:12] and "s3cret" not in lines[0]
+    assert max(map(len, lines)) < 1000  # identifiers and digests only, never pixels
+
+
+def test_the_audit_log_must_be_a_file_that_can_be_appended(tmp_path):
+    from retrieval.audit import AuditLog
+
+    with pytest.raises(InputError, match="is a folder; give --audit-log a file"):
+        AuditLog(tmp_path)
+    with pytest.raises(InputError, match="cannot append the audit log"):
+        AuditLog(tmp_path / "missing" / "audit.jsonl")
