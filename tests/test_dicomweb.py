@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_ingest import BLOCKING_RUN, FakeEmbedder, blocky
+from test_ingest import BLOCKING_RUN, FakeEmbedder, blocky, dicom_dataset
 
 from generation.errors import InputError
 from indexing.catalog import Catalog
@@ -109,19 +109,8 @@ class Orthanc:
 
 def instance(patient: str, study: str, series: str, modality: str, date: str, pixels: np.ndarray, **tags):
     """A DICOM instance: 16-bit MONOCHROME2 from (H, W) or (F, H, W) values, 8-bit RGB from (H, W, 3)."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    sop_class = "1.2.840.10008.5.1.4.1.1.7"  # Secondary Capture Image Storage
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = sop_class, generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    dataset = Dataset()
-    dataset.file_meta = meta
-    dataset.SOPClassUID, dataset.SOPInstanceUID = sop_class, meta.MediaStorageSOPInstanceUID
-    dataset.PatientID, dataset.PatientName, dataset.PatientBirthDate = patient, f"Doe^{patient}", "19700101"
-    dataset.StudyInstanceUID, dataset.SeriesInstanceUID = study, series
-    dataset.Modality, dataset.StudyDate, dataset.BodyPartExamined = modality, date, "LARYNX"
+    dataset = dicom_dataset(modality, PatientID=patient, PatientName=f"Doe^{patient}", PatientBirthDate="19700101",
+                            StudyInstanceUID=study, SeriesInstanceUID=series, StudyDate=date, BodyPartExamined="LARYNX", **tags)
     if pixels.ndim == 3 and pixels.shape[-1] == 3:
         dataset.Rows, dataset.Columns = pixels.shape[:2]
         dataset.SamplesPerPixel, dataset.PhotometricInterpretation, dataset.PlanarConfiguration = 3, "RGB", 0
@@ -134,8 +123,6 @@ def instance(patient: str, study: str, series: str, modality: str, date: str, pi
         if pixels.ndim == 3:
             dataset.NumberOfFrames = pixels.shape[0]
         dataset.PixelData = np.ascontiguousarray(pixels, "<u2").tobytes()
-    for keyword, value in tags.items():
-        setattr(dataset, keyword, value)
     return dataset
 
 

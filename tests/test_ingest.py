@@ -492,9 +492,8 @@ def test_torchrun_two_ranks_index_like_one_process(tmp_path):
 # -- DICOM -------------------------------------------------------------------------------------------
 
 
-def write_dicom(path: Path, frames: np.ndarray, photometric: str = "MONOCHROME2", modality: str = "CT", **tags) -> Path:
-    """A minimal uncompressed 16-bit signed greyscale DICOM file; `frames` is (H, W) or (F, H, W)."""
-    pydicom = pytest.importorskip("pydicom")
+def dicom_dataset(modality: str, **tags):
+    """An uncompressed Secondary Capture dataset with its file meta, `Modality` and `tags`; no pixels yet."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
@@ -506,13 +505,20 @@ def write_dicom(path: Path, frames: np.ndarray, photometric: str = "MONOCHROME2"
     dataset.file_meta = meta
     dataset.SOPClassUID, dataset.SOPInstanceUID = sop_class, meta.MediaStorageSOPInstanceUID
     dataset.Modality = modality
+    for keyword, value in tags.items():
+        setattr(dataset, keyword, value)
+    return dataset
+
+
+def write_dicom(path: Path, frames: np.ndarray, photometric: str = "MONOCHROME2", modality: str = "CT", **tags) -> Path:
+    """A minimal uncompressed 16-bit signed greyscale DICOM file; `frames` is (H, W) or (F, H, W)."""
+    pydicom = pytest.importorskip("pydicom")
+    dataset = dicom_dataset(modality, **tags)
     dataset.Rows, dataset.Columns = frames.shape[-2:]
     dataset.SamplesPerPixel, dataset.PhotometricInterpretation = 1, photometric
     dataset.BitsAllocated, dataset.BitsStored, dataset.HighBit, dataset.PixelRepresentation = 16, 16, 15, 1
     if frames.ndim == 3:
         dataset.NumberOfFrames = frames.shape[0]
-    for keyword, value in tags.items():
-        setattr(dataset, keyword, value)
     dataset.PixelData = np.ascontiguousarray(frames, "<i2").tobytes()
     if int(pydicom.__version__.split(".")[0]) >= 3:
         dataset.save_as(path, enforce_file_format=True)
