@@ -3,7 +3,9 @@
 An archive on a server is named `dicomweb+http://HOST:PORT/PATH` (or `dicomweb+https://`), where
 PATH is the server's DICOMweb root (Orthanc's is `/dicom-web`). Credentials never appear on a
 command line or in that name: `auth` names how to authenticate and the environment variable that
-holds the secret, `bearer:VARIABLE` (a token) or `basic:VARIABLE` (`user:password`).
+holds the secret, `bearer:VARIABLE` (a token) or `basic:VARIABLE` (`user:password`). Over https the server's certificate is verified against the
+system's certificate authorities, or against the PEM file that REQUESTS_CA_BUNDLE names (a hospital's
+own authority).
 
 Needs the `pacs` extra (`dicomweb-client`). Every failure of the server as a whole (refused,
 unreachable, stalled past the timeout, 401/403, an answer that is not DICOMweb) raises
@@ -72,6 +74,12 @@ def _auth_headers(auth: str | None) -> dict[str, str]:
     return {"Authorization": "Basic " + base64.b64encode(secret.encode()).decode()}
 
 
+def _tls_reason(error: BaseException) -> str:
+    """The verifier's reason inside requests' long SSLError text, e.g. 'self-signed certificate'."""
+    found = re.search(r"certificate verify failed: ([^(')]+)", str(error))
+    return found.group(1).strip() if found else _first_line(error)[:120]
+
+
 def _first_line(error: BaseException) -> str:
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
@@ -122,6 +130,9 @@ class DicomWebServer:
             if status == 403:
                 raise SourceFailed(f"{self.url}: forbids {what} (403 Forbidden); ask for access for these credentials")
             raise SourceFailed(f"{self.url}: failed while {what} (HTTP {status}); check that PATH is the server's DICOMweb root")
+        except requests.exceptions.SSLError as error:  # before ConnectionError, its base class
+            raise SourceFailed(f"{self.url}: cannot verify the server's TLS certificate while {what} ({_tls_reason(error)}); "
+                               f"if your own authority signed it, point the REQUESTS_CA_BUNDLE environment variable at its PEM file")
         except requests.Timeout:
             raise SourceFailed(f"{self.url}: no answer within {self.timeout:g} s while {what}; check the server, or raise --timeout")
         except requests.ConnectionError as error:

@@ -14,7 +14,8 @@ embedded again. Files known to be gone from a folder being indexed are removed f
 those of a sub-folder that cannot be listed are kept, and the folder is reported. Each file gets a
 tag (`--tag`, else the top folder's name); an unchanged file whose tag differs is re-tagged.
 
-A DICOMweb run is incremental by instance: one already in the catalog is not fetched again. A
+A DICOMweb run is incremental by instance: one already in the catalog is not fetched again, and one
+the server no longer lists is removed where the listing covers it (`DicomWebSource.is_gone`). A
 server that fails as a whole stops the run with its one-line error, keeping every committed batch,
 so that the next run resumes where it stopped.
 

@@ -84,14 +84,17 @@ class DicomWebSource:
     """The instances a DICOMweb server lists (QIDO-RS) under some filters, fetched (WADO-RS) when new.
 
     An instance is named by its URL, which holds its SOPInstanceUID; one already in the catalog is
-    unchanged (an instance does not change under its UID) and is not fetched again. Instances the
-    server no longer lists stay in the catalog.
+    unchanged (an instance does not change under its UID) and is not fetched again. An instance of
+    this server that is in the catalog but no longer listed is gone, where the listing covers it:
+    always on a run without filters (or filtered by its study's UID alone), and on a run filtered by
+    modality or date only if its series was listed (an unlisted series may just be filtered out).
     """
 
     def __init__(self, server: DicomWebServer, filters: DicomWebFilters | None = None, tag: str | None = None):
-        self.server, self._tag = server, tag
-        self.refs: dict[str, InstanceRef] = {server.instance_url(ref): ref for ref in server.instances(filters or DicomWebFilters())}
+        self.server, self._tag, self.filters = server, tag, filters or DicomWebFilters()
+        self.refs: dict[str, InstanceRef] = {server.instance_url(ref): ref for ref in server.instances(self.filters)}
         self.names, self.skipped = list(self.refs), []
+        self._listed_series = {(ref.study_uid, ref.series_uid) for ref in self.refs.values()}
 
     def tag(self, name: str) -> str | None:
         return self._tag
@@ -105,7 +108,17 @@ class DicomWebSource:
         return instance_records(instance, self._tag)
 
     def is_gone(self, path: str) -> bool:
-        return False
+        """Called for catalog entries the listing did not name (see the class docstring)."""
+        prefix = f"{self.server.url}/studies/"
+        if not path.startswith(prefix):  # another archive's entry
+            return False
+        study_uid, _, rest = path[len(prefix) :].partition("/series/")
+        series_uid = rest.partition("/instances/")[0]
+        if self.filters.study_uid and study_uid != self.filters.study_uid:
+            return False
+        if not (self.filters.modalities or self.filters.study_date):
+            return True
+        return (study_uid, series_uid) in self._listed_series
 
 
 def folder_source(paths: list[str | Path], tag: str | None = None) -> FolderSource:

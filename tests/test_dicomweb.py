@@ -12,6 +12,7 @@ import os
 import shutil
 import socket
 import sqlite3
+import ssl
 import subprocess
 import sys
 import threading
@@ -35,6 +36,7 @@ pydicom = pytest.importorskip("pydicom")
 pytest.importorskip("dicomweb_client", reason="dicomweb-client is not installed (pip install 'sketch2medi[pacs]')")
 
 ORTHANC = shutil.which("Orthanc")
+OPENSSL = shutil.which("openssl")
 PLUGIN = next(iter(sorted(glob.glob("/usr/share/orthanc/plugins/libOrthancDicomWeb.so*") + glob.glob("/usr/lib/orthanc/libOrthancDicomWeb.so*"))), None)
 pytestmark = pytest.mark.skipif(
     ORTHANC is None or PLUGIN is None,
@@ -317,6 +319,24 @@ def test_an_instance_deleted_after_listing_is_skipped_and_a_bad_one_reported(arc
     assert (summary.added, summary.unchanged, [name.rsplit("/", 1)[-1] for name, _ in summary.skipped]) == (0, 6, [sops[-1]])
 
 
+def test_instances_deleted_on_the_server_leave_the_catalog_where_the_listing_covers_them(archive, tmp_path):
+    server, sops = archive
+    workspace = tmp_path / "ws"
+    index_dicomweb(server.url, workspace, FakeEmbedder(), auth="basic:PACS_LOGIN")
+    server.delete(sops[3])  # the 3-frame XA instance
+    server.delete(sops[0])  # one of the two CT instances of series 1.2.826.0.1.1.1
+    ct_only = DicomWebFilters(modalities=("CT",))
+    summary = index_dicomweb(server.url, workspace, FakeEmbedder(), auth="basic:PACS_LOGIN", filters=ct_only)
+    # the CT series was listed, so its deleted instance is gone; the XA series is out of the filter, so kept
+    assert (summary.removed, summary.unchanged) == (1, 2)
+    assert {sop for sop, _ in catalog_meta(workspace)} == {sops[1], sops[2], sops[3], sops[4]}
+    summary = index_dicomweb(server.url, workspace, FakeEmbedder(), auth="basic:PACS_LOGIN")
+    assert (summary.removed, summary.unchanged, summary.total) == (3, 3, 3)
+    assert {sop for sop, _ in catalog_meta(workspace)} == {sops[1], sops[2], sops[4]}
+    with open_workspace_for_search(workspace) as ws:
+        assert ws.index.ntotal == 3
+
+
 def test_credentials_are_checked_before_anything_is_written(archive, tmp_path, monkeypatch):
     server, _ = archive
     workspace = tmp_path / "ws"
@@ -360,6 +380,79 @@ def test_a_server_that_is_down_or_stalls_is_one_line_error(tmp_path, monkeypatch
     assert requests and requests[0].startswith(b"GET /dicom-web/studies")
     assert b"\r\nAuthorization: Bearer tok-123\r\n" in requests[0]  # the token goes in the header, from the environment
     assert not (tmp_path / "ws").exists()
+
+
+class TlsProxy:
+    """HTTPS in front of an Orthanc (as a hospital's reverse proxy puts it), with a self-signed
+    certificate for 127.0.0.1 made by the openssl command: TLS from the client, plain HTTP on to Orthanc."""
+
+    def __init__(self, folder: Path, backend_port: int):
+        self.certificate, key = folder / "proxy-cert.pem", folder / "proxy-key.pem"
+        subprocess.run([OPENSSL, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+                        "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(self.certificate)],
+                       check=True, capture_output=True)  # fmt: skip
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.context.load_cert_chain(self.certificate, key)
+        self.backend_port = backend_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:  # closed
+                return
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client: socket.socket) -> None:
+        try:
+            secure = self.context.wrap_socket(client, server_side=True)
+        except (ssl.SSLError, OSError):  # a client that does not trust the certificate hangs up
+            client.close()
+            return
+        backend = socket.create_connection(("127.0.0.1", self.backend_port))
+        threading.Thread(target=_pipe, args=(backend, secure), daemon=True).start()
+        _pipe(secure, backend)
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def _pipe(source: socket.socket, target: socket.socket) -> None:
+    try:
+        while data := source.recv(65536):
+            target.sendall(data)
+    except OSError:
+        pass
+    finally:
+        for end in (source, target):
+            try:
+                end.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+@pytest.mark.skipif(OPENSSL is None, reason="the openssl command is not installed (apt-get install openssl)")
+def test_https_verifies_the_certificate_and_trusts_the_authority_requests_ca_bundle_names(archive, tmp_path, monkeypatch):
+    server, sops = archive
+    proxy = TlsProxy(tmp_path, server.port)
+    try:
+        url = f"dicomweb+https://127.0.0.1:{proxy.port}/dicom-web"
+        monkeypatch.delenv("REQUESTS_CA_BUNDLE", raising=False)
+        monkeypatch.delenv("CURL_CA_BUNDLE", raising=False)
+        with pytest.raises(SourceFailed) as refused:
+            index_dicomweb(url, tmp_path / "ws", FakeEmbedder(), auth="basic:PACS_LOGIN")
+        assert str(refused.value) == (f"{url}: cannot verify the server's TLS certificate while listing studies (self-signed certificate); "
+                                      "if your own authority signed it, point the REQUESTS_CA_BUNDLE environment variable at its PEM file")
+        assert not (tmp_path / "ws").exists()
+        monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(proxy.certificate))
+        summary = index_dicomweb(url, tmp_path / "ws", FakeEmbedder(), auth="basic:PACS_LOGIN")
+        assert (summary.added, summary.skipped, summary.total) == (7, [], 7)
+        assert {sop for sop, _ in catalog_meta(tmp_path / "ws")} == set(sops)
+    finally:
+        proxy.close()
 
 
 def test_cli_indexes_a_pacs_and_exits_2_when_it_cannot(archive, tiny_chain, tmp_path):
