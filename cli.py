@@ -356,11 +356,12 @@ def search(
 @app.command()
 def serve(
     workspace: Path = typer.Option(None, "--workspace", help=WORKSPACE_HELP),
-    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on; anything but loopback needs --token."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on; anything but loopback needs an access token."),
     port: int = typer.Option(8000, "--port", min=1, max=65535),
     bundle: Path = typer.Option(None, "--bundle", help="Bundle (default: the one the workspace was indexed with)."),
     db_url: str = typer.Option(None, "--db-url", "--db", help=DB_HELP),
-    token: str = typer.Option(None, "--token", help="Access token every request must carry (default: $SKETCH2MEDI_TOKEN)."),
+    token_env: str = typer.Option(None, "--token-env", metavar="VARIABLE",
+                                  help="The environment variable holding the access token every request must carry (default: SKETCH2MEDI_TOKEN)."),
     max_concurrent: int = typer.Option(32, "--max-concurrent", min=1, help="Searches admitted at once (one computes, the rest queue); more get 503."),
     device: str = typer.Option("cpu", "--device", help="cpu (default) | auto | cuda | cuda:N"),
     threads: int = typer.Option(0, "--threads", min=0, help="CPU threads for torch (0 = torch's default)."),
@@ -370,14 +371,13 @@ def serve(
                                                                "upload digests, filter, ids returned; never the images."),
 ):
     """Serve the draw-to-search web page and its JSON API (needs the `serve` extra)."""
-    import os
-
     try:
-        from retrieval.server import ENV_TOKEN, check_bind
+        from retrieval.server import access_token, check_bind
         from retrieval.server import serve as run_server
     except ImportError as error:
         raise InputError(f"the web app needs the serve extra ({error.name} is missing): pip install 'sketch2medi[serve]'")
-    check_bind(host, token or os.environ.get(ENV_TOKEN))  # before loading any network
+    token = access_token(token_env)  # from the environment: a token on the command line shows in every process listing
+    check_bind(host, token)  # before loading any network
     set_threads(threads)
     run_server(workspace, host, port, bundle, db_url, token, device, max_concurrent,
                allowed_hosts.split(",") if allowed_hosts is not None else None, audit_log)

@@ -138,10 +138,19 @@ def allowed_host_names(token: str | None, host: str | None, allowed_hosts: Itera
     return frozenset((*LOOPBACK_NAMES, *([host_name(host)] if host else [])))
 
 
+def access_token(variable: str | None = None) -> str | None:
+    """The access token from the environment variable `variable` (default SKETCH2MEDI_TOKEN), never
+    from the command line; a variable named explicitly must be set."""
+    token = os.environ.get(variable or ENV_TOKEN) or None
+    if variable and token is None:
+        raise InputError(f"--token-env {variable}: the environment variable {variable} is not set; export the access token in it")
+    return token
+
+
 def check_bind(host: str, token: str | None) -> None:
     """Refuse to serve beyond this machine without an access token."""
     if not token and not is_loopback(host):
-        raise InputError(f"--host {host} is reachable from other machines; set an access token with --token or ${ENV_TOKEN}")
+        raise InputError(f"--host {host} is reachable from other machines; export an access token in ${ENV_TOKEN} (or the variable --token-env names)")
 
 
 def decode_upload(data: bytes, name: str = "sketch") -> Image.Image:
@@ -444,10 +453,10 @@ def _add_images(app: FastAPI, retriever: Retriever, decoder: ThreadPoolExecutor)
 def serve(workspace: str | Path | None, host: str, port: int, bundle: str | Path | None = None, db_url: str | None = None,
           token: str | None = None, device: str = "cpu", max_concurrent: int = 32,
           allowed_hosts: Iterable[str] | None = None, audit_log: str | Path | None = None) -> None:
-    """`sketch2medi serve`: check the binding, open the workspace (one-line errors), run uvicorn."""
+    """`sketch2medi serve`: check the binding, open the workspace (one-line errors), run uvicorn.
+    token: the access token every request must carry (`access_token()` reads it from the environment)."""
     import uvicorn
 
-    token = token or os.environ.get(ENV_TOKEN) or None
     host = bind_host(host)
     check_bind(host, token)
     audit = AuditLog(audit_log) if audit_log is not None else None  # refused before the networks load

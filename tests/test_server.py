@@ -23,7 +23,7 @@ from retrieval.defaults import DEFAULT_LAMBDA  # noqa: E402
 from retrieval.models import SystemModels  # noqa: E402
 from retrieval.pictures import PictureCache  # noqa: E402
 from retrieval.search import Retriever  # noqa: E402
-from retrieval.server import bind_host, check_bind, create_app, page_url  # noqa: E402
+from retrieval.server import access_token, bind_host, check_bind, create_app, page_url  # noqa: E402
 from retrieval.vector import ArchiveEmbedder  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -242,14 +242,28 @@ def test_only_loopback_binds_without_a_token(tmp_path):
         check_bind(host, None)
     check_bind("0.0.0.0", "s3cret")
     for host in ("192.168.1.20", "example.org", ""):
-        with pytest.raises(InputError, match="--token"):
+        with pytest.raises(InputError, match=r"reachable from other machines; export an access token in \$SKETCH2MEDI_TOKEN \(or the variable --token-env names\)$"):
             check_bind(host, None)
     env = {k: v for k, v in os.environ.items() if k != "SKETCH2MEDI_TOKEN"}
     for host in ("0.0.0.0", "::"):  # refused before the (missing) workspace is even looked at
         result = subprocess.run([sys.executable, str(ROOT / "cli.py"), "serve", "--host", host, "--workspace", str(tmp_path)],
                                 capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
-        assert result.returncode == 2 and "--token" in result.stderr and "Traceback" not in result.stderr, host
+        assert result.returncode == 2 and "SKETCH2MEDI_TOKEN" in result.stderr and "Traceback" not in result.stderr, host
         assert len(result.stderr.strip().splitlines()) == 1
+    result = subprocess.run([sys.executable, str(ROOT / "cli.py"), "serve", "--token-env", "NOT_SET_HERE", "--workspace", str(tmp_path)],
+                            capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+    assert result.returncode == 2 and "--token-env NOT_SET_HERE: the environment variable NOT_SET_HERE is not set" in result.stderr
+    result = subprocess.run([sys.executable, str(ROOT / "cli.py"), "serve", "--token", "s3cret", "--workspace", str(tmp_path)],
+                            capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+    assert result.returncode == 2 and "No such option: --token" in result.stderr  # a secret is never taken from the command line
+
+
+def test_the_access_token_comes_from_the_environment(monkeypatch):
+    monkeypatch.delenv("SKETCH2MEDI_TOKEN", raising=False)
+    assert access_token() is None
+    monkeypatch.setenv("SKETCH2MEDI_TOKEN", "from-default")
+    monkeypatch.setenv("CLINIC_TOKEN", "from-named")
+    assert (access_token(), access_token("CLINIC_TOKEN")) == ("from-default", "from-named")
 
 
 def test_the_networks_load_and_run_on_one_thread(retriever, sketch):
