@@ -3,8 +3,9 @@
 A group is the hits that share a PatientID, StudyInstanceUID or SeriesInstanceUID (a hit without
 that identifier, such as a plain image file, is a group of its own), ranked by its best hit. Within
 a group, a frame that is a near-duplicate of a better one of the same sequence (its series, or its
-file: a video or a multi-frame DICOM), with vectors whose inner product is at least
-`DUPLICATE_SIMILARITY`, collapses into that hit, which counts it.
+file: a video or a multi-frame DICOM) collapses into that hit, which counts it: their vectors'
+inner product is at least `DUPLICATE_SIMILARITY` and their stored masks overlap with DICE at least
+`DUPLICATE_MASK_DICE` (the rule chosen by `retrieval.near_duplicates`, docs/RESULTS.md).
 
 Groups are formed from the ranked candidates (`--candidates`), so k groups come back when the
 candidates hold that many.
@@ -21,10 +22,14 @@ from PIL import Image
 from generation.errors import InputError
 from indexing.catalog import FileMeta, ImageRecord
 from indexing.workspace import Workspace
+from retrieval.rerank import dice_score
 from retrieval.search import Hit, Retriever, SearchResult
 
 GROUPINGS = ("patient", "study", "series", "none")
-DUPLICATE_SIMILARITY = 0.95  # near-copies only: a set value, not tuned on validation
+# Chosen on vocalfolds256 `val` and `train` (`python -m retrieval.near_duplicates`): of the pairs of
+# frames of one video it folds, 92.5 % show the same view (the vector threshold alone reaches 78 %).
+DUPLICATE_SIMILARITY = 0.80
+DUPLICATE_MASK_DICE = 90.0  # percent
 BEST_FRAMES = 3  # shown per group
 _FIELDS = {"patient": "patient_id", "study": "study_uid", "series": "series_uid"}
 
@@ -63,6 +68,7 @@ def group_hits(workspace: Workspace, hits: list[Hit], by: str, k: int) -> list[G
     records = workspace.records_for([hit.id for hit in hits])
     ids, vectors = workspace.catalog.vectors([hit.id for hit in hits])
     vector_of = dict(zip(ids.tolist(), vectors))
+    masks = workspace.masks_for([hit.id for hit in hits])
     members: dict[tuple[str, str], list[Hit]] = {}
     for hit in hits:
         if hit.id not in records:
@@ -71,19 +77,30 @@ def group_hits(workspace: Workspace, hits: list[Hit], by: str, k: int) -> list[G
         members.setdefault((by, identifier) if identifier else ("image", str(hit.id)), []).append(hit)
     groups = []
     for rank, ((kind, key), group) in enumerate(list(members.items())[:k], start=1):
-        collapsed = _collapse(group, records, vector_of)
+        collapsed = _collapse(group, records, vector_of, masks)
         groups.append(Group(rank, kind, key, group[0].score, len(group), tuple(collapsed[:BEST_FRAMES]), records[group[0].id].meta))
     return groups
 
 
-def _collapse(hits: list[Hit], records: dict[int, ImageRecord], vector_of: dict[int, np.ndarray]) -> list[GroupedHit]:
+def near_duplicates(vector_a: np.ndarray, vector_b: np.ndarray, masks_a: np.ndarray | None, masks_b: np.ndarray | None) -> bool:
+    """Whether two frames of one sequence show the same view (see the module docstring); frames
+    without stored masks are compared by their vectors alone."""
+    if float(vector_a @ vector_b) < DUPLICATE_SIMILARITY:
+        return False
+    if masks_a is None or masks_b is None:
+        return True
+    return dice_score(masks_a, masks_b, int(max(masks_a.max(), masks_b.max())) + 1) >= DUPLICATE_MASK_DICE
+
+
+def _collapse(hits: list[Hit], records: dict[int, ImageRecord], vector_of: dict[int, np.ndarray],
+              masks: dict[int, np.ndarray]) -> list[GroupedHit]:
     """The group's hits with each near-duplicate of a better hit of the same sequence folded into it."""
     kept: list[list] = []  # [hit, count, sequence]
     for hit in hits:
         record = records[hit.id]
         sequence = record.meta.series_uid or record.path
         for entry in kept:
-            if entry[2] == sequence and float(vector_of[hit.id] @ vector_of[entry[0].id]) >= DUPLICATE_SIMILARITY:
+            if entry[2] == sequence and near_duplicates(vector_of[hit.id], vector_of[entry[0].id], masks.get(hit.id), masks.get(entry[0].id)):
                 entry[1] += 1
                 break
         else:

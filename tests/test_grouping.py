@@ -116,3 +116,39 @@ def test_cli_search_groups_and_leaves_ungrouped_results_unchanged(tiny_chain, tm
     assert result.exit_code == 2 and "--group 'ward': use one of patient, study, series, none" in result.output
     table = runner.invoke(app, ["search", str(sketch), "-k", "2", "--workspace", str(tmp_path / "ws"), "--device", "cpu"])
     assert table.exit_code == 0 and "x3" in table.output, table.output  # the scene of study 1.1, its 3 frames as one
+
+
+def test_the_near_duplicate_rule_is_the_most_recalling_one_that_folds_mostly_same_view_pairs(tmp_path):
+    from retrieval.near_duplicates import choose, rule_table, sequence_pairs
+
+    similarity = np.array([0.99, 0.97, 0.93, 0.91, 0.86, 0.5])
+    mask_dice = np.array([96.0, 91.0, 92.0, 95.0, 70.0, 10.0])
+    truth = np.array([95.0, 92.0, 91.0, 40.0, 93.0, np.nan])  # the 0.91 pair shows another view
+    rows = rule_table(similarity, mask_dice, truth, similarities=(0.85, 0.92), mask_dices=(0.0, 90.0), same_view=80)
+    assert [(r["similarity"], r["mask_dice"], r["folded"], round(r["precision"], 3), r["recall"]) for r in rows] == [
+        (0.85, 0.0, 5, 0.8, 1.0), (0.85, 90.0, 4, 0.75, 0.75), (0.92, 0.0, 3, 1.0, 0.75), (0.92, 90.0, 3, 1.0, 0.75)]
+    assert (choose(rows, 0.9)["similarity"], choose(rows, 0.9)["mask_dice"]) == (0.92, 90.0)  # equal recall: the stricter
+    assert choose(rows[:2], 0.9) == rows[1]  # none is precise enough: the strictest tried
+
+    root = tmp_path / "data"
+    (root / "images").mkdir(parents=True)
+    for name in ("a1.png", "a2.png", "b1.png", "a3.png"):
+        Image.fromarray(blocky(1)).save(root / "images" / name)
+    (root / "split.csv").write_text("file,sequence,split\na1.png,a,val\na2.png,a,val\nb1.png,b,val\na3.png,a,val\n")
+    dataset = ImageDataset(root, "val")
+    names = [s.name for s in dataset.samples]
+    pairs = {tuple(sorted((names[i], names[j]))) for i, j in zip(*sequence_pairs(dataset))}
+    assert pairs == {("a1.png", "a2.png"), ("a1.png", "a3.png"), ("a2.png", "a3.png")}
+
+
+def test_frames_fold_only_when_vectors_and_stored_masks_both_agree():
+    from retrieval.grouping import near_duplicates
+
+    a, b, far = np.array([1.0, 0.0]), np.array([0.9, np.sqrt(1 - 0.81)]), np.array([0.0, 1.0])
+    masks = np.zeros((16, 16), np.uint8)
+    masks[2:10, 2:10] = 1
+    moved = np.roll(masks, 5, axis=1)
+    assert near_duplicates(a, b, masks, masks.copy())
+    assert not near_duplicates(a, b, masks, moved)  # alike vectors, another view
+    assert not near_duplicates(a, far, masks, masks.copy())
+    assert near_duplicates(a, b, None, masks) and not near_duplicates(a, far, None, None)  # no masks: the vectors decide
