@@ -3,12 +3,11 @@ real server under uvicorn: draw with the mouse, search, and check the grid shows
 over an archive of DICOM files, the cards' metadata and group counts, the grouping selector, more
 like this, thumbs up and down, the filter bar and an archive image as the template.
 
-SKETCH2MEDI_SCREENSHOT=1 also writes docs/web_search.png."""
+docs/screenshot_web.py makes the README's screenshot the same way."""
 
 import contextlib
 import io
 import math
-import os
 import shutil
 import socket
 import threading
@@ -35,7 +34,6 @@ from retrieval.search import Retriever  # noqa: E402
 from retrieval.server import create_app  # noqa: E402
 from retrieval.vector import ArchiveEmbedder  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "e2e-token"
 
 
@@ -198,11 +196,6 @@ def test_draw_search_and_browse_results(server, browser, tiny_chain, tmp_path):
     assert not page.locator("#detail-masks").is_visible() and not page.locator("#query-masks").is_visible()
     page.locator("#show-masks").check()
 
-    if os.environ.get("SKETCH2MEDI_SCREENSHOT") == "1":
-        page.locator("#results .result").first.click()
-        page.wait_for_function("() => document.getElementById('detail-image').complete")
-        page.screenshot(path=str(ROOT / "docs" / "web_search.png"), full_page=True)
-
     # A photograph uploaded as the sketch: the server's one-line reason is shown, the grid kept.
     page.set_input_files("#sketch-file", str(template))
     page.locator("#search").click()
@@ -274,9 +267,9 @@ def test_cards_show_patient_study_date_modality_and_group_counts(clinic_server, 
         if group["by"] == "image":  # the plain PNG: no identifiers, no group
             assert shown.locator(".count").count() == 0 and shown.locator(".meta").text_content() == f"id {group['key']}"
             continue
-        size = f"{group['frames']} frame{'s' if group['frames'] > 1 else ''} of this study"
+        size = f"study of {group['frames']} frame{'s' if group['frames'] > 1 else ''}"
         folded = group["hits"][0]["count"]
-        assert shown.locator(".count").text_content() == size + (f" · {folded} near-identical shown as one" if folded > 1 else "")
+        assert shown.locator(".count").text_content() == size + (f" · {folded} near-identical as one" if folded > 1 else "")
         meta = shown.locator(".meta").text_content()
         date = group["study_date"]
         assert f"patient {group['patient_id']}" in meta and f"{date[:4]}-{date[4:6]}-{date[6:]}" in meta and group["modality"] in meta
@@ -294,11 +287,10 @@ def test_cards_show_patient_study_date_modality_and_group_counts(clinic_server, 
     searched(page, lambda: page.locator("#group").select_option("study"))
     assert recording.calls[-1][0] is None and recording.calls[-1][1]["like"] == [ids["s1a.dcm"]]
     first = page.locator("#results .card").first
-    assert first.locator(".count").text_content() == "3 frames of this study · 2 near-identical shown as one"
+    assert first.locator(".count").text_content() == "study of 3 frames · 2 near-identical as one"
     assert first.locator(".meta").text_content() == f"id {min(ids['s1a.dcm'], ids['s1b.dcm'])}patient P1study 1.2.826.12020-01-15ES"
     searched(page, lambda: page.locator("#group").select_option("patient"))
-    assert page.locator("#results .count").all_text_contents() == ["4 frames of this patient · 2 near-identical shown as one",
-                                                                   "2 frames of this patient"]
+    assert page.locator("#results .count").all_text_contents() == ["patient of 4 frames · 2 near-identical as one", "patient of 2 frames"]
     assert errors == []
     page.close()
 

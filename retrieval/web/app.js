@@ -429,9 +429,9 @@ function groupCount(group) {
   // The group's size, and how many near-identical frames its best hit stands for.
   const noun = { patient: "patient", study: "study", series: "series" }[group.by];
   if (!noun) return "";
-  const size = `${group.frames} frame${group.frames === 1 ? "" : "s"} of this ${noun}`;
+  const size = `${noun} of ${group.frames} frame${group.frames === 1 ? "" : "s"}`;
   const count = group.hits[0].count;
-  return count > 1 ? `${size} · ${count} near-identical shown as one` : size;
+  return count > 1 ? `${size} · ${count} near-identical as one` : size;
 }
 
 function cardsOf(body) {
