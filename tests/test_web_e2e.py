@@ -379,7 +379,7 @@ def test_an_archive_image_picked_by_id_is_the_template_and_is_never_sent(clinic_
 
     page.locator("#template-id").fill(str(ids["s2.dcm"]))
     page.locator("#template-show").click()
-    page.wait_for_function(f"({template_ink})() > 0")
+    page.wait_for_function(f"() => ({template_ink})() > 0")  # a function: the page's CSP forbids evaluating a string
     assert page.evaluate(template_ink) == 512 * 512  # the image, contained in the square canvas: a square fills it
     assert f"archive image {ids['s2.dcm']}" in page.locator("#status").text_content()
     searched(page, lambda: page.locator("#search").click())
