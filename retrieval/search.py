@@ -31,7 +31,7 @@ from retrieval.relevance import Rocchio
 from retrieval.rerank import dice_score, rerank_score
 from retrieval.vector import RECIPE_SEPARATOR, ArchiveEmbedder, VectorRecipe, archive_parts, fuse_vectors, sketch_field
 
-JSON_SCHEMA_VERSION = 2
+JSON_SCHEMA_VERSION = 3
 
 
 @dataclass

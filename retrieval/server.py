@@ -3,8 +3,8 @@
     GET  /                              the page (index.html; app.js and style.css under /static/)
     GET  /api/health                    {"status": "ok"}
     GET  /api/info                      workspace, image count, bundle id, resolution, limits, defaults
-    POST /api/search                    multipart: sketch or image (file) and/or like (ids), unlike, where, k,
-                                        candidates, rerank, lambda, steps
+    POST /api/search                    multipart: sketch or image (file) and/or like (ids), unlike, where, group,
+                                        k, candidates, rerank, lambda, steps
     GET  /api/images/{id}/image.png     a catalogued image (longest side <= 1024)
     GET  /api/images/{id}/thumbnail.png the same, longest side <= 192
     GET  /api/images/{id}/masks.png     S's stored masks of it as an RGBA overlay aligned with image.png
@@ -63,9 +63,11 @@ from starlette.requests import Request
 from generation.errors import InputError
 from generation.images import decode_image
 from generation.normalize import WORK_SIDE, reduce_to_work_side
+from indexing.catalog import FileMeta
 from indexing.filters import SearchFilter
 from retrieval.audit import AuditLog
 from retrieval.defaults import DEFAULT_LAMBDA
+from retrieval.grouping import GROUPINGS, Group, grouped_search
 from retrieval.pictures import (
     PALETTE,
     PictureCache,
@@ -78,7 +80,7 @@ from retrieval.pictures import (
     released,
     shown_pngs,
 )
-from retrieval.search import Retriever
+from retrieval.search import Hit, Retriever, SearchResult
 
 ENV_TOKEN = "SKETCH2MEDI_TOKEN"
 COOKIE = "sketch2medi_token"
@@ -162,13 +164,15 @@ def decode_upload(data: bytes, name: str = "sketch") -> Image.Image:
 
 
 class _ApiError(Exception):
-    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None, field: str | None = None):
         super().__init__(message)
-        self.status, self.headers = status, headers
+        self.status, self.headers, self.field = status, headers, field
 
 
-def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
+def _error(status: int, message: str, headers: dict[str, str] | None = None, field: str | None = None) -> JSONResponse:
+    """`{"error": "one line"}`, and `field`, the form field at fault, where one is (the page shows the
+    message beside it)."""
+    return JSONResponse({"error": message, **({"field": field} if field else {})}, status_code=status, headers=headers)
 
 
 class _Guard:
@@ -303,7 +307,7 @@ def _add_error_handlers(app: FastAPI) -> None:
     """Every error as `{"error": "one line"}`."""
     @app.exception_handler(_ApiError)
     async def api_error(_, error: _ApiError):
-        return _error(error.status, str(error), error.headers)
+        return _error(error.status, str(error), error.headers, error.field)
 
     @app.exception_handler(InputError)
     async def input_error(_, error: InputError):
@@ -354,12 +358,18 @@ def _add_search(app: FastAPI, retriever: Retriever, models: ThreadPoolExecutor, 
                      like: list[int] = Form([], description="archive image ids (repeated field): more like them"),
                      unlike: list[int] = Form([], description="archive image ids (repeated field): less like them"),
                      where: str | None = Form(None, description="a filter, e.g. modality=ES; date>=2020-01-01"),
+                     group: str | None = Form(None, description="patient, study, series or none (default: study where known)"),
                      k: int = Form(10, ge=1, le=MAX_K), candidates: int = Form(100, ge=1, le=MAX_CANDIDATES),
                      rerank: bool = Form(True), lam: float = Form(DEFAULT_LAMBDA, alias="lambda", ge=0, le=1),
                      steps: int | None = Form(None, ge=0, le=MAX_STEPS)):
         if sketch is None and image is None and not like:
             raise _ApiError(422, "sketch: a file is required (or image, a file to search by, or like, archive image ids)")
-        search_filter = SearchFilter.parse(where) if where else None
+        if group is not None and group not in GROUPINGS:
+            raise _ApiError(422, f"group {group!r}: use one of {', '.join(GROUPINGS)}", field="group")
+        try:
+            search_filter = SearchFilter.parse(where) if where else None
+        except InputError as error:
+            raise _ApiError(400, str(error), field="where") from None
         uploads, digests = {}, {}
         for name, upload in (("sketch", sketch), ("image", image)):
             if upload is None:
@@ -373,24 +383,47 @@ def _add_search(app: FastAPI, retriever: Retriever, models: ThreadPoolExecutor, 
         if not await slots.take(busy_wait_s):
             raise _ApiError(503, f"busy: {slots.n} searches are running or queued; try again shortly", {"Retry-After": "1"})
         try:
-            result = await asyncio.wrap_future(
-                models.submit(retriever.search, uploads.get("sketch"), k=k, candidates=candidates, rerank=rerank, lam=lam, steps=steps,
-                              image=uploads.get("image"), like=like, unlike=unlike, where=search_filter))
+            result, groups, meta = await asyncio.wrap_future(
+                models.submit(_grouped_with_meta, retriever, uploads.get("sketch"), k=k, group=group, candidates=candidates, rerank=rerank,
+                              lam=lam, steps=steps, image=uploads.get("image"), like=like, unlike=unlike, where=search_filter))
         finally:
             slots.release()
-        params = {"k": k, "candidates": candidates, "rerank": rerank, "lambda": lam, "steps": steps}
+        params = {"k": k, "candidates": candidates, "rerank": rerank, "lambda": lam, "steps": steps, "group": group}
         if audit_log is not None:
             audit_log.record(client=request.client.host if request.client else None, token=token, uploads=digests, like=like,
                              unlike=unlike, where=where, params=params, ids=[hit.id for hit in result.results])
-        hits = []
-        for hit in result.results:
-            base = f"/api/images/{hit.id}"
-            hits.append({**asdict(hit), "image": f"{base}/image.png", "thumbnail": f"{base}/thumbnail.png", "masks": f"{base}/masks.png"})
-        return {**result.to_json(), "results": hits,
+        return {**result.to_json(), "results": [{**_hit_json(hit), **_meta_json(meta[hit.id])} for hit in result.results],
+                "groups": None if groups is None else [_group_json(g) for g in groups],
                 "params": params,
                 "query": {"sketch": None if result.sketch is None else data_url(result.sketch),
                           "generated": None if result.image is None else data_url(result.image),
                           "masks": data_url(mask_overlay(result.labels)) if rerank else None}}
+
+
+def _grouped_with_meta(retriever: Retriever, sketch, **options) -> tuple[SearchResult, list[Group] | None, dict[int, FileMeta]]:
+    """`grouped_search`, and the catalog's metadata of its hits (read on the model thread, beside the search)."""
+    result, groups = grouped_search(retriever, sketch, **options)
+    records = retriever.workspace.records_for([hit.id for hit in result.results])
+    return result, groups, {image_id: record.meta for image_id, record in records.items()}
+
+
+def _hit_json(hit: Hit) -> dict:
+    """A hit as `--json` writes it, with the URLs of its pictures."""
+    base = f"/api/images/{hit.id}"
+    return {**asdict(hit), "image": f"{base}/image.png", "thumbnail": f"{base}/thumbnail.png", "masks": f"{base}/masks.png"}
+
+
+def _meta_json(meta: FileMeta) -> dict:
+    """What the catalog records of a hit's file (docs/INDEX.md), without the SOPInstanceUID, as a group's
+    metadata is written."""
+    return {column: value for column, value in meta.values().items() if column != "sop_uid"}
+
+
+def _group_json(group: Group) -> dict:
+    """A group as `--json` writes it, each of its hits also with its score, path and picture URLs."""
+    written = group.to_json()
+    written["hits"] = [{**_hit_json(shown.hit), "count": shown.count} for shown in group.hits]
+    return written
 
 
 def _add_images(app: FastAPI, retriever: Retriever, decoder: ThreadPoolExecutor) -> None:

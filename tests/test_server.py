@@ -148,7 +148,7 @@ def test_bad_sketches_get_one_line_errors(client, tiny_chain, sketch, upload, st
 
 
 @pytest.mark.parametrize("fields, where", [({"k": 0}, "k"), ({"k": 1000}, "k"), ({"lambda": 2}, "lambda"),
-                                          ({"steps": -1}, "steps"), ({"rerank": "maybe"}, "rerank")])
+                                          ({"steps": -1}, "steps"), ({"rerank": "maybe"}, "rerank"), ({"group": "family"}, "group")])
 def test_bad_parameters_are_422(client, sketch, fields, where):
     response = post(client, sketch, **fields)
     assert response.status_code == 422 and response.json()["error"].startswith(where)
@@ -394,3 +394,101 @@ def test_the_audit_log_must_be_a_file_that_can_be_appended(tmp_path):
         AuditLog(tmp_path)
     with pytest.raises(InputError, match="cannot append the audit log"):
         AuditLog(tmp_path / "missing" / "audit.jsonl")
+
+
+# -- DICOM metadata and groups -------------------------------------------------------------------
+
+
+def write_rgb_dicom(path: Path, pixels: np.ndarray, **tags) -> Path:
+    """An 8-bit RGB Secondary Capture file of (H, W, 3) pixels with these DICOM tags."""
+    pytest.importorskip("pydicom")
+    from test_ingest import dicom_dataset
+
+    dataset = dicom_dataset(tags.pop("Modality", "ES"), **tags)
+    dataset.Rows, dataset.Columns = pixels.shape[:2]
+    dataset.SamplesPerPixel, dataset.PhotometricInterpretation, dataset.PlanarConfiguration = 3, "RGB", 0
+    dataset.BitsAllocated, dataset.BitsStored, dataset.HighBit, dataset.PixelRepresentation = 8, 8, 7, 0
+    dataset.PixelData = np.ascontiguousarray(pixels, np.uint8).tobytes()
+    dataset.save_as(path, enforce_file_format=True)
+    return path
+
+
+# (file, phantom image, PatientID, StudyInstanceUID, SeriesInstanceUID, StudyDate, Modality); s1b.dcm repeats s1a.dcm's
+# pixels in its series: a near-duplicate frame (vector inner product 1).
+CLINIC = [("s1a.dcm", 0, "P1", "1.2.826.1", "1.2.826.1.1", "20200115", "ES"),
+          ("s1b.dcm", 0, "P1", "1.2.826.1", "1.2.826.1.1", "20200115", "ES"),
+          ("s1c.dcm", 1, "P1", "1.2.826.1", "1.2.826.1.1", "20200115", "ES"),
+          ("s2.dcm", 2, "P1", "1.2.826.2", "1.2.826.2.1", "20210310", "ES"),
+          ("s3a.dcm", 3, "P2", "1.2.826.3", "1.2.826.3.1", "20220601", "XA"),
+          ("s3b.dcm", 4, "P2", "1.2.826.3", "1.2.826.3.2", "20220601", "XA")]  # fmt: skip
+
+
+def write_clinic_archive(folder: Path, phantom: Path) -> Path:
+    """Two patients, three studies, four series of phantom images as RGB DICOM files (with a patient
+    name, which must never be shown), and one plain PNG; their folder, `clinic-a`, is their tag."""
+    folder.mkdir(parents=True)
+    images = ImageDataset(phantom)
+    for name, index, patient, study, series, date, modality in CLINIC:
+        write_rgb_dicom(folder / name, images.image(index), PatientID=patient, PatientName=f"Doe^{patient}", StudyInstanceUID=study,
+                        SeriesInstanceUID=series, StudyDate=date, Modality=modality, BodyPartExamined="LARYNX")
+    Image.fromarray(images.image(5)).save(folder / "plain.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def clinic(tiny_chain, retriever, tmp_path_factory):
+    """A retriever over the clinic archive (the tiny bundle's models) and {file name: catalog id}."""
+    root = tmp_path_factory.mktemp("clinic")
+    index_folders(write_clinic_archive(root / "clinic-a", tiny_chain[0]), root / "ws", ArchiveEmbedder(retriever.models), batch_size=8)
+    with Retriever(root / "ws", models=retriever.models) as opened:
+        records = opened.workspace.records_for(opened.workspace.catalog.ids())
+        yield opened, {Path(record.path).name: image_id for image_id, record in records.items()}
+
+
+def test_search_groups_as_the_cli_and_each_hit_carries_its_catalog_metadata(clinic):
+    from retrieval.grouping import grouped_search
+
+    retriever, ids = clinic
+    with TestClient(create_app(retriever), base_url=LOCAL) as client:
+        for group in ("study", "patient", "series", None):
+            fields = {"like": str(ids["s1a.dcm"]), "k": "3", **({"group": group} if group else {})}
+            answer = client.post("/api/search", data=fields)
+            assert answer.status_code == 200, answer.text
+            body = answer.json()
+            result, groups = grouped_search(retriever, None, k=3, group=group, like=[ids["s1a.dcm"]])
+            assert [hit["id"] for hit in body["results"]] == [hit.id for hit in result.results]
+            expected = [g.to_json() for g in groups]
+            for written, cli in zip(body["groups"], expected, strict=True):  # the CLI's fields, and more per hit
+                assert {key: value for key, value in written.items() if key != "hits"} == {key: v for key, v in cli.items() if key != "hits"}
+                assert [{key: hit[key] for key in ("id", "rank", "count")} for hit in written["hits"]] == cli["hits"]
+                assert all(hit["thumbnail"] == f"/api/images/{hit['id']}/thumbnail.png" and "score" in hit for hit in written["hits"])
+            assert body["schema_version"] == 3 and body["params"]["group"] == group
+
+        by_study = client.post("/api/search", data={"like": str(ids["s1a.dcm"]), "k": "3"}).json()  # the default: by study
+        first = by_study["groups"][0]
+        assert (first["by"], first["key"], first["frames"], first["patient_id"], first["study_date"]) == ("study", "1.2.826.1", 3, "P1", "20200115")
+        # s1a.dcm and s1b.dcm, the same pixels in one series, tie; the lower id is kept and counts the other
+        assert (first["hits"][0]["id"], first["hits"][0]["count"]) == (min(ids["s1a.dcm"], ids["s1b.dcm"]), 2)
+        assert [hit["id"] for hit in first["hits"][1:]] == [ids["s1c.dcm"]]
+
+        flat_answer = client.post("/api/search", data={"like": str(ids["s3a.dcm"]), "k": "7", "group": "none"})
+        flat = flat_answer.json()
+        assert flat["groups"] is None and len(flat["results"]) == 7
+        meta = {hit["id"]: {key: hit[key] for key in ("patient_id", "study_uid", "series_uid", "study_date", "modality", "body_part", "tag")}
+                for hit in flat["results"]}
+        assert meta[ids["s3b.dcm"]] == {"patient_id": "P2", "study_uid": "1.2.826.3", "series_uid": "1.2.826.3.2", "study_date": "20220601",
+                                        "modality": "XA", "body_part": "LARYNX", "tag": "clinic-a"}
+        assert meta[ids["plain.png"]] == {"patient_id": None, "study_uid": None, "series_uid": None, "study_date": None, "modality": None,
+                                          "body_part": None, "tag": "clinic-a"}
+        assert "Doe" not in answer.text + flat_answer.text and "sop_uid" not in flat_answer.text  # identifiers only, never names
+
+
+def test_a_bad_group_is_422_with_one_line_and_a_bad_filter_names_its_field(clinic):
+    retriever, ids = clinic
+    with TestClient(create_app(retriever), base_url=LOCAL) as client:
+        bad = client.post("/api/search", data={"like": str(ids["s1a.dcm"]), "group": "family"})
+        assert bad.status_code == 422 and bad.json() == {"error": "group 'family': use one of patient, study, series, none", "field": "group"}
+        bad = client.post("/api/search", data={"like": str(ids["s1a.dcm"]), "where": "colour=red"})
+        assert bad.status_code == 400 and bad.json()["field"] == "where" and bad.json()["error"].startswith("--where clause 'colour=red'")
+        filtered = client.post("/api/search", data={"like": str(ids["s1a.dcm"]), "where": "modality=XA", "group": "none"}).json()
+        assert filtered["matching"] == 2 and {hit["modality"] for hit in filtered["results"]} == {"XA"}

@@ -1,11 +1,13 @@
 """The draw-to-search page in a real headless Chromium (Debian's, driven by Playwright) against the
-real server under uvicorn: draw with the mouse, search, and check the grid shows the API's answer.
+real server under uvicorn: draw with the mouse, search, and check the grid shows the API's answer;
+over an archive of DICOM files, the cards' metadata and group counts, the grouping selector, more
+like this, thumbs up and down, the filter bar and an archive image as the template.
 
-SKETCH2MEDI_SCREENSHOT=1 also writes docs/web_search.png."""
+docs/screenshot_web.py makes the README's screenshot the same way."""
 
+import contextlib
 import io
 import math
-import os
 import shutil
 import socket
 import threading
@@ -23,6 +25,8 @@ CHROMIUM = shutil.which("chromium")
 if CHROMIUM is None:
     pytest.skip("Debian's chromium is not installed (apt-get install -y chromium)", allow_module_level=True)
 
+from test_server import write_clinic_archive  # noqa: E402
+
 from generation.dataset import ImageDataset  # noqa: E402
 from indexing.ingest import index_folders  # noqa: E402
 from retrieval.models import SystemModels  # noqa: E402
@@ -30,17 +34,12 @@ from retrieval.search import Retriever  # noqa: E402
 from retrieval.server import create_app  # noqa: E402
 from retrieval.vector import ArchiveEmbedder  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "e2e-token"
 
 
-@pytest.fixture(scope="module")
-def server(tiny_chain, tmp_path_factory):
-    """uvicorn on 127.0.0.1 and a free port, in a thread, with an access token: (base url, retriever)."""
-    data, bundle, _ = tiny_chain
-    models = SystemModels(bundle, "cpu")
-    workspace = tmp_path_factory.mktemp("web") / "ws"
-    index_folders(data / "images", workspace, ArchiveEmbedder(models), batch_size=8)
+@contextlib.contextmanager
+def serving(workspace: Path, models: SystemModels):
+    """uvicorn on 127.0.0.1 and a free port, in a thread, with an access token: (base url, recording retriever)."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -60,6 +59,31 @@ def server(tiny_chain, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def models(tiny_chain):
+    return SystemModels(tiny_chain[1], "cpu")
+
+
+@pytest.fixture(scope="module")
+def server(tiny_chain, models, tmp_path_factory):
+    """The page over the 24 phantom images (plain PNG files)."""
+    workspace = tmp_path_factory.mktemp("web") / "ws"
+    index_folders(tiny_chain[0] / "images", workspace, ArchiveEmbedder(models), batch_size=8)
+    with serving(workspace, models) as served:
+        yield served
+
+
+@pytest.fixture(scope="module")
+def clinic_server(tiny_chain, models, tmp_path_factory):
+    """The page over the clinic archive of tests/test_server.py (DICOM files of two patients, three
+    studies, and a plain PNG): (base url, recording retriever, {file name: catalog id})."""
+    root = tmp_path_factory.mktemp("clinic-web")
+    index_folders(write_clinic_archive(root / "clinic-a", tiny_chain[0]), root / "ws", ArchiveEmbedder(models), batch_size=8)
+    with serving(root / "ws", models) as (base, recording):
+        records = recording.workspace.records_for(recording.workspace.catalog.ids())
+        yield base, recording, {Path(record.path).name: image_id for image_id, record in records.items()}
+
+
+@pytest.fixture(scope="module")
 def browser():
     with sync_api.sync_playwright() as playwright:
         launched = playwright.chromium.launch(
@@ -70,6 +94,7 @@ def browser():
 
 def stroke(page, points: list[tuple[float, float]]) -> None:
     """One mouse stroke through these points, given as fractions of the canvas."""
+    page.locator("#canvas").scroll_into_view_if_needed()  # a click below it may have scrolled it partly out of view
     box = page.locator("#canvas").bounding_box()
     at = [(box["x"] + x * box["width"], box["y"] + y * box["height"]) for x, y in points]
     page.mouse.move(*at[0])
@@ -90,10 +115,11 @@ class Recording:
     def __init__(self, inner: Retriever):
         self.inner, self.workspace, self.models, self.calls = inner, inner.workspace, inner.models, []
 
-    def search(self, sketch: Image.Image, **options):
+    def search(self, sketch: Image.Image | None, **options):
         buffer = io.BytesIO()
-        sketch.save(buffer, "PNG")
-        self.calls.append((buffer.getvalue(), options))
+        if sketch is not None:
+            sketch.save(buffer, "PNG")
+        self.calls.append((buffer.getvalue() or None, options))
         return self.inner.search(sketch, **options)
 
 
@@ -144,11 +170,12 @@ def test_draw_search_and_browse_results(server, browser, tiny_chain, tmp_path):
     sent_pixels = np.asarray(Image.open(io.BytesIO(sketch)).convert("L"))
     assert sent_pixels.shape == (512, 512) and (sent_pixels > 250).mean() > 0.9  # strokes on white; no template in it
 
-    # The grid is the API's answer for the very PNG the page sent, which is the Retriever's.
-    fields = {"k": str(options["k"]), "lambda": str(options["lam"]), "rerank": str(options["rerank"]).lower()}
+    # The grid is the API's answer for the very PNG the page sent, which is the Retriever's (no studies: not grouped).
+    fields = {"k": "12", "lambda": str(options["lam"]), "rerank": str(options["rerank"]).lower()}
     answer = page.request.post(f"{base}/api/search", headers={"Authorization": f"Bearer {TOKEN}"},
                                multipart={"sketch": {"name": "sketch.png", "mimeType": "image/png", "buffer": sketch}, **fields}).json()
-    expected = retriever.search(Image.open(io.BytesIO(sketch)), **options)
+    assert answer["groups"] is None
+    expected = retriever.search(Image.open(io.BytesIO(sketch)), **{**options, "k": 12})
     shown = page.eval_on_selector_all("#results .result", "buttons => buttons.map(b => [Number(b.dataset.rank), Number(b.dataset.id)])")
     assert shown == [[hit["rank"], hit["id"]] for hit in answer["results"]] == [[hit.rank, hit.id] for hit in expected.results]
     assert len(shown) == 12
@@ -169,11 +196,6 @@ def test_draw_search_and_browse_results(server, browser, tiny_chain, tmp_path):
     assert not page.locator("#detail-masks").is_visible() and not page.locator("#query-masks").is_visible()
     page.locator("#show-masks").check()
 
-    if os.environ.get("SKETCH2MEDI_SCREENSHOT") == "1":
-        page.locator("#results .result").first.click()
-        page.wait_for_function("() => document.getElementById('detail-image').complete")
-        page.screenshot(path=str(ROOT / "docs" / "web_search.png"), full_page=True)
-
     # A photograph uploaded as the sketch: the server's one-line reason is shown, the grid kept.
     page.set_input_files("#sketch-file", str(template))
     page.locator("#search").click()
@@ -189,5 +211,189 @@ def test_draw_search_and_browse_results(server, browser, tiny_chain, tmp_path):
     page.wait_for_function("() => document.getElementById('status').textContent.includes('results in')")
     assert len(recording.calls) == before + 1
     errors = [error for error in errors if "/api/search" not in error]  # aborted fetches are fine
+    assert errors == []
+    page.close()
+
+
+# -- the cards, feedback, filters, groups and the template, over an archive with DICOM identifiers -------------------
+
+
+def opened(browser, base: str):
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.goto(f"{base}/?token={TOKEN}")
+    page.wait_for_function("() => document.getElementById('info').textContent.includes('7 images')")
+    return page, errors
+
+
+def draw(page) -> None:
+    stroke(page, ellipse(0.5, 0.55, 0.3, 0.35))
+    stroke(page, [(0.2, 0.2), (0.5, 0.35), (0.8, 0.2)])
+
+
+def searched(page, action) -> dict:
+    """Do `action`, wait for the search it starts and for the page to show its answer: the answer."""
+    with page.expect_response(lambda response: response.url.endswith("/api/search")) as response:
+        action()
+    page.wait_for_function("() => !document.getElementById('status').textContent.startsWith('Searching')")
+    return response.value.json()
+
+
+def card_ids(page) -> list[int]:
+    return page.eval_on_selector_all("#results .card", "cards => cards.map(card => Number(card.dataset.id))")
+
+
+def card(page, image_id: int):
+    return page.locator(f"#results .card[data-id='{image_id}']")
+
+
+def api(page, base: str, **fields) -> dict:
+    multipart = {key: value for key, value in fields.items() if key != "like"}
+    data = "&".join([f"{key}={value}" for key, value in multipart.items()] + [f"like={i}" for i in fields.get("like", [])])
+    return page.request.post(f"{base}/api/search", headers={"Authorization": f"Bearer {TOKEN}",
+                                                            "Content-Type": "application/x-www-form-urlencoded"}, data=data).json()
+
+
+def test_cards_show_patient_study_date_modality_and_group_counts(clinic_server, browser):
+    base, recording, ids = clinic_server
+    page, errors = opened(browser, base)
+    draw(page)
+    answer = searched(page, lambda: page.locator("#search").click())
+    # By study (the default where studies are known): one card per group, its best frame shown, with the group's size.
+    assert card_ids(page) == [group["hits"][0]["id"] for group in answer["groups"]] and len(answer["groups"]) == 4
+    for group in answer["groups"]:
+        shown = card(page, group["hits"][0]["id"])
+        if group["by"] == "image":  # the plain PNG: no identifiers, no group
+            assert shown.locator(".count").count() == 0 and shown.locator(".meta").text_content() == f"id {group['key']}"
+            continue
+        size = f"study of {group['frames']} frame{'s' if group['frames'] > 1 else ''}"
+        folded = group["hits"][0]["count"]
+        assert shown.locator(".count").text_content() == size + (f" · {folded} near-identical as one" if folded > 1 else "")
+        meta = shown.locator(".meta").text_content()
+        date = group["study_date"]
+        assert f"patient {group['patient_id']}" in meta and f"{date[:4]}-{date[4:6]}-{date[6:]}" in meta and group["modality"] in meta
+    assert "Doe" not in page.content()  # the patient's name is in the files, never in the catalog or on the page
+
+    # Every frame: the flat results, each card with its own file's identifiers.
+    flat = searched(page, lambda: page.locator("#group").select_option("none"))
+    assert flat["groups"] is None and card_ids(page) == [hit["id"] for hit in flat["results"]] and len(flat["results"]) == 7
+    assert page.locator("#results .count").count() == 0
+    meta = card(page, ids["s3b.dcm"]).locator(".meta").text_content()
+    assert "patient P2" in meta and "study 1.2.826.3" in meta and "2022-06-01" in meta and "XA" in meta
+
+    # More like s1a.dcm, grouped again: its study first, its copy s1b.dcm folded into the shown frame.
+    searched(page, lambda: card(page, ids["s1a.dcm"]).locator(".more").click())
+    searched(page, lambda: page.locator("#group").select_option("study"))
+    assert recording.calls[-1][0] is None and recording.calls[-1][1]["like"] == [ids["s1a.dcm"]]
+    first = page.locator("#results .card").first
+    assert first.locator(".count").text_content() == "study of 3 frames · 2 near-identical as one"
+    assert first.locator(".meta").text_content() == f"id {min(ids['s1a.dcm'], ids['s1b.dcm'])}patient P1study 1.2.826.12020-01-15ES"
+    searched(page, lambda: page.locator("#group").select_option("patient"))
+    assert page.locator("#results .count").all_text_contents() == ["patient of 4 frames · 2 near-identical as one", "patient of 2 frames"]
+    assert errors == []
+    page.close()
+
+
+def test_more_like_this_and_thumbs_up_and_down_re_run_the_search(clinic_server, browser):
+    base, recording, ids = clinic_server
+    page, errors = opened(browser, base)
+    page.locator("#group").select_option("none")
+    draw(page)
+    searched(page, lambda: page.locator("#search").click())
+    drawn = recording.calls[-1][0]
+
+    # More like this: the results of `like` with that id alone, no sketch.
+    target = card_ids(page)[2]
+    answer = searched(page, lambda: card(page, target).locator(".more").click())
+    sketch, options = recording.calls[-1]
+    assert sketch is None and options["like"] == [target] and options["unlike"] == []
+    assert card_ids(page) == [hit["id"] for hit in api(page, base, like=[target], k=12, group="none")["results"]]
+    assert card_ids(page)[0] == target and answer["like"] == [target]
+
+    # Thumbs up, then down: the drawing again, with the accumulated verdicts, shown on the cards and listed.
+    up = card_ids(page)[1]
+    searched(page, lambda: card(page, up).locator(".up").click())
+    sketch, options = recording.calls[-1]
+    assert sketch == drawn and options["like"] == [up] and options["unlike"] == []
+    assert card(page, up).locator(".up").get_attribute("aria-pressed") == "true"
+    down = next(i for i in card_ids(page) if i != up)
+    searched(page, lambda: card(page, down).locator(".down").click())
+    sketch, options = recording.calls[-1]
+    assert sketch == drawn and (options["like"], options["unlike"]) == ([up], [down])
+    assert card(page, down).locator(".down").get_attribute("aria-pressed") == "true"
+    assert card(page, down).locator(".up").get_attribute("aria-pressed") == "false"
+    assert page.locator("#liked .chip").all_text_contents() == [f"image {up} ×"]
+    assert page.locator("#disliked .chip").all_text_contents() == [f"image {down} ×"]
+
+    # Changing a verdict moves it; a chip takes one back; "Clear feedback" takes back all.
+    searched(page, lambda: card(page, down).locator(".up").click())
+    assert (recording.calls[-1][1]["like"], recording.calls[-1][1]["unlike"]) == ([up, down], [])
+    searched(page, lambda: page.locator(f"#liked .chip[data-id='{up}']").click())
+    assert (recording.calls[-1][1]["like"], recording.calls[-1][1]["unlike"]) == ([down], [])
+    searched(page, lambda: page.locator("#feedback-clear").click())
+    assert (recording.calls[-1][1]["like"], recording.calls[-1][1]["unlike"]) == ([], [])
+    assert page.locator("#feedback").is_hidden() and page.locator("#results .up[aria-pressed='true']").count() == 0
+    assert errors == []
+    page.close()
+
+
+def test_the_filter_bar_filters_and_shows_why_a_filter_is_refused(clinic_server, browser):
+    base, recording, ids = clinic_server
+    page, errors = opened(browser, base)
+    page.locator("#group").select_option("none")
+    draw(page)
+    page.locator("#where").fill("modality=XA")
+    answer = searched(page, lambda: page.locator("#where").press("Enter"))
+    assert recording.calls[-1][1]["where"].text == "modality=XA" and answer["matching"] == 2
+    assert sorted(card_ids(page)) == sorted([ids["s3a.dcm"], ids["s3b.dcm"]])
+    assert all("XA" in text for text in page.locator("#results .meta").all_text_contents())
+    assert "2 archive images match the filter" in page.locator("#status").text_content()
+    assert page.locator("#where-error").is_hidden()
+
+    calls = len(recording.calls)
+    page.locator("#where").fill("colour=red")
+    refused = searched(page, lambda: page.locator("#apply").click())
+    assert page.locator("#where-error").is_visible() and page.locator("#where-error").text_content() == refused["error"]
+    assert refused["error"].startswith("--where clause 'colour=red': unknown field 'colour'; use one of")
+    assert page.locator("#where").get_attribute("aria-invalid") == "true"
+    assert len(recording.calls) == calls and sorted(card_ids(page)) == sorted([ids["s3a.dcm"], ids["s3b.dcm"]])  # nothing searched
+
+    page.locator("#where").fill("")
+    searched(page, lambda: page.locator("#apply").click())
+    assert page.locator("#where-error").is_hidden() and len(card_ids(page)) == 7
+    assert errors == []
+    page.close()
+
+
+def test_an_archive_image_picked_by_id_is_the_template_and_is_never_sent(clinic_server, browser):
+    base, recording, ids = clinic_server
+    page, errors = opened(browser, base)
+    draw(page)
+    searched(page, lambda: page.locator("#search").click())
+    without = recording.calls[-1][0]
+    template_ink = """() => { const c = document.getElementById('template');
+        const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+        let n = 0; for (let i = 3; i < d.length; i += 4) n += d[i] > 0; return n; }"""
+    assert page.evaluate(template_ink) == 0
+
+    page.locator("#template-id").fill(str(ids["s2.dcm"]))
+    page.locator("#template-show").click()
+    page.wait_for_function(f"() => ({template_ink})() > 0")  # a function: the page's CSP forbids evaluating a string
+    assert page.evaluate(template_ink) == 512 * 512  # the image, contained in the square canvas: a square fills it
+    assert f"archive image {ids['s2.dcm']}" in page.locator("#status").text_content()
+    searched(page, lambda: page.locator("#search").click())
+    assert recording.calls[-1][0] == without  # the very same PNG: the template is not part of the sketch
+
+    page.locator("#template-id").fill("999999")
+    page.locator("#template-show").click()
+    page.wait_for_function("() => document.getElementById('status').textContent.startsWith('Template: image 999999')")
+    assert page.locator("#status").text_content() == "Template: image 999999: not in the catalog"
+    assert page.locator("#status").get_attribute("class") == "error"
+
+    page.locator("#detail-template").click()  # the selected result (the first card) as the template
+    first = card_ids(page)[0]
+    page.wait_for_function(f"() => document.getElementById('status').textContent.includes('archive image {first}')")
+    assert page.locator("#template-id").input_value() == str(first)
     assert errors == []
     page.close()
