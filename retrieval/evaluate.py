@@ -15,9 +15,10 @@ returning a neighbouring frame of a video, only anatomy unlike the query's.
 
 Methods, all on the same queries and the same archive vectors:
     full         E, G, H (T steps) -> fused vector (sketch field, E's code, C(x_hat)) -> top candidates
-                 -> DICE re-rank, as `search` does
+                 -> re-rank by DICE and the sketch aligned to S's mask contours, as `search` does
     no_refiner   the same with x_0 = G(E(sketch)) (no H)
-    no_rerank    full without the DICE re-ranking
+    no_align     full without the alignment (re-ranked by similarity and DICE alone)
+    no_rerank    full without any re-ranking (the first stage's order)
     w_only       E's code alone (cosine of offsets from E's mean code)
     image_only   C(x_hat) alone
     sketch_only  no generator: the sketch field alone (the query's against each archive image's
@@ -55,16 +56,17 @@ from generation.freehand import freehand_sketch
 from generation.images import find_images, square_resize, tensor_to_images
 from generation.registry import load_network, network_exists
 from generation.sketch import INK, PAPER, sketch_from_mask, sketch_to_tensor
-from retrieval.defaults import DEFAULT_LAMBDA
+from retrieval.align import Alignment, aligned_distances, alignment_scores, final_score
+from retrieval.defaults import DEFAULT_CANDIDATES, DEFAULT_LAMBDA
 from retrieval.metrics import dice_matrix, fd_c
 from retrieval.models import SystemModels
 from retrieval.oracle import AlignedChamfer
 from retrieval.perceptual import lpips_unavailable_reason, perceptual_distance
-from retrieval.rerank import dice_score, rerank_score
+from retrieval.rerank import dice_score
 from retrieval.search import load_sketch
 from retrieval.vector import ArchiveParts, VectorRecipe, archive_parts, fuse_vectors, sketch_field
 
-METHODS = ("full", "no_refiner", "no_rerank", "w_only", "image_only", "sketch_only", "chamfer", "pix2pix",
+METHODS = ("full", "no_refiner", "no_align", "no_rerank", "w_only", "image_only", "sketch_only", "chamfer", "pix2pix",
            "oracle", "random", "best")
 SKETCH_SIZE = 256  # simulated free-hand sketches are drawn at this size, then normalised
 DRAWN = "drawn"  # the query set of drawn sketches, in place of a strength
@@ -76,8 +78,9 @@ RANDOM_SEED = 20240601  # the `random` row's orders, the same on every run
 class EvaluationOptions:
     strengths: tuple[float, ...] = (0.0, 1.0, 2.0)
     seeds: tuple[int, ...] = (0, 1)
-    candidates: int = 100
+    candidates: int = DEFAULT_CANDIDATES
     lam: float = DEFAULT_LAMBDA
+    alignment: Alignment | None = field(default_factory=Alignment)  # None: re-rank by similarity and DICE alone
     recipe: VectorRecipe = field(default_factory=VectorRecipe)
     limit: int | None = None  # evaluate only the first `limit` images of the split
     batch: int = 16
@@ -103,12 +106,16 @@ def rank_of(target: int, order: np.ndarray) -> int:
 
 
 def rerank_order(similarity: np.ndarray, labels: np.ndarray, archive_labels: np.ndarray, candidates: int, lam: float,
-                 classes: int) -> np.ndarray:
-    """The archive in final order: the top `candidates` by lam * similarity + (1 - lam) * DICE, then the rest."""
+                 classes: int, sketch: np.ndarray | None = None, alignment: Alignment | None = None) -> np.ndarray:
+    """The archive in final order: the top `candidates` by `search`'s final score (similarity and
+    DICE, and with `alignment` the query `sketch` aligned to their mask contours), then the rest."""
     order = np.argsort(-similarity, kind="stable")
     top = order[:candidates]
     dice = np.array([dice_score(labels, archive_labels[i], classes) for i in top])
-    scores = rerank_score(similarity[top], dice, lam)
+    aligned = None
+    if alignment is not None and sketch is not None:
+        aligned = alignment_scores(aligned_distances(sketch, archive_labels[top], alignment), alignment.tau)
+    scores = final_score(similarity[top], dice, lam, aligned, 0.0 if alignment is None else alignment.weight)
     return np.concatenate([top[np.argsort(-scores, kind="stable")], order[candidates:]])
 
 
@@ -351,13 +358,15 @@ class QueryVectors(NamedTuple):
 def method_orders(archive: Archive, query: QueryVectors, options: EvaluationOptions, classes: int,
                   pix2pix: Pix2PixBaseline | None) -> dict[str, np.ndarray]:
     """Per method, the archive in the order it ranks it for one query."""
-    def reranked(similarity: np.ndarray, name: str) -> np.ndarray:
-        return rerank_order(similarity, query.labels[name], archive.labels, options.candidates, options.lam, classes)
+    def reranked(similarity: np.ndarray, name: str, alignment: Alignment | None = options.alignment) -> np.ndarray:
+        return rerank_order(similarity, query.labels[name], archive.labels, options.candidates, options.lam, classes,
+                            query.sketch, alignment)
 
     full = (archive.fused @ query.fused["sketch2medi"]).numpy()
     orders = {
         "full": reranked(full, "sketch2medi"),
         "no_refiner": reranked((archive.fused @ query.fused["no_refiner"]).numpy(), "no_refiner"),
+        "no_align": reranked(full, "sketch2medi", None),
         "no_rerank": np.argsort(-full, kind="stable"),
         "w_only": np.argsort(-(archive.codes @ query.code).numpy(), kind="stable"),
         "image_only": np.argsort(-(archive.embeddings @ query.embedding).numpy(), kind="stable"),
@@ -383,7 +392,8 @@ def reference_orders(truth: GroundTruth, sketch: np.ndarray, target: int, number
 METHOD_NOTES = {
     "full": "Sketch2MedI (E, G, H) + fused vector + DICE re-ranking",
     "no_refiner": "E and G only (no H), fused vector + DICE re-ranking",
-    "no_rerank": "full pipeline without DICE re-ranking",
+    "no_align": "full pipeline re-ranked by similarity and DICE, without the alignment",
+    "no_rerank": "full pipeline without re-ranking (the first stage alone)",
     "w_only": "E's code alone",
     "image_only": "C(x_hat) alone",
     "sketch_only": "no generator: the sketch field alone (soft chamfer, searchable)",
