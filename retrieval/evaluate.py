@@ -11,7 +11,8 @@ each a drawing of the dataset's image NAME.png (see `drawn_queries`); they are r
 Metrics per method and query set: Recall@1/5/10, MRR and median rank of the right answer, and the
 anatomical relevance DICE@10: the mean DICE (percent) between the ground-truth masks (as for the
 queries: the dataset's, else S's) of the top 10 and those of the query's image. It does not punish
-returning a neighbouring frame of a video, only anatomy unlike the query's.
+returning a neighbouring frame of a video, only anatomy unlike the query's. Recall@100 and @200
+of `no_rerank` are the first stage's candidate recall: how often the re-ranking can find the image.
 
 Methods, all on the same queries and the same archive vectors:
     full         E, G, H (T steps) -> fused vector (sketch field, E's code, C(x_hat)) -> top candidates
@@ -97,7 +98,8 @@ class Queries:
 def recall_table(ranks: np.ndarray, top_dice: np.ndarray) -> dict[str, float]:
     """ranks: 1-based rank of the right answer per query; top_dice: DICE@10 per query."""
     return {"recall@1": float(np.mean(ranks <= 1)), "recall@5": float(np.mean(ranks <= 5)),
-            "recall@10": float(np.mean(ranks <= 10)), "mrr": float(np.mean(1.0 / ranks)),
+            "recall@10": float(np.mean(ranks <= 10)), "recall@100": float(np.mean(ranks <= 100)),
+            "recall@200": float(np.mean(ranks <= 200)), "mrr": float(np.mean(1.0 / ranks)),
             "median_rank": float(np.median(ranks)), "queries": int(len(ranks)), "dice@10": float(np.mean(top_dice))}
 
 
@@ -449,11 +451,13 @@ def markdown_tables(report: dict) -> str:
     queried = f"drawn sketches from `{sketches}`" if sketches else f"`{report['split']}`"
     lines = [f"{report['queries']} queries on {report['query_images']} images of {queried}, archive of "
              f"{report['archive_images']} images; bundle `{report['bundle_id']}`", "",
-             "| method | strength | R@1 | R@5 | R@10 | MRR | median rank | DICE@10 |", "|---|---|---|---|---|---|---|---|"]
+             "| method | strength | R@1 | R@5 | R@10 | MRR | median rank | DICE@10 | R@100 | R@200 |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for method, per_strength in report["retrieval"].items():
         for strength, row in per_strength.items():
             lines.append(f"| {method} | {strength} | {row['recall@1']:.3f} | {row['recall@5']:.3f} | {row['recall@10']:.3f} | "
-                         f"{row['mrr']:.3f} | {row['median_rank']:g} | {row['dice@10']:.1f} |")
+                         f"{row['mrr']:.3f} | {row['median_rank']:g} | {row['dice@10']:.1f} | {row['recall@100']:.3f} | "
+                         f"{row['recall@200']:.3f} |")
     lines += ["", "| generator | strength | FD_C | DICE | LPIPS-C | LPIPS |", "|---|---|---|---|---|---|"]
     for name, per_strength in report["generation"].items():
         for strength, row in per_strength.items():
