@@ -306,7 +306,7 @@ def search(
     bundle: Path = typer.Option(None, "--bundle", help="Bundle (default: the one the workspace was indexed with)."),
     db_url: str = typer.Option(None, "--db-url", "--db", help=DB_HELP),
     candidates: int = typer.Option(DEFAULT_CANDIDATES, "--candidates", min=1, help="FAISS candidates re-ranked by DICE and alignment."),
-    rerank: bool = typer.Option(True, "--rerank/--no-rerank", help="Re-rank the candidates by the DICE of S's masks."),
+    rerank: bool = typer.Option(True, "--rerank/--no-rerank", help="Re-rank the candidates by the DICE of S's masks and the sketch aligned to their contours."),
     lam: float = typer.Option(DEFAULT_LAMBDA, "--lambda", min=0.0, max=1.0, callback=finite, help=LAMBDA_HELP),
     steps: int = typer.Option(None, "--steps", min=0, help="Refinement steps (default: as trained, 3)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON (schema in docs/SEARCH.md) instead of a table."),

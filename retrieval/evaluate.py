@@ -392,7 +392,7 @@ def reference_orders(truth: GroundTruth, sketch: np.ndarray, target: int, number
 
 
 METHOD_NOTES = {
-    "full": "Sketch2MedI (E, G, H) + fused vector + DICE re-ranking",
+    "full": "Sketch2MedI (E, G, H) + fused vector + re-ranking by DICE and the aligned sketch",
     "no_refiner": "E and G only (no H), fused vector + DICE re-ranking",
     "no_align": "full pipeline re-ranked by similarity and DICE, without the alignment",
     "no_rerank": "full pipeline without re-ranking (the first stage alone)",

@@ -258,7 +258,7 @@ class Retriever:
             distances = aligned_distances(query.sketch, stored, alignment)
         scores = final_score(similarity, dice, lam, None if distances is None else alignment_scores(distances, alignment.tau),
                              0.0 if alignment is None else alignment.weight)
-        ranked = [Candidate(float(scores[n]), similarity[n], float(dice[n]), image_id,
+        ranked = [Candidate(float(scores[n]), float(similarity[n]), float(dice[n]), image_id,
                             None if distances is None or not np.isfinite(distances[n]) else float(distances[n]))
                   for n, (image_id, _) in enumerate(found)]
         ranked.sort(key=lambda c: (-c.score, c.image_id))
