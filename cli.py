@@ -8,7 +8,7 @@ import typer
 
 from generation.device import is_main_process, set_threads
 from generation.errors import InputError
-from retrieval.defaults import DEFAULT_LAMBDA
+from retrieval.defaults import DEFAULT_CANDIDATES, DEFAULT_LAMBDA, DEFAULT_WEIGHTS
 from training.commands import DEVICE_HELP, train_app
 from training.console import (
     ProgressLines,
@@ -47,7 +47,9 @@ app = typer.Typer(
 )
 app.add_typer(train_app, name="train")
 
-LAMBDA_HELP = "score = lambda * similarity + (1 - lambda) * DICE / 100 (DICE runs 0-100)."
+LAMBDA_HELP = ("score = lambda * similarity + (1 - lambda) * DICE / 100 (DICE runs 0-100), "
+               "blended with the alignment's score (docs/SEARCH.md).")
+WEIGHTS_TEXT = ",".join(f"{name}={value:g}" for name, value in DEFAULT_WEIGHTS.items())
 @app.command()
 def phantom(
     out: Path = typer.Argument(..., metavar="OUT", help="Folder to write images/, masks/, classes.json, split.csv into."),
@@ -166,9 +168,9 @@ def evaluate(
                                   "each of the dataset's image NAME.png (the split, strengths and seeds then do not apply)."),
     seeds: int = typer.Option(2, "--seeds", min=1, help="Simulated sketches per image and strength."),
     limit: int = typer.Option(None, "--limit", min=1, help="Only the first N images of the split."),
-    candidates: int = typer.Option(100, "--candidates", min=1),
+    candidates: int = typer.Option(DEFAULT_CANDIDATES, "--candidates", min=1),
     lam: float = typer.Option(DEFAULT_LAMBDA, "--lambda", min=0.0, max=1.0, callback=finite, help=LAMBDA_HELP),
-    weights: str = typer.Option(None, "--weights", help="Vector weights as for `index` (default sketch=0.9,code=0.05,image=0.05)."),
+    weights: str = typer.Option(None, "--weights", help=f"Vector weights as for `index` (default {WEIGHTS_TEXT})."),
     as_json: bool = typer.Option(False, "--json", help="Print the whole report as JSON."),
     out: Path = typer.Option(None, "--out", help="Also write the JSON report to this file."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
@@ -237,7 +239,7 @@ def index(
     db_url: str = typer.Option(None, "--db-url", "--db", help=DB_HELP),
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Images per batch (each batch is committed before it is reported)."),
     index_kind: str = typer.Option("auto", "--index", help="auto (exact up to 100k images, then HNSW) | flat | ivf | hnsw."),
-    weights: str = typer.Option(None, "--weights", help="Vector weights, e.g. sketch=0.9,code=0.05,image=0.05 (the default; docs/SEARCH.md)."),
+    weights: str = typer.Option(None, "--weights", help=f"Vector weights, e.g. {WEIGHTS_TEXT} (the default; docs/SEARCH.md)."),
     verify: bool = typer.Option(False, "--verify", help="Re-hash every file, also those whose size, mtime, inode and ctime are unchanged."),
     tag: str = typer.Option(None, "--tag", help="Tag recorded with every file (default: the top folder's name) or instance (default: none)."),
     auth: str = typer.Option(None, "--auth", help="DICOMweb: bearer:VARIABLE or basic:VARIABLE, the environment variable holding the token or user:password."),
@@ -303,8 +305,8 @@ def search(
     workspace: Path = typer.Option(None, "--workspace", help=WORKSPACE_HELP),
     bundle: Path = typer.Option(None, "--bundle", help="Bundle (default: the one the workspace was indexed with)."),
     db_url: str = typer.Option(None, "--db-url", "--db", help=DB_HELP),
-    candidates: int = typer.Option(100, "--candidates", min=1, help="FAISS candidates re-ranked by DICE."),
-    rerank: bool = typer.Option(True, "--rerank/--no-rerank", help="Re-rank the candidates by the DICE of S's masks."),
+    candidates: int = typer.Option(DEFAULT_CANDIDATES, "--candidates", min=1, help="FAISS candidates re-ranked by DICE and alignment."),
+    rerank: bool = typer.Option(True, "--rerank/--no-rerank", help="Re-rank the candidates by the DICE of S's masks and the sketch aligned to their contours."),
     lam: float = typer.Option(DEFAULT_LAMBDA, "--lambda", min=0.0, max=1.0, callback=finite, help=LAMBDA_HELP),
     steps: int = typer.Option(None, "--steps", min=0, help="Refinement steps (default: as trained, 3)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON (schema in docs/SEARCH.md) instead of a table."),

@@ -11,13 +11,15 @@ each a drawing of the dataset's image NAME.png (see `drawn_queries`); they are r
 Metrics per method and query set: Recall@1/5/10, MRR and median rank of the right answer, and the
 anatomical relevance DICE@10: the mean DICE (percent) between the ground-truth masks (as for the
 queries: the dataset's, else S's) of the top 10 and those of the query's image. It does not punish
-returning a neighbouring frame of a video, only anatomy unlike the query's.
+returning a neighbouring frame of a video, only anatomy unlike the query's. Recall@100 and @200
+of `no_rerank` are the first stage's candidate recall: how often the re-ranking can find the image.
 
 Methods, all on the same queries and the same archive vectors:
     full         E, G, H (T steps) -> fused vector (sketch field, E's code, C(x_hat)) -> top candidates
-                 -> DICE re-rank, as `search` does
+                 -> re-rank by DICE and the sketch aligned to S's mask contours, as `search` does
     no_refiner   the same with x_0 = G(E(sketch)) (no H)
-    no_rerank    full without the DICE re-ranking
+    no_align     full without the alignment (re-ranked by similarity and DICE alone)
+    no_rerank    full without any re-ranking (the first stage's order)
     w_only       E's code alone (cosine of offsets from E's mean code)
     image_only   C(x_hat) alone
     sketch_only  no generator: the sketch field alone (the query's against each archive image's
@@ -55,16 +57,17 @@ from generation.freehand import freehand_sketch
 from generation.images import find_images, square_resize, tensor_to_images
 from generation.registry import load_network, network_exists
 from generation.sketch import INK, PAPER, sketch_from_mask, sketch_to_tensor
-from retrieval.defaults import DEFAULT_LAMBDA
+from retrieval.align import Alignment, aligned_distances, alignment_scores, final_score
+from retrieval.defaults import DEFAULT_CANDIDATES, DEFAULT_LAMBDA
 from retrieval.metrics import dice_matrix, fd_c
 from retrieval.models import SystemModels
 from retrieval.oracle import AlignedChamfer
 from retrieval.perceptual import lpips_unavailable_reason, perceptual_distance
-from retrieval.rerank import dice_score, rerank_score
+from retrieval.rerank import dice_score
 from retrieval.search import load_sketch
 from retrieval.vector import ArchiveParts, VectorRecipe, archive_parts, fuse_vectors, sketch_field
 
-METHODS = ("full", "no_refiner", "no_rerank", "w_only", "image_only", "sketch_only", "chamfer", "pix2pix",
+METHODS = ("full", "no_refiner", "no_align", "no_rerank", "w_only", "image_only", "sketch_only", "chamfer", "pix2pix",
            "oracle", "random", "best")
 SKETCH_SIZE = 256  # simulated free-hand sketches are drawn at this size, then normalised
 DRAWN = "drawn"  # the query set of drawn sketches, in place of a strength
@@ -76,8 +79,9 @@ RANDOM_SEED = 20240601  # the `random` row's orders, the same on every run
 class EvaluationOptions:
     strengths: tuple[float, ...] = (0.0, 1.0, 2.0)
     seeds: tuple[int, ...] = (0, 1)
-    candidates: int = 100
+    candidates: int = DEFAULT_CANDIDATES
     lam: float = DEFAULT_LAMBDA
+    alignment: Alignment | None = field(default_factory=Alignment)  # None: re-rank by similarity and DICE alone
     recipe: VectorRecipe = field(default_factory=VectorRecipe)
     limit: int | None = None  # evaluate only the first `limit` images of the split
     batch: int = 16
@@ -94,7 +98,8 @@ class Queries:
 def recall_table(ranks: np.ndarray, top_dice: np.ndarray) -> dict[str, float]:
     """ranks: 1-based rank of the right answer per query; top_dice: DICE@10 per query."""
     return {"recall@1": float(np.mean(ranks <= 1)), "recall@5": float(np.mean(ranks <= 5)),
-            "recall@10": float(np.mean(ranks <= 10)), "mrr": float(np.mean(1.0 / ranks)),
+            "recall@10": float(np.mean(ranks <= 10)), "recall@100": float(np.mean(ranks <= 100)),
+            "recall@200": float(np.mean(ranks <= 200)), "mrr": float(np.mean(1.0 / ranks)),
             "median_rank": float(np.median(ranks)), "queries": int(len(ranks)), "dice@10": float(np.mean(top_dice))}
 
 
@@ -103,12 +108,16 @@ def rank_of(target: int, order: np.ndarray) -> int:
 
 
 def rerank_order(similarity: np.ndarray, labels: np.ndarray, archive_labels: np.ndarray, candidates: int, lam: float,
-                 classes: int) -> np.ndarray:
-    """The archive in final order: the top `candidates` by lam * similarity + (1 - lam) * DICE, then the rest."""
+                 classes: int, sketch: np.ndarray | None = None, alignment: Alignment | None = None) -> np.ndarray:
+    """The archive in final order: the top `candidates` by `search`'s final score (similarity and
+    DICE, and with `alignment` the query `sketch` aligned to their mask contours), then the rest."""
     order = np.argsort(-similarity, kind="stable")
     top = order[:candidates]
     dice = np.array([dice_score(labels, archive_labels[i], classes) for i in top])
-    scores = rerank_score(similarity[top], dice, lam)
+    aligned = None
+    if alignment is not None and sketch is not None:
+        aligned = alignment_scores(aligned_distances(sketch, archive_labels[top], alignment), alignment.tau)
+    scores = final_score(similarity[top], dice, lam, aligned, 0.0 if alignment is None else alignment.weight)
     return np.concatenate([top[np.argsort(-scores, kind="stable")], order[candidates:]])
 
 
@@ -351,13 +360,15 @@ class QueryVectors(NamedTuple):
 def method_orders(archive: Archive, query: QueryVectors, options: EvaluationOptions, classes: int,
                   pix2pix: Pix2PixBaseline | None) -> dict[str, np.ndarray]:
     """Per method, the archive in the order it ranks it for one query."""
-    def reranked(similarity: np.ndarray, name: str) -> np.ndarray:
-        return rerank_order(similarity, query.labels[name], archive.labels, options.candidates, options.lam, classes)
+    def reranked(similarity: np.ndarray, name: str, alignment: Alignment | None = options.alignment) -> np.ndarray:
+        return rerank_order(similarity, query.labels[name], archive.labels, options.candidates, options.lam, classes,
+                            query.sketch, alignment)
 
     full = (archive.fused @ query.fused["sketch2medi"]).numpy()
     orders = {
         "full": reranked(full, "sketch2medi"),
         "no_refiner": reranked((archive.fused @ query.fused["no_refiner"]).numpy(), "no_refiner"),
+        "no_align": reranked(full, "sketch2medi", None),
         "no_rerank": np.argsort(-full, kind="stable"),
         "w_only": np.argsort(-(archive.codes @ query.code).numpy(), kind="stable"),
         "image_only": np.argsort(-(archive.embeddings @ query.embedding).numpy(), kind="stable"),
@@ -381,9 +392,10 @@ def reference_orders(truth: GroundTruth, sketch: np.ndarray, target: int, number
 
 
 METHOD_NOTES = {
-    "full": "Sketch2MedI (E, G, H) + fused vector + DICE re-ranking",
+    "full": "Sketch2MedI (E, G, H) + fused vector + re-ranking by DICE and the aligned sketch",
     "no_refiner": "E and G only (no H), fused vector + DICE re-ranking",
-    "no_rerank": "full pipeline without DICE re-ranking",
+    "no_align": "full pipeline re-ranked by similarity and DICE, without the alignment",
+    "no_rerank": "full pipeline without re-ranking (the first stage alone)",
     "w_only": "E's code alone",
     "image_only": "C(x_hat) alone",
     "sketch_only": "no generator: the sketch field alone (soft chamfer, searchable)",
@@ -439,11 +451,13 @@ def markdown_tables(report: dict) -> str:
     queried = f"drawn sketches from `{sketches}`" if sketches else f"`{report['split']}`"
     lines = [f"{report['queries']} queries on {report['query_images']} images of {queried}, archive of "
              f"{report['archive_images']} images; bundle `{report['bundle_id']}`", "",
-             "| method | strength | R@1 | R@5 | R@10 | MRR | median rank | DICE@10 |", "|---|---|---|---|---|---|---|---|"]
+             "| method | strength | R@1 | R@5 | R@10 | MRR | median rank | DICE@10 | R@100 | R@200 |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for method, per_strength in report["retrieval"].items():
         for strength, row in per_strength.items():
             lines.append(f"| {method} | {strength} | {row['recall@1']:.3f} | {row['recall@5']:.3f} | {row['recall@10']:.3f} | "
-                         f"{row['mrr']:.3f} | {row['median_rank']:g} | {row['dice@10']:.1f} |")
+                         f"{row['mrr']:.3f} | {row['median_rank']:g} | {row['dice@10']:.1f} | {row['recall@100']:.3f} | "
+                         f"{row['recall@200']:.3f} |")
     lines += ["", "| generator | strength | FD_C | DICE | LPIPS-C | LPIPS |", "|---|---|---|---|---|---|"]
     for name, per_strength in report["generation"].items():
         for strength, row in per_strength.items():

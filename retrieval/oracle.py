@@ -1,4 +1,5 @@
 """The `oracle` reference of `evaluate`: chamfer matching after the best similarity transform.
+(`AlignedChamfer` is also the search's alignment stage, `retrieval.align`, on the candidates' contours.)
 
 What a perfect synthesizer plus alignment could reach: the query is compared with each archive
 image's contours drawn from its ground-truth masks, by the symmetric mean chamfer distance after

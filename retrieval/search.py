@@ -1,9 +1,11 @@
 """Sketch search over an indexed archive.
 
     sketch -> normalise -> E -> w -> G, H (T steps) -> x_hat
-           -> vector(sketch, w, x_hat) -> FAISS top candidates -> DICE(S(x_hat), stored masks) re-rank -> top k
+           -> vector(sketch, w, x_hat) -> FAISS top candidates
+           -> re-rank by DICE(S(x_hat), stored masks) and the sketch aligned to the stored masks' contours -> top k
 
-The vector is described in `retrieval.vector`, the re-ranking score in `retrieval.rerank`.
+The vector is described in `retrieval.vector`, the DICE term in `retrieval.rerank`, the alignment in
+`retrieval.align`.
 """
 
 from __future__ import annotations
@@ -25,10 +27,11 @@ from generation.normalize import normalize_sketch
 from indexing.files import load
 from indexing.filters import SearchFilter
 from indexing.workspace import check_bundle, open_workspace_for_search
-from retrieval.defaults import DEFAULT_LAMBDA
+from retrieval.align import Alignment, aligned_distances, alignment_scores, final_score
+from retrieval.defaults import DEFAULT_CANDIDATES, DEFAULT_LAMBDA
 from retrieval.models import SystemModels
 from retrieval.relevance import Rocchio
-from retrieval.rerank import dice_score, rerank_score
+from retrieval.rerank import dice_score
 from retrieval.vector import RECIPE_SEPARATOR, ArchiveEmbedder, VectorRecipe, archive_parts, fuse_vectors, sketch_field
 
 JSON_SCHEMA_VERSION = 3
@@ -43,6 +46,9 @@ class Hit:
     score: float
     similarity: float
     dice: float | None  # percent; None without re-ranking
+    # Aligned chamfer distance (pixels at the bundle's resolution) of the query's strokes to the
+    # image's mask contours; None without re-ranking, alignment or strokes, or where either side has no contour
+    aligned_chamfer: float | None = None
 
 
 class _Query(NamedTuple):
@@ -59,6 +65,7 @@ class Candidate(NamedTuple):
     similarity: float  # inner product of the query and archive vectors
     dice: float | None  # percent; None without re-ranking
     image_id: int
+    aligned_chamfer: float | None = None  # pixels; None where not aligned
 
 
 @dataclass
@@ -140,16 +147,20 @@ class Retriever:
         self.close()
 
     @torch.no_grad()
-    def search(self, sketch: str | Path | Image.Image | np.ndarray | None = None, k: int = 10, candidates: int = 100,
+    def search(self, sketch: str | Path | Image.Image | np.ndarray | None = None, k: int = 10, candidates: int = DEFAULT_CANDIDATES,
                rerank: bool = True, lam: float = DEFAULT_LAMBDA, steps: int | None = None, *,
                image: str | Path | Image.Image | np.ndarray | None = None, like: Iterable[int] = (), unlike: Iterable[int] = (),
-               where: str | SearchFilter | None = None, feedback: Rocchio = Rocchio()) -> SearchResult:
+               where: str | SearchFilter | None = None, feedback: Rocchio = Rocchio(),
+               alignment: Alignment | None = Alignment()) -> SearchResult:
         """The top k archive images for a sketch, or for an image (`image`, query by example), or
         like the archive images `like` (no sketch or image).
 
         like, unlike: catalog ids; with a sketch or image they move its vector toward the liked and
             away from the disliked images (`feedback`, see `retrieval.relevance`).
         where: only images matching this filter (`indexing.filters`), applied inside the vector search.
+        alignment: the re-ranking's alignment of the query's strokes to each candidate's contours
+            (`retrieval.align`); None re-ranks by similarity and DICE alone. Not used with `like` alone
+            (no strokes) or without re-ranking.
         """
         if k < 1 or candidates < 1:
             raise InputError("k and candidates must be positive")
@@ -183,11 +194,12 @@ class Retriever:
             scores, ids = self.workspace.index.search(query.vector, min(max(candidates, k), available), allowed)
             found = [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0]
         lap("faiss")
-        ranked = self._reranked(found, query.labels, lam) if rerank else [Candidate(s, s, None, i) for i, s in found]
+        ranked = self._reranked(found, query, lam, alignment) if rerank else [Candidate(s, s, None, i) for i, s in found]
         lap("rerank")
         records = self.workspace.records_for([c.image_id for c in ranked[:k]])
         hits = [Hit(rank, c.image_id, records[c.image_id].path, records[c.image_id].frame, round(c.score, 6),
-                    round(c.similarity, 6), None if c.dice is None else round(c.dice, 3))
+                    round(c.similarity, 6), None if c.dice is None else round(c.dice, 3),
+                    None if c.aligned_chamfer is None else round(c.aligned_chamfer, 3))
                 for rank, c in enumerate((c for c in ranked if c.image_id in records), start=1)][:k]
         timings["total"] = round(sum(timings.values()), 3)
         return SearchResult(hits, timings, query.sketch, query.image, query.labels, search_filter.text if search_filter else None,
@@ -233,14 +245,21 @@ class Retriever:
             raise InputError(f"image id {missing[0]}: not in this workspace; use an id from the search results")
         return dict(zip(found.tolist(), vectors))
 
-    def _reranked(self, found: list[tuple[int, float]], labels: np.ndarray, lam: float) -> list[Candidate]:
-        """(image id, similarity) pairs -> candidates by re-rank score (ties: lower id first)."""
+    def _reranked(self, found: list[tuple[int, float]], query: _Query, lam: float, alignment: Alignment | None) -> list[Candidate]:
+        """(image id, similarity) pairs -> candidates by the final score (ties: lower id first)."""
         masks = self.workspace.masks_for([i for i, _ in found])
         classes = self.models.label_classes
-        ranked = []
-        for image_id, similarity in found:
-            stored = masks.get(image_id)
-            dice = dice_score(labels, stored, classes) if stored is not None else 0.0
-            ranked.append(Candidate(rerank_score(similarity, dice, lam), similarity, dice, image_id))
+        blank = np.zeros_like(query.labels)  # a candidate without stored masks: DICE 0, no contours
+        stored = [masks.get(image_id, blank) for image_id, _ in found]
+        similarity = np.array([s for _, s in found], np.float64)
+        dice = np.array([dice_score(query.labels, labels, classes) for labels in stored], np.float64)
+        distances = None
+        if alignment is not None and query.sketch is not None and stored:
+            distances = aligned_distances(query.sketch, stored, alignment)
+        scores = final_score(similarity, dice, lam, None if distances is None else alignment_scores(distances, alignment.tau),
+                             0.0 if alignment is None else alignment.weight)
+        ranked = [Candidate(float(scores[n]), float(similarity[n]), float(dice[n]), image_id,
+                            None if distances is None or not np.isfinite(distances[n]) else float(distances[n]))
+                  for n, (image_id, _) in enumerate(found)]
         ranked.sort(key=lambda c: (-c.score, c.image_id))
         return ranked

@@ -13,9 +13,10 @@ sketch for an archive image (normalised the same way), and:
   w  E's code of the sketch, compared as an offset from m, E's mean code over its training sketches
      (every code shares that large component, which would otherwise put all cosines close to 1).
   e  C's embedding of the image: x_hat for a query, x itself for an archive image.
-The default weights were chosen on validation splits (docs/RESULTS.md, section "Retrieval"): with
-the 64 px `cpu` bundles the field finds the right image far more often than E's code or C's view of
-x_hat, which get small weights (they help a little on vocalfolds and cost a little on the phantom).
+The default weights were chosen on validation splits (docs/RESULTS.md, section "Sketches drawn
+from memory"): with the 64 px `cpu` bundles the field alone finds the right image more often than
+E's code or C's view of x_hat alone, but a quarter of the weight on E's code brings it into the
+first stage's candidates far more often when the drawing drifts, and C's view adds nothing.
 Archive sketches go through the same normalisation as queries before E, so a query that is an
 archive image's own synthesized sketch gets exactly that image's code and field.
 """

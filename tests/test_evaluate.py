@@ -45,10 +45,11 @@ def test_chamfer_distance_is_zero_for_the_same_sketch_and_grows_with_the_shift()
 
 
 def test_recall_table_and_ranks():
-    table = recall_table(np.array([1, 2, 6, 11]), np.array([80.0, 60.0, 40.0, 20.0]))
-    assert table["recall@1"] == 0.25 and table["recall@5"] == 0.5 and table["recall@10"] == 0.75
-    assert table["mrr"] == pytest.approx((1 + 1 / 2 + 1 / 6 + 1 / 11) / 4) and table["median_rank"] == 4
-    assert table["dice@10"] == 50.0
+    table = recall_table(np.array([1, 2, 6, 11, 150, 300]), np.array([80.0, 60.0, 40.0, 20.0, 0.0, 0.0]))
+    assert table["recall@1"] == 1 / 6 and table["recall@5"] == 2 / 6 and table["recall@10"] == 3 / 6
+    assert table["recall@100"] == 4 / 6 and table["recall@200"] == 5 / 6
+    assert table["mrr"] == pytest.approx((1 + 1 / 2 + 1 / 6 + 1 / 11 + 1 / 150 + 1 / 300) / 6) and table["median_rank"] == 8.5
+    assert table["dice@10"] == 100.0 / 3
     assert rank_of(7, np.array([3, 7, 1])) == 2
 
 

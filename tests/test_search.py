@@ -15,6 +15,7 @@ from generation.errors import InputError
 from generation.images import load_rgb, square_resize
 from indexing.ingest import index_folders
 from indexing.workspace import open_workspace_for_search
+from retrieval.align import Alignment, aligned_distances, alignment_scores
 from retrieval.metrics import dice_per_image
 from retrieval.models import SystemModels
 from retrieval.search import Retriever
@@ -122,7 +123,7 @@ def test_rerank_orders_by_the_dice_of_S_masks(tiny_chain, models, tmp_path):
     index_folders(data / "images", tmp_path / "ws", ArchiveEmbedder(models), batch_size=8)
     sketch = own_sketch(models, ImageDataset(data).image(5))
     with Retriever(tmp_path / "ws", models=models) as retriever:
-        result = retriever.search(sketch, k=24, candidates=24, lam=0.0)
+        result = retriever.search(sketch, k=24, candidates=24, lam=0.0, alignment=None)
         dice = [hit.dice for hit in result.results]
         assert dice == sorted(dice, reverse=True) and len(dice) == 24
         masks = retriever.workspace.masks_for([hit.id for hit in result.results])
@@ -132,8 +133,40 @@ def test_rerank_orders_by_the_dice_of_S_masks(tiny_chain, models, tmp_path):
             assert hit.dice == pytest.approx(0.0 if np.isnan(expected) else expected, abs=1e-3)
             assert hit.score == pytest.approx(hit.dice / 100, abs=1e-5)
         plain = retriever.search(sketch, k=5, rerank=False)
-        assert all(hit.dice is None and hit.score == hit.similarity for hit in plain.results)
+        assert all(hit.dice is None and hit.aligned_chamfer is None and hit.score == hit.similarity for hit in plain.results)
         assert set(result.timings_ms) >= {"normalize", "E", "G", "H1", "H2", "H3", "C", "faiss", "S", "rerank", "total"}
+
+
+def test_alignment_orders_by_the_aligned_chamfer_to_the_stored_contours(tiny_chain, models, tmp_path):
+    """With all the weight on the alignment, the final score is exp(-d / tau) of the reported aligned
+    chamfer distance d, which is that of the query's strokes to the stored masks' contours."""
+    data, _, _ = tiny_chain
+    index_folders(data / "images", tmp_path / "ws", ArchiveEmbedder(models), batch_size=8)
+    sketch = own_sketch(models, ImageDataset(data).image(7))
+    alignment = Alignment(weight=1.0, tau=2.0)
+    with Retriever(tmp_path / "ws", models=models) as retriever:
+        result = retriever.search(sketch, k=24, candidates=24, alignment=alignment)
+        masks = retriever.workspace.masks_for([hit.id for hit in result.results])
+        expected = aligned_distances(result.sketch, [masks[hit.id] for hit in result.results], alignment)
+    assert [hit.aligned_chamfer for hit in result.results] == pytest.approx([d if np.isfinite(d) else None for d in expected], abs=1e-3)
+    scores = [hit.score for hit in result.results]
+    assert scores == sorted(scores, reverse=True)
+    assert scores == pytest.approx(alignment_scores(expected, 2.0).tolist(), abs=1e-5)
+
+
+@pytest.mark.parametrize("name", ["one short stroke", "all on one edge"])
+def test_degenerate_sketches_still_return_results(tiny_chain, models, tmp_path, name):
+    data, _, _ = tiny_chain
+    index_folders(data / "images", tmp_path / "ws", ArchiveEmbedder(models), batch_size=8)
+    sketch = np.full((256, 256), 255, np.uint8)
+    if name == "one short stroke":
+        sketch[120:123, 110:130] = 0
+    else:
+        sketch[:, 0:3] = 0
+    with Retriever(tmp_path / "ws", models=models) as retriever:
+        result = retriever.search(sketch, k=5)
+    assert [hit.rank for hit in result.results] == [1, 2, 3, 4, 5]
+    assert all(np.isfinite(hit.score) for hit in result.results)
 
 
 def test_index_and_search_commands(tiny_chain, tmp_path):
@@ -155,7 +188,7 @@ def test_index_and_search_commands(tiny_chain, tmp_path):
     assert result.exit_code == 0, result.output
     answer = json.loads(result.output)
     assert answer["schema_version"] == 3 and [hit["rank"] for hit in answer["results"]] == [1, 2, 3, 4]
-    assert set(answer["results"][0]) >= {"rank", "path", "score", "similarity", "dice"} and answer["timings_ms"]["total"] > 0
+    assert set(answer["results"][0]) >= {"rank", "path", "score", "similarity", "dice", "aligned_chamfer"} and answer["timings_ms"]["total"] > 0
     assert all((out / name).is_file() for name in ("sketch.png", "generated.png", "results.png"))
     table = runner.invoke(app, ["search", str(sketch), "-k", "2", *workspace, "--no-rerank", "--device", "cpu"])
     assert table.exit_code == 0 and "similarity" in table.output and "phantom_" in table.output
