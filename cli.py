@@ -169,6 +169,11 @@ def evaluate(
     candidates: int = typer.Option(100, "--candidates", min=1),
     lam: float = typer.Option(DEFAULT_LAMBDA, "--lambda", min=0.0, max=1.0, callback=finite, help=LAMBDA_HELP),
     weights: str = typer.Option(None, "--weights", help="Vector weights as for `index` (default sketch=0.9,code=0.05,image=0.05)."),
+    labelled: bool = typer.Option(False, "--labelled", help="Add the full_labelled row: the same simulated sketches colour-coded "
+                                  "by class, matched per class (docs/SEARCH.md)."),
+    label_weights: str = typer.Option(None, "--label-weights", help="full_labelled rows for these WEIGHT:DICE pairs, comma-separated "
+                                      "(e.g. 0.1:0,0.3:0.5; implies --labelled; default: the search's)."),
+    methods: str = typer.Option(None, "--methods", help="Only these rows, comma-separated (e.g. full,sketch_only; default: all)."),
     as_json: bool = typer.Option(False, "--json", help="Print the whole report as JSON."),
     out: Path = typer.Option(None, "--out", help="Also write the JSON report to this file."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
@@ -177,8 +182,9 @@ def evaluate(
     import json
     import math
 
-    from retrieval.evaluate import EvaluationOptions
+    from retrieval.evaluate import METHODS, EvaluationOptions
     from retrieval.evaluate import evaluate as run_evaluation
+    from retrieval.labelled import LabelWeights, parse_label_weights
     from retrieval.vector import VectorRecipe
 
     try:
@@ -189,7 +195,12 @@ def evaluate(
         raise InputError(f"--strengths {strengths!r}: give numbers between 0 and 2, e.g. 0,1,2")
     options = EvaluationOptions(strengths=levels, seeds=tuple(range(seeds)), candidates=candidates, lam=lam, limit=limit,
                                 recipe=VectorRecipe.parse(weights) if weights else VectorRecipe(),
-                                sketches=str(sketches) if sketches else None)
+                                sketches=str(sketches) if sketches else None,
+                                labelled=parse_label_weights(label_weights) if label_weights else (LabelWeights(),) if labelled else (),
+                                methods=tuple(methods.split(",")) if methods else None)
+    unknown = [m for m in options.methods or () if m not in METHODS]
+    if unknown:
+        raise InputError(f"--methods: no method {unknown[0]!r}; choose from {', '.join(METHODS)}")
     with progress_bar() as progress:
         tasks: dict[str, int] = {}
 
