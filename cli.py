@@ -328,6 +328,8 @@ def search(
     like: list[int] = typer.Option([], "--like", metavar="ID", help="An archive image id (repeatable): alone, more like it; "
                                                                     "with a sketch or --image, feedback toward it."),
     unlike: list[int] = typer.Option([], "--unlike", metavar="ID", help="An archive image id (repeatable): feedback away from it."),
+    labelled: bool = typer.Option(False, "--labelled", help="The sketch is colour-coded by class (the colours `classes` lists; "
+                                                            "black: unlabelled): match its strokes per class."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
 ):
     """Find the archive images that look like the sketch (or the --image, or the --like images)."""
@@ -342,7 +344,7 @@ def search(
     search_filter = SearchFilter.parse(where) if where is not None else None  # a bad clause is refused before the models load
     with Retriever(workspace, bundle, db_url, device) as retriever:
         result, groups = grouped_search(retriever, sketch, k=k, group=group, candidates=candidates, rerank=rerank, lam=lam, steps=steps,
-                                        image=image, like=like, unlike=unlike, where=search_filter)  # fmt: skip
+                                        image=image, like=like, unlike=unlike, where=search_filter, labelled=labelled)  # fmt: skip
         if out is not None:
             from retrieval.contact_sheet import write_search_outputs
 
@@ -362,6 +364,25 @@ def search(
         folder, labels = shortened_paths(paths)
         print_results(result.results, labels, note=f"paths under {folder}/" if folder else None)
     typer.echo(timing_line(result.timings_ms) + (f"; wrote {out}" if out else ""))
+
+
+@app.command()
+def classes(
+    bundle: Path = typer.Option(None, "--bundle", help="Bundle whose classes to list (default: as for `generate`)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON: [{index, name, colour}, ...]."),
+):
+    """The colours a labelled sketch draws each class of the bundle in (for `search --labelled`)."""
+    import json
+
+    from generation.bundle import default_bundle
+    from generation.labelled import colour_table
+
+    table = colour_table(bundle if bundle is not None else default_bundle())
+    if as_json:
+        typer.echo(json.dumps(table, indent=1))
+        return
+    for row in table:
+        typer.echo(f"{row['index']:>3}  {row['colour']}  {row['name']}")
 
 
 @app.command()

@@ -27,11 +27,13 @@ sketch as the same strokes drawn in black.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from generation.bundle import network_entries
 from generation.errors import InputError
 from generation.images import open_image
 from generation.normalize import clean_strokes, pad_to_square, redraw_canonical, reduce_to_work_side, resize_strokes, sketch_ink
@@ -59,6 +61,24 @@ MIN_SHARE = 0.01  # a class on fewer of the solid pixels than this is colour noi
 def colour_hex(class_index: int) -> str:
     """'#rrggbb' of a class's pen colour."""
     return "#{:02x}{:02x}{:02x}".format(*CLASS_COLOURS[class_index])
+
+
+def bundle_classes(bundle: str | Path) -> dict[int, str]:
+    """The classes a bundle's S segments, index (1..) -> name, as its training data named them
+    (`class N` where it recorded no name)."""
+    entry = network_entries(Path(bundle)).get("S")
+    if entry is None:
+        raise InputError(f"{bundle}: has no synthesizer.safetensors; train it with `train synthesizer` (or `train all`)")
+    names = {int(k): str(v) for k, v in (entry.get("classes") or {}).items()}
+    return {i: names.get(i, f"class {i}") for i in range(1, int(entry["config"]["num_classes"]) + 1)}
+
+
+def colour_table(bundle: str | Path) -> list[dict[str, object]]:
+    """What a labelled sketch may use with this bundle: black for unlabelled strokes, then one row
+    per class that has a colour: {"index", "name", "colour" ('#rrggbb')}."""
+    rows: list[dict[str, object]] = [{"index": UNLABELLED, "name": "unlabelled", "colour": "#000000"}]
+    rows += [{"index": i, "name": name, "colour": colour_hex(i)} for i, name in bundle_classes(bundle).items() if i in CLASS_COLOURS]
+    return rows
 
 
 @dataclass

@@ -62,6 +62,7 @@ from starlette.requests import Request
 
 from generation.errors import InputError
 from generation.images import decode_image
+from generation.labelled import colour_table
 from generation.normalize import WORK_SIDE, reduce_to_work_side
 from indexing.filters import SearchFilter
 from retrieval.audit import AuditLog
@@ -331,6 +332,7 @@ def _add_page_and_info(app: FastAPI, retriever: Retriever, max_upload_bytes: int
                 "bundle": str(retriever.models.bundle), "resolution": retriever.models.resolution,
                 "device": str(retriever.models.device), "max_upload_bytes": max_upload_bytes,
                 "max_concurrent": max_concurrent, "palette": PALETTE.tolist(),
+                "classes": colour_table(retriever.models.bundle),
                 "defaults": {"k": 10, "candidates": 100, "rerank": True, "lambda": DEFAULT_LAMBDA,
                              "steps": retriever.models.sketch2medi.default_steps},
                 "limits": {"k": MAX_K, "candidates": MAX_CANDIDATES, "steps": MAX_STEPS}}
@@ -347,7 +349,8 @@ def _add_search(app: FastAPI, retriever: Retriever, models: ThreadPoolExecutor, 
                      where: str | None = Form(None, description="a filter, e.g. modality=ES; date>=2020-01-01"),
                      k: int = Form(10, ge=1, le=MAX_K), candidates: int = Form(100, ge=1, le=MAX_CANDIDATES),
                      rerank: bool = Form(True), lam: float = Form(DEFAULT_LAMBDA, alias="lambda", ge=0, le=1),
-                     steps: int | None = Form(None, ge=0, le=MAX_STEPS)):
+                     steps: int | None = Form(None, ge=0, le=MAX_STEPS),
+                     labelled: bool = Form(False, description="the sketch is colour-coded by class (/api/info's classes)")):
         if sketch is None and image is None and not like:
             raise _ApiError(422, "sketch: a file is required (or image, a file to search by, or like, archive image ids)")
         search_filter = SearchFilter.parse(where) if where else None
@@ -366,10 +369,10 @@ def _add_search(app: FastAPI, retriever: Retriever, models: ThreadPoolExecutor, 
         try:
             result = await asyncio.wrap_future(
                 models.submit(retriever.search, uploads.get("sketch"), k=k, candidates=candidates, rerank=rerank, lam=lam, steps=steps,
-                              image=uploads.get("image"), like=like, unlike=unlike, where=search_filter))
+                              image=uploads.get("image"), like=like, unlike=unlike, where=search_filter, labelled=labelled))
         finally:
             slots.release()
-        params = {"k": k, "candidates": candidates, "rerank": rerank, "lambda": lam, "steps": steps}
+        params = {"k": k, "candidates": candidates, "rerank": rerank, "lambda": lam, "steps": steps, "labelled": labelled}
         if audit_log is not None:
             audit_log.record(client=request.client.host if request.client else None, token=token, uploads=digests, like=like,
                              unlike=unlike, where=where, params=params, ids=[hit.id for hit in result.results])
