@@ -161,3 +161,58 @@ def test_a_labelled_query_ranks_its_image_first_where_the_plain_one_does_not():
     # Per-class DICE alone (g = 1) against S(x_hat) = the truth's masks says the same.
     dice_only = class_match(sketch, truth, fields, candidates, LabelWeights(weight=0.3, dice=1.0))
     assert dice_only.tolist() == [1.0, 0.0]
+
+
+def test_labelled_search_in_python_and_on_the_command_line(tiny_chain, tmp_path):
+    """Retriever end to end: a sketch of an archive image's stored outlines, each in its class,
+    finds that image first by the class match alone; black strokes with --labelled search exactly
+    as a plain sketch; a class the bundle lacks is one line, exit code 2."""
+    from typer.testing import CliRunner
+
+    from cli import app
+    from generation.labelled import LabelledSketch
+    from indexing.ingest import index_folders
+    from retrieval.labelled import class_outlines
+    from retrieval.models import SystemModels
+    from retrieval.search import JSON_SCHEMA_VERSION, Retriever
+    from retrieval.vector import ArchiveEmbedder
+
+    data, bundle, _ = tiny_chain
+    models = SystemModels(bundle, "cpu")
+    index_folders(data / "images", tmp_path / "ws", ArchiveEmbedder(models), batch_size=8)
+    size = models.resolution
+    with Retriever(tmp_path / "ws", models=models) as retriever:
+        ids, _ = retriever.workspace.catalog.vectors()
+        target = int(ids[3])
+        stored = retriever.workspace.masks_for([target])[target]
+        present = [int(c) for c in np.unique(stored) if c]
+        ink = np.full((size, size), PAPER, np.uint8)
+        classes = np.zeros((size, size), np.uint8)
+        for c in present:
+            lines = class_outlines(stored, c, size) == INK
+            ink[lines], classes[lines] = INK, c
+        sketch = LabelledSketch(ink, classes)
+        result = retriever.search(sketch, k=5, candidates=len(ids), label_weights=LabelWeights(weight=1.0))
+        assert result.results[0].id == target and result.classes_drawn == tuple(sketch.drawn) == tuple(present)
+        assert result.results[0].class_match == max(hit.class_match for hit in result.results)
+        assert [hit.score for hit in result.results] == sorted((hit.score for hit in result.results), reverse=True)
+        payload = result.to_json()
+        assert payload["schema_version"] == JSON_SCHEMA_VERSION == 3 and payload["classes_drawn"] == present
+        assert set(payload["results"][0]) == {"rank", "id", "path", "frame", "score", "similarity", "dice", "class_match"}
+
+        black = Image.fromarray(ink)
+        plain, labelled = retriever.search(black, k=5), retriever.search(black, k=5, labelled=True)
+        assert [(h.id, h.score) for h in labelled.results] == [(h.id, h.score) for h in plain.results]
+        assert all(h.class_match is None for h in labelled.results) and labelled.classes_drawn == ()
+
+        with pytest.raises(InputError, match=r"^sketch: strokes of class 5, but the bundle has classes 1-4; "):
+            retriever.search(LabelledSketch(ink, np.where(ink == INK, 5, 0).astype(np.uint8)))
+
+    wrong = tmp_path / "class7.png"
+    Image.fromarray(colour_coded(ink, np.where(ink == INK, 7, 0).astype(np.uint8))).resize((256, 256), Image.NEAREST).save(wrong)
+    result = CliRunner().invoke(app, ["search", str(wrong), "--labelled", "--workspace", str(tmp_path / "ws"), "--device", "cpu"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert result.output.strip().splitlines() == [f"error: {wrong}: strokes in the colour of class 7 (#000080), but the bundle has "
+                                                  "classes 1-4; redraw them in black or in one of the colours `python cli.py classes` lists"]
+    listed = CliRunner().invoke(app, ["classes", "--bundle", str(bundle)])
+    assert listed.exit_code == 0 and listed.output.splitlines()[:2] == ["  0  #000000  unlabelled", "  1  #e40000  uvula"]
