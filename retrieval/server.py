@@ -2,9 +2,10 @@
 
     GET  /                              the page (index.html; app.js and style.css under /static/)
     GET  /api/health                    {"status": "ok"}
-    GET  /api/info                      workspace, image count, bundle id, resolution, limits, defaults
+    GET  /api/info                      workspace, image count, bundle id, resolution, limits, defaults,
+                                        the classes and their pen colours for labelled sketches
     POST /api/search                    multipart: sketch or image (file) and/or like (ids), unlike, where, k,
-                                        candidates, rerank, lambda, steps
+                                        candidates, rerank, lambda, steps, labelled (the sketch is colour-coded)
     GET  /api/images/{id}/image.png     a catalogued image (longest side <= 1024)
     GET  /api/images/{id}/thumbnail.png the same, longest side <= 192
     GET  /api/images/{id}/masks.png     S's stored masks of it as an RGBA overlay aligned with image.png
