@@ -62,10 +62,10 @@ from generation.labelled import LabelledSketch, colour_coded, decode_labelled_sk
 from generation.registry import load_network, network_exists
 from generation.sketch import INK, PAPER, sketch_from_mask, sketch_to_tensor
 from retrieval.defaults import DEFAULT_LAMBDA
+from retrieval.labelled import LabelWeights, class_fields, class_match, labelled_scores
 from retrieval.metrics import dice_matrix, fd_c
 from retrieval.models import SystemModels
 from retrieval.oracle import AlignedChamfer
-from retrieval.labelled import LabelWeights, class_fields, class_match, labelled_scores
 from retrieval.perceptual import lpips_unavailable_reason, perceptual_distance
 from retrieval.rerank import dice_score, rerank_score
 from retrieval.search import load_sketch
