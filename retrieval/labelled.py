@@ -37,7 +37,7 @@ from retrieval.vector import sketch_field
 class LabelWeights:
     """weight: share of the class match in the final score; dice: share of per-class DICE (g) in the match."""
 
-    weight: float = 0.3
+    weight: float = 0.5
     dice: float = 0.0
 
     def __post_init__(self) -> None:
