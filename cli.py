@@ -171,6 +171,11 @@ def evaluate(
     candidates: int = typer.Option(DEFAULT_CANDIDATES, "--candidates", min=1),
     lam: float = typer.Option(DEFAULT_LAMBDA, "--lambda", min=0.0, max=1.0, callback=finite, help=LAMBDA_HELP),
     weights: str = typer.Option(None, "--weights", help=f"Vector weights as for `index` (default {WEIGHTS_TEXT})."),
+    labelled: bool = typer.Option(False, "--labelled", help="Add the full_labelled row: the same simulated sketches colour-coded "
+                                  "by class, matched per class (docs/SEARCH.md)."),
+    label_weights: str = typer.Option(None, "--label-weights", help="full_labelled rows for these WEIGHT:DICE pairs, comma-separated "
+                                      "(e.g. 0.1:0,0.3:0.5; implies --labelled; default: the search's)."),
+    methods: str = typer.Option(None, "--methods", help="Only these rows, comma-separated (e.g. full,sketch_only; default: all)."),
     as_json: bool = typer.Option(False, "--json", help="Print the whole report as JSON."),
     out: Path = typer.Option(None, "--out", help="Also write the JSON report to this file."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
@@ -179,8 +184,9 @@ def evaluate(
     import json
     import math
 
-    from retrieval.evaluate import EvaluationOptions
+    from retrieval.evaluate import METHODS, EvaluationOptions
     from retrieval.evaluate import evaluate as run_evaluation
+    from retrieval.labelled import LabelWeights, parse_label_weights
     from retrieval.vector import VectorRecipe
 
     try:
@@ -191,7 +197,12 @@ def evaluate(
         raise InputError(f"--strengths {strengths!r}: give numbers between 0 and 2, e.g. 0,1,2")
     options = EvaluationOptions(strengths=levels, seeds=tuple(range(seeds)), candidates=candidates, lam=lam, limit=limit,
                                 recipe=VectorRecipe.parse(weights) if weights else VectorRecipe(),
-                                sketches=str(sketches) if sketches else None)
+                                sketches=str(sketches) if sketches else None,
+                                labelled=parse_label_weights(label_weights) if label_weights else (LabelWeights(),) if labelled else (),
+                                methods=tuple(methods.split(",")) if methods else None)
+    unknown = [m for m in options.methods or () if m not in METHODS]
+    if unknown:
+        raise InputError(f"--methods: no method {unknown[0]!r}; choose from {', '.join(METHODS)}")
     with progress_bar() as progress:
         tasks: dict[str, int] = {}
 
@@ -319,6 +330,8 @@ def search(
     like: list[int] = typer.Option([], "--like", metavar="ID", help="An archive image id (repeatable): alone, more like it; "
                                                                     "with a sketch or --image, feedback toward it."),
     unlike: list[int] = typer.Option([], "--unlike", metavar="ID", help="An archive image id (repeatable): feedback away from it."),
+    labelled: bool = typer.Option(False, "--labelled", help="The sketch is colour-coded by class (the colours `classes` lists; "
+                                                            "black: unlabelled): match its strokes per class."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
 ):
     """Find the archive images that look like the sketch (or the --image, or the --like images)."""
@@ -333,7 +346,7 @@ def search(
     search_filter = SearchFilter.parse(where) if where is not None else None  # a bad clause is refused before the models load
     with Retriever(workspace, bundle, db_url, device) as retriever:
         result, groups = grouped_search(retriever, sketch, k=k, group=group, candidates=candidates, rerank=rerank, lam=lam, steps=steps,
-                                        image=image, like=like, unlike=unlike, where=search_filter)  # fmt: skip
+                                        image=image, like=like, unlike=unlike, where=search_filter, labelled=labelled)  # fmt: skip
         if out is not None:
             from retrieval.contact_sheet import write_search_outputs
 
@@ -353,6 +366,25 @@ def search(
         folder, labels = shortened_paths(paths)
         print_results(result.results, labels, note=f"paths under {folder}/" if folder else None)
     typer.echo(timing_line(result.timings_ms) + (f"; wrote {out}" if out else ""))
+
+
+@app.command()
+def classes(
+    bundle: Path = typer.Option(None, "--bundle", help="Bundle whose classes to list (default: as for `generate`)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON: [{index, name, colour}, ...]."),
+):
+    """The colours a labelled sketch draws each class of the bundle in (for `search --labelled`)."""
+    import json
+
+    from generation.bundle import default_bundle
+    from generation.labelled import colour_table
+
+    table = colour_table(bundle if bundle is not None else default_bundle())
+    if as_json:
+        typer.echo(json.dumps(table, indent=1))
+        return
+    for row in table:
+        typer.echo(f"{row['index']:>3}  {row['colour']}  {row['name']}")
 
 
 @app.command()

@@ -164,6 +164,27 @@ def freehand_sketch(
     Strength 0 gives exactly `sketch_from_mask(mask)`; strength 1 a sloppy but recognisable drawing;
     strength 2 that drawing made from memory (misplaced, warped, simplified, partial).
     """
+    return _draw(mask, strength, rng, hand, memory, labelled=False)[0]
+
+
+def freehand_labelled_sketch(
+    mask: np.ndarray,
+    strength: float,
+    rng: np.random.Generator | int,
+    hand: HandParameters = HAND,
+    memory: MemoryParameters = MEMORY,
+) -> tuple[np.ndarray, np.ndarray]:
+    """`freehand_sketch` (the same sketch for the same arguments) and the class of each of its ink
+    pixels, uint8 (H, W): the class of the darkest stroke there, 0 on paper. An object that was
+    merged keeps the class of its first instance; an added one (not in the mask) is 0, unlabelled.
+    `generation.labelled.colour_coded` turns the pair into the colour-coded sketch a user would draw."""
+    sketch, classes = _draw(mask, strength, rng, hand, memory, labelled=True)
+    return sketch, classes
+
+
+def _draw(mask: np.ndarray, strength: float, rng: np.random.Generator | int, hand: HandParameters, memory: MemoryParameters,
+          labelled: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """The sketch and, when `labelled`, its class map (else None)."""
     if not 0.0 <= strength <= MAX_STRENGTH:
         raise ValueError(f"strength must be in [0, {MAX_STRENGTH:g}], got {strength}")
     rng = np.random.default_rng(rng)
@@ -177,26 +198,46 @@ def freehand_sketch(
     size = max(height, width)
     if level > 0.0:
         mask = warp_mask(mask, level * memory.warp, memory.warp_length * size, warp_rng)
-    instances = [m for _, m in mask_instances(mask)]
+    found = mask_instances(mask)
+    instances, classes = [m for _, m in found], [c for c, _ in found]
     if not instances:
-        return np.full(mask.shape, PAPER, dtype=np.uint8)
+        blank = np.full(mask.shape, PAPER, dtype=np.uint8)
+        return blank, (np.zeros(mask.shape, np.uint8) if labelled else None)
     if level > 0.0:
-        instances = remember_objects(instances, level, memory)
-    instances = edit_objects(instances, strength, object_rng, hand)
-    contours = [c for instance in instances for c in contour_strokes(instance)]
+        instances, kept = _remembered(instances, level, memory)
+        classes = [classes[i] for i in kept]
+    instances, origins = _edited(instances, strength, object_rng, hand)
+    classes = [classes[i] if i >= 0 else 0 for i in origins]
+    outlines = [(c, k) for instance, k in zip(instances, classes) for c in contour_strokes(instance)]
+    contours = [c for c, _ in outlines]
     if strength == 0.0:
-        return draw_strokes(contours, height, width)
+        sketch = draw_strokes(contours, height, width)
+        return sketch, (_class_lines(outlines, sketch) if labelled else None)
     wobble = smooth_field(height, width, strength * hand.wobble * size, hand.wobble_length * size, field_rng)
     # One generator per contour: how one contour's noise is drawn never shifts another's choices.
     contour_rngs = [np.random.default_rng(s) for s in stroke_rng.integers(0, 2**63, len(contours))]
-    strokes = [s for c, r in zip(contours, contour_rngs) for s in perturb_contour(c, size, strength, r, wobble, hand)]
+    drawn = [(s, k) for (c, k), r in zip(outlines, contour_rngs) for s in perturb_contour(c, size, strength, r, wobble, hand)]
+    strokes = [s for s, _ in drawn]
     deform = global_deformation(height, width, strength, global_rng, hand)
     for stroke in strokes:
         stroke.points = deform(stroke.points)
     if level > 0.0:
         misplace_drawing(strokes, height, width, level, placement_rng, memory)
     set_width_and_pressure(strokes, size, strength, render_rng, hand)
-    return render_strokes(strokes, height, width)
+    if labelled:
+        return render_labelled_strokes(strokes, [k for _, k in drawn], height, width)
+    return render_strokes(strokes, height, width), None
+
+
+def _class_lines(outlines: list[tuple[np.ndarray, int]], sketch: np.ndarray) -> np.ndarray:
+    """The class map of `draw_strokes`'s lines: each contour's line drawn in its class, later over earlier."""
+    height, width = sketch.shape
+    canvas = Image.new("L", (width, height), 0)
+    draw, line = ImageDraw.Draw(canvas), line_width(max(height, width))
+    for stroke, class_index in outlines:
+        points = [tuple(p) for p in np.asarray(stroke, dtype=np.float64)]
+        draw.line(points * 2 if len(points) == 1 else points, fill=int(class_index), width=line, joint="curve" if line > 2 else None)
+    return np.where(sketch < PAPER, np.asarray(canvas, dtype=np.uint8), 0).astype(np.uint8)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -207,8 +248,15 @@ def edit_objects(
     instances: list[np.ndarray], strength: float, rng: np.random.Generator, hand: HandParameters = HAND
 ) -> list[np.ndarray]:
     """Merge neighbours, drop instances and add one extra blob, each with probability ~ strength."""
+    return _edited(instances, strength, rng, hand)[0]
+
+
+def _edited(
+    instances: list[np.ndarray], strength: float, rng: np.random.Generator, hand: HandParameters = HAND
+) -> tuple[list[np.ndarray], list[int]]:
+    """`edit_objects` and, per object drawn, the index of the instance it comes from (-1: added)."""
     if strength == 0.0:
-        return instances
+        return instances, list(range(len(instances)))
     height, width = instances[0].shape
     size = max(height, width)
     # Random numbers are drawn up front in a fixed pattern, so a seed makes the same choices at
@@ -222,6 +270,7 @@ def edit_objects(
     gap = max(1, round(hand.merge_gap * size))
     structure = _disk(gap)
     merged: list[np.ndarray] = []
+    sources: list[int] = []
     used = [False] * n
     for i in range(n):
         if used[i]:
@@ -244,15 +293,13 @@ def edit_objects(
                 # Close over the gap so the pair becomes one region with one outline.
                 instance = ndimage.binary_closing(np.pad(union, gap), structure)[gap:-gap, gap:-gap] | union
         merged.append(instance)
+        sources.append(i)
 
     # Only small objects get forgotten; never all of them.
     areas = [m.sum() for m in merged]
     largest = int(np.argmax(areas))
-    kept = [
-        m
-        for k, m in enumerate(merged)
-        if k == largest or areas[k] >= small or drop_draws[k] >= strength * hand.drop_p
-    ]
+    chosen = [k for k in range(len(merged)) if k == largest or areas[k] >= small or drop_draws[k] >= strength * hand.drop_p]
+    kept, origins = [merged[k] for k in chosen], [sources[k] for k in chosen]
 
     if extra_draw < strength * hand.extra_p:
         ys, xs = np.nonzero(np.logical_or.reduce(kept))
@@ -265,7 +312,8 @@ def edit_objects(
         u = dx * math.cos(angle) + dy * math.sin(angle)
         v = -dx * math.sin(angle) + dy * math.cos(angle)
         kept.append((u / rx) ** 2 + (v / ry) ** 2 <= 1.0)
-    return kept
+        origins.append(-1)
+    return kept, origins
 
 
 def _disk(radius: int) -> np.ndarray:
@@ -471,6 +519,11 @@ def remember_objects(instances: list[np.ndarray], level: float, memory: MemoryPa
     `level` in [0, 1] is the strength above 1. An instance the simplification erases is drawn
     as it was: a remembered structure is still drawn, only coarsely.
     """
+    return _remembered(instances, level, memory)[0]
+
+
+def _remembered(instances: list[np.ndarray], level: float, memory: MemoryParameters = MEMORY) -> tuple[list[np.ndarray], list[int]]:
+    """`remember_objects` and the indices of the instances kept."""
     height, width = instances[0].shape
     radius = round(level * memory.outline * max(height, width))
     if radius >= 1:
@@ -482,8 +535,8 @@ def remember_objects(instances: list[np.ndarray], level: float, memory: MemoryPa
             rough.append(simple if simple.any() else instance)
         instances = rough
     left_out = math.floor(level * max(0, len(instances) - memory.keep))
-    biggest = np.argsort([-int(m.sum()) for m in instances], kind="stable")[: len(instances) - left_out]
-    return [instances[i] for i in sorted(biggest)]
+    biggest = sorted(int(i) for i in np.argsort([-int(m.sum()) for m in instances], kind="stable")[: len(instances) - left_out])
+    return [instances[i] for i in biggest], biggest
 
 
 def misplace_drawing(
@@ -549,9 +602,23 @@ def render_strokes(strokes: list[Stroke], height: int, width: int, supersample: 
     Each stroke is a chain of discs on a supersampled canvas; strokes combine by darkest ink, so a
     light stroke crossing a dark one does not lighten it. Untouched pixels stay at 255.
     """
+    return _render(strokes, None, height, width, supersample)[0]
+
+
+def render_labelled_strokes(strokes: list[Stroke], classes: list[int], height: int, width: int,
+                            supersample: int = SUPERSAMPLE) -> tuple[np.ndarray, np.ndarray]:
+    """`render_strokes` and the class (one per stroke) of each pixel: that of the stroke darkest at
+    the pixel's darkest sub-pixel; 0 on paper. uint8 (height, width) each."""
+    sketch, classes_map = _render(strokes, classes, height, width, supersample)
+    return sketch, classes_map
+
+
+def _render(strokes: list[Stroke], classes: list[int] | None, height: int, width: int,
+            supersample: int) -> tuple[np.ndarray, np.ndarray | None]:
     f = supersample
     darkness = np.zeros((height * f, width * f), dtype=np.uint8)
-    for stroke in strokes:
+    owner = np.zeros(darkness.shape, np.uint8) if classes is not None else None
+    for number, stroke in enumerate(strokes):
         points, widths, pressure = stroke.points, stroke.width, stroke.pressure
         if widths is None or pressure is None:
             widths = np.full(len(points), float(line_width(max(height, width))))
@@ -575,11 +642,20 @@ def render_strokes(strokes: list[Stroke], height: int, width: int, supersample: 
         draw = ImageDraw.Draw(patch)
         for x, y, r, ink in zip(cx - left, cy - top, radii, inks):
             draw.ellipse((x - r, y - r, x + r, y + r), fill=int(round(ink)))
-        region = darkness[top:bottom, left:right]
-        np.maximum(region, np.asarray(patch), out=region)
+        region, ink = darkness[top:bottom, left:right], np.asarray(patch)
+        if owner is not None:
+            owner[top:bottom, left:right][ink > region] = classes[number]
+        np.maximum(region, ink, out=region)
     mean = darkness.reshape(height, f, width, f).mean(axis=(1, 3))
     # Round darkness up: any touched pixel shows some ink, untouched ones stay exactly 255.
-    return (PAPER - np.ceil(mean)).astype(np.uint8)
+    sketch = (PAPER - np.ceil(mean)).astype(np.uint8)
+    if owner is None:
+        return sketch, None
+    blocks = darkness.reshape(height, f, width, f).transpose(0, 2, 1, 3).reshape(height, width, f * f)
+    darkest = blocks.argmax(axis=2)
+    owners = owner.reshape(height, f, width, f).transpose(0, 2, 1, 3).reshape(height, width, f * f)
+    classes_map = np.take_along_axis(owners, darkest[..., None], axis=2)[..., 0]
+    return sketch, np.where(sketch < PAPER, classes_map, 0).astype(np.uint8)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -89,10 +89,11 @@ def clean_strokes(ink: np.ndarray, name: str = "sketch") -> np.ndarray:
 
 
 def pad_to_square(strokes: np.ndarray) -> np.ndarray:
+    """Centred in a square of zeros (False), keeping the dtype (stroke masks, class maps)."""
     height, width = strokes.shape
     side = max(height, width)
     top, left = (side - height) // 2, (side - width) // 2
-    square = np.zeros((side, side), dtype=bool)
+    square = np.zeros((side, side), dtype=strokes.dtype)
     square[top : top + height, left : left + width] = strokes
     return square
 

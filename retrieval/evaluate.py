@@ -29,6 +29,11 @@ Methods, all on the same queries and the same archive vectors:
     pix2pix      pix2pix's image instead of Sketch2MedI's in the fused vector (sketch field and C's
                  embedding; pix2pix has no latent code, so E's part is left out) and for the DICE
                  re-rank (needs `train pix2pix` in the bundle)
+    full_labelled  full, then the class match of the labelled sketch (`retrieval.labelled`): the same
+                 simulated sketch with each stroke in its class's colour (the simulator knows which
+                 class of the mask it outlines), decoded as an uploaded colour-coded sketch
+                 (`EvaluationOptions.labelled`; one row per weighting, named full_labelled[weight=..,dice=..]
+                 when there are several)
 References, to read the others against:
     oracle       the query against each archive image's contours drawn from its ground-truth masks, by
                  symmetric chamfer after the best similarity transform (`retrieval.oracle`): what a
@@ -53,12 +58,14 @@ from scipy import ndimage
 
 from generation.dataset import ImageDataset
 from generation.errors import InputError
-from generation.freehand import freehand_sketch
+from generation.freehand import freehand_labelled_sketch
 from generation.images import find_images, square_resize, tensor_to_images
+from generation.labelled import LabelledSketch, colour_coded, decode_labelled_sketch
 from generation.registry import load_network, network_exists
 from generation.sketch import INK, PAPER, sketch_from_mask, sketch_to_tensor
 from retrieval.align import Alignment, aligned_distances, alignment_scores, final_score
 from retrieval.defaults import DEFAULT_CANDIDATES, DEFAULT_LAMBDA
+from retrieval.labelled import LabelWeights, class_fields, class_match, labelled_scores
 from retrieval.metrics import dice_matrix, fd_c
 from retrieval.models import SystemModels
 from retrieval.oracle import AlignedChamfer
@@ -69,6 +76,7 @@ from retrieval.vector import ArchiveParts, VectorRecipe, archive_parts, fuse_vec
 
 METHODS = ("full", "no_refiner", "no_align", "no_rerank", "w_only", "image_only", "sketch_only", "chamfer", "pix2pix",
            "oracle", "random", "best")
+LABELLED = "full_labelled"  # the rows of `EvaluationOptions.labelled`
 SKETCH_SIZE = 256  # simulated free-hand sketches are drawn at this size, then normalised
 DRAWN = "drawn"  # the query set of drawn sketches, in place of a strength
 RELEVANCE_DEPTH = 10  # DICE@10
@@ -86,6 +94,16 @@ class EvaluationOptions:
     limit: int | None = None  # evaluate only the first `limit` images of the split
     batch: int = 16
     sketches: str | None = None  # a folder of drawn sketches (sketches/NAME.png) to query with instead
+    labelled: tuple[LabelWeights, ...] = ()  # a full_labelled row per weighting (simulated queries only)
+    methods: tuple[str, ...] | None = None  # only these rows (None: all); full_labelled rows come with `labelled`
+
+    def labelled_rows(self) -> dict[str, LabelWeights]:
+        if len(self.labelled) == 1:
+            return {LABELLED: self.labelled[0]}
+        return {f"{LABELLED}[{weights.tag}]": weights for weights in self.labelled}
+
+    def wants(self, method: str) -> bool:
+        return self.methods is None or method in self.methods
 
 
 @dataclass
@@ -93,6 +111,7 @@ class Queries:
     target: list[int] = field(default_factory=list)  # archive index of the right answer
     group: list[str] = field(default_factory=list)  # the strength ("0", "1", ...) or DRAWN
     sketches: list[np.ndarray] = field(default_factory=list)  # normalised uint8 (R, R)
+    labelled: list[LabelledSketch | None] = field(default_factory=list)  # the colour-coded query decoded; None without
 
 
 def recall_table(ranks: np.ndarray, top_dice: np.ndarray) -> dict[str, float]:
@@ -111,14 +130,21 @@ def rerank_order(similarity: np.ndarray, labels: np.ndarray, archive_labels: np.
                  classes: int, sketch: np.ndarray | None = None, alignment: Alignment | None = None) -> np.ndarray:
     """The archive in final order: the top `candidates` by `search`'s final score (similarity and
     DICE, and with `alignment` the query `sketch` aligned to their mask contours), then the rest."""
+    order, scores = candidate_scores(similarity, labels, archive_labels, candidates, lam, classes, sketch, alignment)
+    top = order[:candidates]
+    return np.concatenate([top[np.argsort(-scores, kind="stable")], order[candidates:]])
+
+
+def candidate_scores(similarity: np.ndarray, labels: np.ndarray, archive_labels: np.ndarray, candidates: int, lam: float,
+                     classes: int, sketch: np.ndarray | None = None, alignment: Alignment | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The archive by similarity, and `search`'s final scores of its first `candidates` (see `rerank_order`)."""
     order = np.argsort(-similarity, kind="stable")
     top = order[:candidates]
     dice = np.array([dice_score(labels, archive_labels[i], classes) for i in top])
     aligned = None
     if alignment is not None and sketch is not None:
         aligned = alignment_scores(aligned_distances(sketch, archive_labels[top], alignment), alignment.tau)
-    scores = final_score(similarity[top], dice, lam, aligned, 0.0 if alignment is None else alignment.weight)
-    return np.concatenate([top[np.argsort(-scores, kind="stable")], order[candidates:]])
+    return order, final_score(similarity[top], dice, lam, aligned, 0.0 if alignment is None else alignment.weight)
 
 
 def chamfer_distances(query: np.ndarray, archive_sketches: np.ndarray, archive_transforms: np.ndarray) -> np.ndarray:
@@ -146,15 +172,25 @@ def make_queries(dataset: ImageDataset, split_indices: list[int], resolution: in
         for strength in options.strengths:
             for seed in options.seeds:
                 rng = np.random.default_rng([seed, index, round(strength * 1000)])
+                drawing, classes = freehand_labelled_sketch(mask, strength, rng)
                 try:
-                    sketch = load_sketch(freehand_sketch(mask, strength, rng), resolution)
+                    sketch = load_sketch(drawing, resolution)
                 except InputError:  # nothing to draw (an image without structures)
                     empty += 1
                     continue
                 queries.target.append(index)
                 queries.group.append(f"{strength:g}")
                 queries.sketches.append(sketch)
+                queries.labelled.append(labelled_query(drawing, classes, sketch) if options.labelled else None)
     return queries, empty
+
+
+def labelled_query(drawing: np.ndarray, classes: np.ndarray, sketch: np.ndarray) -> LabelledSketch:
+    """The simulated drawing in its classes' colours, decoded as an upload is; its canonical sketch
+    is the plain query's `sketch` (the colour table keeps the ink of every pixel)."""
+    labelled = decode_labelled_sketch(colour_coded(drawing, classes), sketch.shape[0], int(classes.max(initial=0)))
+    assert np.array_equal(labelled.sketch, sketch), "a colour-coded sketch must normalise as its black strokes do"
+    return labelled
 
 
 def drawn_queries(dataset: ImageDataset, folder: str | Path, resolution: int, limit: int | None = None) -> Queries:
@@ -178,6 +214,7 @@ def drawn_queries(dataset: ImageDataset, folder: str | Path, resolution: int, li
         queries.target.append(by_name[name])
         queries.group.append(DRAWN)
         queries.sketches.append(load_sketch(path, resolution))
+        queries.labelled.append(None)
     return queries
 
 
@@ -194,6 +231,7 @@ class Archive:
     sketches: np.ndarray  # uint8 (N, R, R) S's normalised sketches
     transforms: np.ndarray  # float32 (N, R, R) distance to each sketch's nearest ink (chamfer)
     fused: torch.Tensor  # (N, D) the fused vectors of the recipe
+    class_fields: torch.Tensor | None = None  # (N, classes, FIELD_GRID**2) fields of each class's contours (labelled rows)
 
 
 @dataclass
@@ -285,6 +323,8 @@ def evaluate(data: str | Path, split: str = "test", bundle: str | Path | None = 
         raise InputError(f"{data}: no query could be drawn for split {split!r} (no structures in its masks)")
     classes = max(models.label_classes, dataset.num_classes)
     truth = GroundTruth.of_dataset(dataset, models.resolution, archive.labels, queries.target, classes)
+    if options.labelled:
+        archive.class_fields = class_fields(list(archive.labels), list(range(1, classes)), models.resolution)
     pix2pix = Pix2PixBaseline.of_bundle(models, archive, options.recipe)
     ranks, top_dice, generated, gen_labels = rank_queries(models, archive, truth, queries, options, pix2pix, progress)
 
@@ -295,7 +335,7 @@ def evaluate(data: str | Path, split: str = "test", bundle: str | Path | None = 
     return {
         "data": str(data), "split": split, "bundle": str(models.bundle), "bundle_id": models.bundle_id,
         "archive_images": len(dataset), "query_images": query_images, "queries": len(queries.target),
-        "empty_queries": empty, "options": asdict(options), "methods": {m: METHOD_NOTES[m] for m in ranks},
+        "empty_queries": empty, "options": asdict(options), "methods": {m: METHOD_NOTES[m.split("[")[0]] for m in ranks},
         "retrieval": retrieval,
         "generation": generation_quality(models, queries, generated, gen_labels, archive.labels, archive.parts, archive.pixels,
                                          groups),
@@ -309,7 +349,8 @@ def rank_queries(models: SystemModels, archive: Archive, truth: GroundTruth, que
     """Every method's rank of the right answer and DICE@10 per query, and each generator's images and
     S's label maps of them."""
     absent = {"pix2pix": pix2pix is None, "oracle": truth.oracle is None}
-    ranks: dict[str, list[int]] = {method: [] for method in METHODS if not absent.get(method, False)}
+    rows = [m for m in METHODS if not absent.get(m, False) and options.wants(m)] + list(options.labelled_rows())
+    ranks: dict[str, list[int]] = {method: [] for method in rows}
     top_dice: dict[str, list[float]] = {method: [] for method in ranks}
     generated: dict[str, list[torch.Tensor]] = {"sketch2medi": [], "no_refiner": [], **({"pix2pix": []} if pix2pix else {})}
     gen_labels: dict[str, list[np.ndarray]] = {name: [] for name in generated}
@@ -336,10 +377,12 @@ def rank_queries(models: SystemModels, archive: Archive, truth: GroundTruth, que
             number, target = start + row, queries.target[start + row]
             query = QueryVectors(queries.sketches[number], F.normalize(w[row], dim=0), fields[row],
                                  {name: vector[row] for name, vector in fused.items()}, embeddings["sketch2medi"][row],
-                                 {name: label[row] for name, label in labels.items()})
+                                 {name: label[row] for name, label in labels.items()}, queries.labelled[number])
             orders = method_orders(archive, query, options, models.label_classes, pix2pix)
-            orders.update(reference_orders(truth, query.sketch, target, number))
+            orders.update(reference_orders(truth, query.sketch, target, number, options))
             for method, order in orders.items():
+                if method not in ranks:
+                    continue
                 ranks[method].append(rank_of(target, order))
                 top_dice[method].append(float(truth.relevance[target][order[:RELEVANCE_DEPTH]].mean()))
         progress("queries", stop, len(queries.target))
@@ -355,6 +398,7 @@ class QueryVectors(NamedTuple):
     fused: dict[str, torch.Tensor]  # per generator, the fused vector
     embedding: torch.Tensor  # C(x_hat) of Sketch2MedI's image, unit
     labels: dict[str, np.ndarray]  # per generator, S's label map of its image
+    labelled: LabelledSketch | None = None  # the query's strokes with their classes (full_labelled)
 
 
 def method_orders(archive: Archive, query: QueryVectors, options: EvaluationOptions, classes: int,
@@ -365,28 +409,46 @@ def method_orders(archive: Archive, query: QueryVectors, options: EvaluationOpti
                             query.sketch, alignment)
 
     full = (archive.fused @ query.fused["sketch2medi"]).numpy()
-    orders = {
-        "full": reranked(full, "sketch2medi"),
-        "no_refiner": reranked((archive.fused @ query.fused["no_refiner"]).numpy(), "no_refiner"),
-        "no_align": reranked(full, "sketch2medi", None),
-        "no_rerank": np.argsort(-full, kind="stable"),
-        "w_only": np.argsort(-(archive.codes @ query.code).numpy(), kind="stable"),
-        "image_only": np.argsort(-(archive.embeddings @ query.embedding).numpy(), kind="stable"),
-        "sketch_only": np.argsort(-(archive.fields @ query.field).numpy(), kind="stable"),
-        "chamfer": np.argsort(chamfer_distances(query.sketch, archive.sketches, archive.transforms), kind="stable"),
+    rows = {
+        "full": lambda: reranked(full, "sketch2medi"),
+        "no_refiner": lambda: reranked((archive.fused @ query.fused["no_refiner"]).numpy(), "no_refiner"),
+        "no_align": lambda: reranked(full, "sketch2medi", None),
+        "no_rerank": lambda: np.argsort(-full, kind="stable"),
+        "w_only": lambda: np.argsort(-(archive.codes @ query.code).numpy(), kind="stable"),
+        "image_only": lambda: np.argsort(-(archive.embeddings @ query.embedding).numpy(), kind="stable"),
+        "sketch_only": lambda: np.argsort(-(archive.fields @ query.field).numpy(), kind="stable"),
+        "chamfer": lambda: np.argsort(chamfer_distances(query.sketch, archive.sketches, archive.transforms), kind="stable"),
     }
     if pix2pix is not None:
-        orders["pix2pix"] = reranked((pix2pix.archive @ query.fused["pix2pix"]).numpy(), "pix2pix")
+        rows["pix2pix"] = lambda: reranked((pix2pix.archive @ query.fused["pix2pix"]).numpy(), "pix2pix")
+    orders = {name: row() for name, row in rows.items() if options.wants(name)}
+    for name, weights in options.labelled_rows().items():
+        orders[name] = labelled_order(full, query.labels["sketch2medi"], query.sketch, query.labelled, archive, options, classes, weights)
     return orders
 
 
-def reference_orders(truth: GroundTruth, sketch: np.ndarray, target: int, number: int) -> dict[str, np.ndarray]:
+def labelled_order(similarity: np.ndarray, labels: np.ndarray, query_sketch: np.ndarray, sketch: LabelledSketch | None,
+                   archive: Archive, options: EvaluationOptions, classes: int, weights: LabelWeights) -> np.ndarray:
+    """full's order with the class match of `sketch` in the candidates' scores, as `search` does for
+    a labelled sketch; full's order itself for a query with no labelled stroke."""
+    order, scores = candidate_scores(similarity, labels, archive.labels, options.candidates, options.lam, classes, query_sketch,
+                                     options.alignment)  # fmt: skip
+    top = order[:options.candidates]
+    if sketch is not None and sketch.drawn:
+        drawn = [c - 1 for c in sketch.drawn]
+        match = class_match(sketch, labels, archive.class_fields[top][:, drawn], [archive.labels[i] for i in top], weights)
+        scores = labelled_scores(scores, match, weights)
+    return np.concatenate([top[np.argsort(-scores, kind="stable")], order[options.candidates:]])
+
+
+def reference_orders(truth: GroundTruth, sketch: np.ndarray, target: int, number: int,
+                     options: EvaluationOptions = EvaluationOptions()) -> dict[str, np.ndarray]:
     """The reference rows' orders for query `number` (its image `target`): oracle, random, best."""
     orders = {
         "random": np.random.default_rng([RANDOM_SEED, number]).permutation(len(truth.labels)),
         "best": np.argsort(-truth.relevance[target], kind="stable"),
     }
-    if truth.oracle is not None:
+    if truth.oracle is not None and options.wants("oracle"):
         orders["oracle"] = np.argsort(truth.oracle.distances(sketch), kind="stable")
     return orders
 
@@ -404,6 +466,7 @@ METHOD_NOTES = {
     "oracle": "reference: chamfer to ground-truth contours after the best rotation, scale and shift",
     "random": "reference: a random order (chance level)",
     "best": "reference: the archive ordered by DICE to the query image's masks (the highest DICE@10)",
+    LABELLED: "full + the class match of the same sketch colour-coded by class (retrieval.labelled)",
 }
 
 

@@ -5,7 +5,7 @@
            -> re-rank by DICE(S(x_hat), stored masks) and the sketch aligned to the stored masks' contours -> top k
 
 The vector is described in `retrieval.vector`, the DICE term in `retrieval.rerank`, the alignment in
-`retrieval.align`.
+`retrieval.align`; a labelled sketch's candidates are then re-scored per class (`retrieval.labelled`).
 """
 
 from __future__ import annotations
@@ -23,12 +23,14 @@ from PIL import Image
 from generation.device import pick_device
 from generation.errors import InputError
 from generation.images import open_image, square_resize, tensor_to_images
+from generation.labelled import LabelledSketch, decode_labelled_sketch
 from generation.normalize import normalize_sketch
 from indexing.files import load
 from indexing.filters import SearchFilter
 from indexing.workspace import check_bundle, open_workspace_for_search
 from retrieval.align import Alignment, aligned_distances, alignment_scores, final_score
 from retrieval.defaults import DEFAULT_CANDIDATES, DEFAULT_LAMBDA
+from retrieval.labelled import LabelWeights, check_classes, class_fields, class_match, labelled_scores
 from retrieval.models import SystemModels
 from retrieval.relevance import Rocchio
 from retrieval.rerank import dice_score
@@ -49,6 +51,7 @@ class Hit:
     # Aligned chamfer distance (pixels at the bundle's resolution) of the query's strokes to the
     # image's mask contours; None without re-ranking, alignment or strokes, or where either side has no contour
     aligned_chamfer: float | None = None
+    class_match: float | None = None  # the labelled sketch's per-class match (0-1); None for a plain sketch
 
 
 class _Query(NamedTuple):
@@ -56,6 +59,7 @@ class _Query(NamedTuple):
     labels: np.ndarray  # uint8 label map the candidates' stored masks are compared with
     sketch: np.ndarray | None
     image: np.ndarray | None
+    labelled: LabelledSketch | None = None  # the sketch's strokes with their classes (a labelled search)
 
 
 class Candidate(NamedTuple):
@@ -66,6 +70,7 @@ class Candidate(NamedTuple):
     dice: float | None  # percent; None without re-ranking
     image_id: int
     aligned_chamfer: float | None = None  # pixels; None where not aligned
+    class_match: float | None = None  # a labelled sketch's per-class match (retrieval.labelled)
 
 
 @dataclass
@@ -81,12 +86,13 @@ class SearchResult:
     matching: int | None = None  # archive images matching the filter; None without one
     like: tuple[int, ...] = ()
     unlike: tuple[int, ...] = ()
+    classes_drawn: tuple[int, ...] = ()  # the classes the labelled sketch's strokes carry
 
     def to_json(self) -> dict:
         """The documented `search --json` schema (docs/SEARCH.md)."""
         return {"schema_version": JSON_SCHEMA_VERSION, "results": [asdict(hit) for hit in self.results],
                 "timings_ms": self.timings_ms, "where": self.where, "matching": self.matching,
-                "like": list(self.like), "unlike": list(self.unlike)}
+                "like": list(self.like), "unlike": list(self.unlike), "classes_drawn": list(self.classes_drawn)}
 
 
 def load_query_image(image: str | Path | Image.Image | np.ndarray) -> np.ndarray:
@@ -111,6 +117,19 @@ def load_sketch(sketch: str | Path | Image.Image | np.ndarray, size: int) -> np.
     if isinstance(sketch, (str, Path)):
         return normalize_sketch(open_image(sketch), size, name=str(sketch))
     return normalize_sketch(sketch, size)
+
+
+def load_labelled_sketch(sketch: str | Path | Image.Image | np.ndarray | LabelledSketch, size: int, num_classes: int) -> LabelledSketch:
+    """A colour-coded sketch (file, PIL image, array; or already decoded) -> its canonical sketch
+    and class map at `size`; a class the bundle does not have is a one-line InputError."""
+    if isinstance(sketch, LabelledSketch):
+        if sketch.sketch.shape != (size, size):
+            raise InputError(f"labelled sketch of shape {sketch.sketch.shape}: expected the bundle's ({size}, {size})")
+        check_classes(sketch, num_classes)
+        return sketch
+    if isinstance(sketch, (str, Path)):
+        return decode_labelled_sketch(open_image(sketch), size, num_classes, name=str(sketch))
+    return decode_labelled_sketch(sketch, size, num_classes)
 
 
 class Retriever:
@@ -151,7 +170,8 @@ class Retriever:
                rerank: bool = True, lam: float = DEFAULT_LAMBDA, steps: int | None = None, *,
                image: str | Path | Image.Image | np.ndarray | None = None, like: Iterable[int] = (), unlike: Iterable[int] = (),
                where: str | SearchFilter | None = None, feedback: Rocchio = Rocchio(),
-               alignment: Alignment | None = Alignment()) -> SearchResult:
+               alignment: Alignment | None = Alignment(), labelled: bool = False,
+               label_weights: LabelWeights = LabelWeights()) -> SearchResult:
         """The top k archive images for a sketch, or for an image (`image`, query by example), or
         like the archive images `like` (no sketch or image).
 
@@ -161,6 +181,9 @@ class Retriever:
         alignment: the re-ranking's alignment of the query's strokes to each candidate's contours
             (`retrieval.align`); None re-ranks by similarity and DICE alone. Not used with `like` alone
             (no strokes) or without re-ranking.
+        labelled: read the sketch as colour-coded by class (`generation.labelled`; implied for a
+            `LabelledSketch`) and re-score the candidates per class drawn (`retrieval.labelled`,
+            weighted by `label_weights`; with re-ranking only).
         """
         if k < 1 or candidates < 1:
             raise InputError("k and candidates must be positive")
@@ -186,7 +209,8 @@ class Retriever:
             timings[stage] = round((now - clock) * 1000, 3)
             clock = now
 
-        query = self._query(sketch, image, like, unlike, steps, rerank, feedback, lap)
+        labelled = labelled or isinstance(sketch, LabelledSketch)
+        query = self._query(sketch, image, like, unlike, steps, rerank, feedback, lap, labelled)
         allowed = self.workspace.catalog.ids_matching(search_filter) if search_filter is not None else None
         available = self.workspace.index.ntotal if allowed is None else len(allowed)
         found = []
@@ -195,18 +219,22 @@ class Retriever:
             found = [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0]
         lap("faiss")
         ranked = self._reranked(found, query, lam, alignment) if rerank else [Candidate(s, s, None, i) for i, s in found]
+        if rerank and query.labelled is not None and query.labelled.drawn:
+            ranked = self._class_matched(ranked, query, label_weights)
         lap("rerank")
         records = self.workspace.records_for([c.image_id for c in ranked[:k]])
         hits = [Hit(rank, c.image_id, records[c.image_id].path, records[c.image_id].frame, round(c.score, 6),
                     round(c.similarity, 6), None if c.dice is None else round(c.dice, 3),
-                    None if c.aligned_chamfer is None else round(c.aligned_chamfer, 3))
+                    None if c.aligned_chamfer is None else round(c.aligned_chamfer, 3),
+                    None if c.class_match is None else round(c.class_match, 6))
                 for rank, c in enumerate((c for c in ranked if c.image_id in records), start=1)][:k]
         timings["total"] = round(sum(timings.values()), 3)
         return SearchResult(hits, timings, query.sketch, query.image, query.labels, search_filter.text if search_filter else None,
-                            None if allowed is None else len(allowed), like, unlike)
+                            None if allowed is None else len(allowed), like, unlike,
+                            tuple(query.labelled.drawn) if query.labelled is not None else ())
 
     def _query(self, sketch, image, like: tuple[int, ...], unlike: tuple[int, ...], steps: int | None, rerank: bool,
-               feedback: Rocchio, lap: Callable[[str], None]) -> _Query:
+               feedback: Rocchio, lap: Callable[[str], None], labelled: bool = False) -> _Query:
         """The query's vector (1, D), its masks for the re-ranking and what to show of it."""
         m = self.models
         stored = self._stored_vectors(like + unlike)
@@ -214,8 +242,13 @@ class Retriever:
         if sketch is None and image is None:  # more like the liked archive images: their stored vectors and masks
             labels = self.workspace.masks_for(like[:1])[like[0]]
             return _Query(feedback.move(None, liked, disliked)[None], labels, None, None)
+        decoded = None
         if sketch is not None:
-            canonical = load_sketch(sketch, m.resolution)
+            if labelled:
+                decoded = load_labelled_sketch(sketch, m.resolution, m.S.config.num_classes)
+                canonical = decoded.sketch
+            else:
+                canonical = load_sketch(sketch, m.resolution)
             lap("normalize")
             generation = m.sketch2medi.generate(canonical, steps, on_stage=lap)
             pixels = generation.images.to(m.device)
@@ -233,7 +266,7 @@ class Retriever:
             lap("embed")
         if like or unlike:
             vector = feedback.move(vector[0], liked, disliked)[None]
-        return _Query(vector, labels, canonical, shown)
+        return _Query(vector, labels, canonical, shown, decoded)
 
     def _stored_vectors(self, ids: tuple[int, ...]) -> dict[int, np.ndarray]:
         """The archive vectors of these catalog ids; an unknown id is a one-line InputError."""
@@ -263,3 +296,16 @@ class Retriever:
                   for n, (image_id, _) in enumerate(found)]
         ranked.sort(key=lambda c: (-c.score, c.image_id))
         return ranked
+
+    def _class_matched(self, ranked: list[Candidate], query: _Query, weights: LabelWeights) -> list[Candidate]:
+        """The re-ranked candidates re-scored with the labelled sketch's per-class match (ties: lower id first)."""
+        sketch = query.labelled
+        masks = self.workspace.masks_for([c.image_id for c in ranked])
+        blank = np.zeros_like(query.labels)
+        stored = [masks.get(c.image_id, blank) for c in ranked]
+        fields = class_fields(stored, sketch.drawn, sketch.sketch.shape[0])
+        match = class_match(sketch, query.labels, fields, stored, weights)
+        scores = labelled_scores(np.array([c.score for c in ranked]), match, weights)
+        matched = [c._replace(score=float(s), class_match=float(v)) for c, s, v in zip(ranked, scores, match)]
+        matched.sort(key=lambda c: (-c.score, c.image_id))
+        return matched

@@ -2,9 +2,10 @@
 
     GET  /                              the page (index.html; app.js and style.css under /static/)
     GET  /api/health                    {"status": "ok"}
-    GET  /api/info                      workspace, image count, bundle id, resolution, limits, defaults
+    GET  /api/info                      workspace, image count, bundle id, resolution, limits, defaults,
+                                        the classes and their pen colours for labelled sketches
     POST /api/search                    multipart: sketch or image (file) and/or like (ids), unlike, where, group,
-                                        k, candidates, rerank, lambda, steps
+                                        k, candidates, rerank, lambda, steps, labelled (the sketch is colour-coded)
     GET  /api/images/{id}/image.png     a catalogued image (longest side <= 1024)
     GET  /api/images/{id}/thumbnail.png the same, longest side <= 192
     GET  /api/images/{id}/masks.png     S's stored masks of it as an RGBA overlay aligned with image.png
@@ -62,6 +63,7 @@ from starlette.requests import Request
 
 from generation.errors import InputError
 from generation.images import decode_image
+from generation.labelled import colour_table
 from generation.normalize import WORK_SIDE, reduce_to_work_side
 from indexing.catalog import FileMeta
 from indexing.filters import SearchFilter
@@ -344,6 +346,7 @@ def _add_page_and_info(app: FastAPI, retriever: Retriever, max_upload_bytes: int
                 "bundle": str(retriever.models.bundle), "resolution": retriever.models.resolution,
                 "device": str(retriever.models.device), "max_upload_bytes": max_upload_bytes,
                 "max_concurrent": max_concurrent, "palette": PALETTE.tolist(),
+                "classes": colour_table(retriever.models.bundle),
                 "defaults": {"k": 10, "candidates": 100, "rerank": True, "lambda": DEFAULT_LAMBDA,
                              "steps": retriever.models.sketch2medi.default_steps},
                 "limits": {"k": MAX_K, "candidates": MAX_CANDIDATES, "steps": MAX_STEPS}}
@@ -361,7 +364,8 @@ def _add_search(app: FastAPI, retriever: Retriever, models: ThreadPoolExecutor, 
                      group: str | None = Form(None, description="patient, study, series or none (default: study where known)"),
                      k: int = Form(10, ge=1, le=MAX_K), candidates: int = Form(100, ge=1, le=MAX_CANDIDATES),
                      rerank: bool = Form(True), lam: float = Form(DEFAULT_LAMBDA, alias="lambda", ge=0, le=1),
-                     steps: int | None = Form(None, ge=0, le=MAX_STEPS)):
+                     steps: int | None = Form(None, ge=0, le=MAX_STEPS),
+                     labelled: bool = Form(False, description="the sketch is colour-coded by class (/api/info's classes)")):
         if sketch is None and image is None and not like:
             raise _ApiError(422, "sketch: a file is required (or image, a file to search by, or like, archive image ids)")
         if group is not None and group not in GROUPINGS:
@@ -385,10 +389,11 @@ def _add_search(app: FastAPI, retriever: Retriever, models: ThreadPoolExecutor, 
         try:
             result, groups, meta = await asyncio.wrap_future(
                 models.submit(_grouped_with_meta, retriever, uploads.get("sketch"), k=k, group=group, candidates=candidates, rerank=rerank,
-                              lam=lam, steps=steps, image=uploads.get("image"), like=like, unlike=unlike, where=search_filter))
+                              lam=lam, steps=steps, image=uploads.get("image"), like=like, unlike=unlike, where=search_filter,
+                              labelled=labelled))
         finally:
             slots.release()
-        params = {"k": k, "candidates": candidates, "rerank": rerank, "lambda": lam, "steps": steps, "group": group}
+        params = {"k": k, "candidates": candidates, "rerank": rerank, "lambda": lam, "steps": steps, "group": group, "labelled": labelled}
         if audit_log is not None:
             audit_log.record(client=request.client.host if request.client else None, token=token, uploads=digests, like=like,
                              unlike=unlike, where=where, params=params, ids=[hit.id for hit in result.results])

@@ -206,3 +206,19 @@ def test_refinement_report_and_figure(tiny_chain, tmp_path):
     refinement_figure(examples, tmp_path / "steps.png", images=2)
     picture = Image.open(tmp_path / "steps.png")
     assert picture.size == (2 * 32 * 6, 2 * 32 * 6)  # 2 images x 3 strengths; sketch, x_0..x_3, reference
+
+
+def test_labelled_rows_next_to_full(tiny_chain, tmp_path):
+    """--methods keeps only the rows asked for; a full_labelled row per --label-weights pair; with
+    weight 0 the class match has no say and the row is exactly full's."""
+    data, bundle, _ = tiny_chain
+    out = tmp_path / "labelled.json"
+    result = runner.invoke(app, ["evaluate", "--data", str(data), "--split", "train", "--bundle", str(bundle), "--limit", "3",
+                                 "--seeds", "1", "--strengths", "1", "--methods", "full", "--label-weights", "0:0,0.5:0.5",
+                                 "--out", str(out), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert list(report["retrieval"]) == ["full", "full_labelled[weight=0,dice=0]", "full_labelled[weight=0.5,dice=0.5]"]
+    assert report["retrieval"]["full_labelled[weight=0,dice=0]"] == report["retrieval"]["full"]
+    bad = runner.invoke(app, ["evaluate", "--data", str(data), "--bundle", str(bundle), "--methods", "full,everything"])
+    assert bad.exit_code == 2 and "--methods: no method 'everything'" in bad.output

@@ -492,3 +492,24 @@ def test_a_bad_group_is_422_with_one_line_and_a_bad_filter_names_its_field(clini
         assert bad.status_code == 400 and bad.json()["field"] == "where" and bad.json()["error"].startswith("--where clause 'colour=red'")
         filtered = client.post("/api/search", data={"like": str(ids["s1a.dcm"]), "where": "modality=XA", "group": "none"}).json()
         assert filtered["matching"] == 2 and {hit["modality"] for hit in filtered["results"]} == {"XA"}
+
+
+def test_labelled_search_and_a_class_the_bundle_lacks(client, retriever, sketch):
+    """labelled=true reads the upload's colours: a class-2 drawing is searched per class; one in the
+    colour of class 7 (the tiny bundle has 4) is a 400 with the CLI's one line."""
+    from generation.labelled import colour_coded
+
+    pixels = np.asarray(Image.open(io.BytesIO(sketch)).convert("L"))
+    as_class = lambda c: png(colour_coded(pixels, np.where(pixels < 255, c, 0).astype(np.uint8)))  # noqa: E731
+    answer = post(client, as_class(2), k=3, labelled="true").json()
+    expected = retriever.search(Image.open(io.BytesIO(as_class(2))), k=3, labelled=True)
+    assert answer["classes_drawn"] == [2] == list(expected.classes_drawn) and answer["schema_version"] == 3
+    assert [(h["id"], h["score"], h["class_match"]) for h in answer["results"]] == [(h.id, h.score, h.class_match) for h in expected.results]
+    plain = post(client, as_class(2), k=3).json()  # without the flag the colours are only ink
+    assert plain["classes_drawn"] == [] and all(h["class_match"] is None for h in plain["results"])
+    refused = post(client, as_class(7), labelled="true")
+    assert refused.status_code == 400 and refused.json() == {"error": "sketch: strokes in the colour of class 7 (#000080), but the bundle "
+                                                             "has classes 1-4; redraw them in black or in one of the colours "
+                                                             "`python cli.py classes` lists"}
+    info = client.get("/api/info").json()
+    assert [row["index"] for row in info["classes"]] == [0, 1, 2, 3, 4]

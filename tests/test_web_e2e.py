@@ -396,4 +396,44 @@ def test_an_archive_image_picked_by_id_is_the_template_and_is_never_sent(clinic_
     page.wait_for_function(f"() => document.getElementById('status').textContent.includes('archive image {first}')")
     assert page.locator("#template-id").input_value() == str(first)
     assert errors == []
+
+
+def test_class_palette_draws_colour_coded_strokes_and_the_search_uses_them(server, browser):
+    """The palette beside the pen: unlabelled black and one swatch per class of the bundle, chosen by
+    mouse or keyboard; strokes take its colour, and the upload is colour-coded and searched as labelled."""
+    from generation.labelled import colour_hex, decode_labelled_sketch
+
+    base, recording = server
+    page = browser.new_page(viewport={"width": 1400, "height": 900})
+    page.goto(f"{base}/?token={TOKEN}")
+    page.wait_for_function("() => document.querySelectorAll('#palette [role=radio]').length > 1")
+    swatches = page.eval_on_selector_all("#palette [role=radio]", "bs => bs.map(b => [b.textContent, b.getAttribute('aria-checked')])")
+    assert swatches == [["unlabelled", "true"], ["uvula", "false"], ["pharyngeal wall", "false"], ["tonsil", "false"], ["tongue", "false"]]
+
+    page.locator("#palette [data-index='0']").focus()  # arrows move along the group, digits pick a class
+    page.keyboard.press("ArrowRight")
+    assert page.locator("#palette [data-index='1']").get_attribute("aria-checked") == "true"
+    page.keyboard.press("3")
+    assert page.locator("#palette [data-index='3']").get_attribute("aria-checked") == "true"
+    stroke(page, ellipse(0.35, 0.5, 0.2, 0.3))  # a tonsil
+    page.locator("#palette [data-index='0']").click()
+    stroke(page, [(0.6, 0.2), (0.9, 0.8)])  # an unlabelled line
+    colour = page.evaluate("""() => { const d = document.getElementById('canvas').getContext('2d')
+        .getImageData(0, 0, 512, 512).data; const seen = new Set();
+        for (let i = 0; i < d.length; i += 4) if (d[i + 3] === 255) seen.add('#' + [0, 1, 2].map(k => d[i + k].toString(16).padStart(2, '0')).join(''));
+        return [...seen].sort(); }""")
+    assert colour == sorted(["#000000", colour_hex(3)])
+
+    before = len(recording.calls)
+    page.locator("#search").click()
+    page.wait_for_function("() => document.getElementById('status').textContent.includes('results in')")
+    sketch, options = recording.calls[before]
+    assert options["labelled"] is True
+    decoded = decode_labelled_sketch(Image.open(io.BytesIO(sketch)), recording.models.resolution, 4)
+    assert decoded.drawn == [3] and (decoded.classes[decoded.sketch == 0] == 0).any()  # the line stays unlabelled
+    answer = page.request.post(f"{base}/api/search", headers={"Authorization": f"Bearer {TOKEN}"},
+                               multipart={"sketch": {"name": "sketch.png", "mimeType": "image/png", "buffer": sketch}, "labelled": "true"}).json()
+    assert answer["classes_drawn"] == [3] and all(hit["class_match"] is not None for hit in answer["results"])
+    info = page.request.get(f"{base}/api/info", headers={"Authorization": f"Bearer {TOKEN}"}).json()
+    assert info["classes"][3] == {"index": 3, "name": "tonsil", "colour": colour_hex(3)}
     page.close()

@@ -8,9 +8,12 @@ const ctx = canvas.getContext("2d");
 const template = $("template");
 const LIVE_DELAY_MS = 600; // after the last stroke: a pause, not every pointer lift mid-drawing
 
+const UNLABELLED = { index: 0, name: "unlabelled", colour: "#000000" };
+
 const state = {
   tool: "pen",
-  items: [],        // what is drawn, in order: {kind: "stroke", tool, width, points} or {kind: "image", bitmap}
+  penClass: UNLABELLED, // the class the next strokes carry (drawn in its colour; /api/info's classes)
+  items: [],        // what is drawn, in order: {kind: "stroke", tool, width, colour, classIndex, points} or {kind: "image", bitmap}
   current: null,    // the stroke under the pointer
   pointer: null,    // the one pointer drawing it (a second finger is ignored)
   seq: 0,           // only the newest search's answer is shown
@@ -46,7 +49,7 @@ function fitInto(context, bitmap) {
 function stylePen(item) {
   // The eraser removes ink from the drawing layer, so the template below shows through again.
   ctx.globalCompositeOperation = item.tool === "eraser" ? "destination-out" : "source-over";
-  ctx.strokeStyle = ctx.fillStyle = "#000";
+  ctx.strokeStyle = ctx.fillStyle = item.colour || "#000";
   ctx.lineWidth = item.width;
   ctx.lineCap = ctx.lineJoin = "round";
 }
@@ -104,7 +107,8 @@ canvas.addEventListener("pointerdown", (event) => {
   state.pointer = event.pointerId;
   canvas.setPointerCapture(event.pointerId);
   const point = toCanvas(event);
-  state.current = { kind: "stroke", tool: state.tool, width: Number($("width").value), points: [point] };
+  state.current = { kind: "stroke", tool: state.tool, width: Number($("width").value), colour: state.penClass.colour,
+                    classIndex: state.penClass.index, points: [point] };
   drawSegment(state.current, point, point);
 });
 
@@ -154,7 +158,58 @@ document.addEventListener("keydown", (event) => {
   if ((event.ctrlKey || event.metaKey) && event.key.toLowerCase() === "z") { event.preventDefault(); undo(); }
   else if (!event.ctrlKey && !event.metaKey && event.key === "p") setTool("pen");
   else if (!event.ctrlKey && !event.metaKey && event.key === "e") setTool("eraser");
+  else if (!event.ctrlKey && !event.metaKey && !event.altKey && /^[0-9]$/.test(event.key)) choosePenClass(Number(event.key));
 });
+
+// -- class palette: strokes carry a class, drawn in the colour the server's table gives it ----------
+
+function choosePenClass(index) {
+  const button = document.querySelector(`#palette [data-index="${index}"]`);
+  if (!button) return;
+  for (const other of document.querySelectorAll("#palette [role=radio]")) {
+    const chosen = other === button;
+    other.setAttribute("aria-checked", String(chosen));
+    other.tabIndex = chosen ? 0 : -1; // one tab stop for the group; arrows move within it
+  }
+  state.penClass = JSON.parse(button.dataset.entry);
+  setTool("pen");
+}
+
+function buildPalette(classes) {
+  const palette = $("palette");
+  palette.replaceChildren();
+  for (const entry of [UNLABELLED, ...classes.filter((c) => c.index !== 0)]) {
+    const button = document.createElement("button");
+    button.type = "button";
+    button.setAttribute("role", "radio");
+    button.dataset.index = entry.index;
+    button.dataset.entry = JSON.stringify(entry);
+    button.title = `${entry.name} (${entry.index})`;
+    const swatch = document.createElement("span");
+    swatch.className = "swatch";
+    swatch.style.background = entry.colour;
+    const name = document.createElement("span");
+    name.textContent = entry.name; // class names come from the bundle: text, never markup
+    button.append(swatch, name);
+    button.addEventListener("click", () => choosePenClass(entry.index));
+    palette.append(button);
+  }
+  palette.addEventListener("keydown", (event) => {
+    const buttons = [...palette.querySelectorAll("[role=radio]")];
+    const at = buttons.indexOf(document.activeElement);
+    const step = { ArrowRight: 1, ArrowDown: 1, ArrowLeft: -1, ArrowUp: -1 }[event.key];
+    if (at < 0 || !step) return;
+    event.preventDefault();
+    const next = buttons[(at + step + buttons.length) % buttons.length];
+    choosePenClass(Number(next.dataset.index));
+    next.focus();
+  });
+  choosePenClass(state.penClass.index);
+}
+
+function isLabelled() {
+  return state.items.some((item) => item.kind === "stroke" && item.tool === "pen" && item.classIndex > 0);
+}
 
 async function readBitmap(input) {
   const file = input.files && input.files[0];
@@ -242,6 +297,7 @@ async function searchForm(query) {
   form.append("k", $("k").value || "12");
   form.append("lambda", $("lambda").value);
   form.append("rerank", $("rerank").checked ? "true" : "false");
+  if (query.sketch && isLabelled()) form.append("labelled", "true");
   return form;
 }
 
@@ -552,6 +608,7 @@ async function loadInfo() {
     }
     $("info").textContent = `${body.images} images · bundle ${body.bundle_id.split(":")[0]} · ${body.resolution} px · ${body.device}`;
     $("k").max = body.limits.k;
+    buildPalette(body.classes || []);
     $("lambda").value = body.defaults.lambda;
     $("lambda-value").textContent = Number(body.defaults.lambda).toFixed(2);
   } catch (error) {
