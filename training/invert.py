@@ -116,7 +116,7 @@ def ceiling(models: SystemModels, dataset: ImageDataset, indices: list[int], ste
         real = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1
         result = invert(G, C, real, steps, space=space,
                         on_step=lambda step, loss: log(f"{space} images {start}-{start + len(chunk) - 1}: step {step}, L_sim {loss:.4f}")
-                        if step % 50 == 0 or step == steps else None)
+                        if step % 10 == 0 or step == steps else None)
         generated = tensor_to_images(result.images)
         for i, image in zip(chunk, generated):
             reference = S.predict_label_map([square_resize(dataset.image(i), S.config.size)])[0]
@@ -130,6 +130,15 @@ def ceiling(models: SystemModels, dataset: ImageDataset, indices: list[int], ste
            "l_sim_start": sum(first) / len(indices), "l_sim_end": sum(last) / len(indices), "images": len(indices)}
     log(f"{space}: {json.dumps(row)}")
     return row
+
+
+def resolution_floor(models: SystemModels, dataset: ImageDataset, indices: list[int]) -> dict:
+    """DICE(S(x at G's resolution), S(x)): what a G reproducing every real image exactly would score,
+    since S sees G's images at G's resolution."""
+    S, R = models.S, models.resolution
+    dice = [dice_score(S.predict_label_map([square_resize(dataset.image(i), R)])[0],
+                       S.predict_label_map([square_resize(dataset.image(i), S.config.size)])[0], models.label_classes) for i in indices]
+    return {"dice": float(np.mean(dice)), "images": len(indices)}
 
 
 def refinement_fd_c(models: SystemModels, dataset: ImageDataset, examples: dict) -> dict[str, dict[str, float]]:
@@ -156,6 +165,7 @@ def markdown_table(report: dict) -> str:
     for kind, by_step in report["refinement"]["dice"].items():
         cells = [f"{by_step[f'step {t}']:.1f} / {report['refinement']['fd_c'][kind][f'step {t}']:.3f}" for t in range(steps + 1)]
         lines.append(f"| {kind} | " + " | ".join(cells) + " |")
+    lines.append(f"| the real image at {report['resolution']} px (a perfect G) | {report['real_at_resolution']['dice']:.1f} / 0 |" + " |" * steps)
     for space, row in report["ceiling"].items():
         lines.append(f"| inversion into {space.upper()} ({report['inversion_steps']} steps) | {row['dice']:.1f} / {row['fd_c']:.3f} |"
                      + " |" * steps)
@@ -185,8 +195,8 @@ def main() -> None:
         models = SystemModels(args.bundle, args.device)
         dataset = ImageDataset(args.data, args.split)
         indices = list(range(len(dataset)))[: args.limit]
-        report = {"bundle": str(args.bundle), "data": str(args.data), "split": args.split, "images": len(indices),
-                  "inversion_steps": args.steps, "refinement": None,
+        report = {"bundle": str(args.bundle), "data": str(args.data), "split": args.split, "images": len(indices), "resolution": models.resolution,
+                  "inversion_steps": args.steps, "refinement": None, "real_at_resolution": resolution_floor(models, dataset, indices),
                   "ceiling": {space: ceiling(models, dataset, indices, args.steps, space, args.batch) for space in spaces}}
         if not args.no_refinement:
             refinement, examples = evaluate_refinement(args.bundle, args.data, args.split, limit=args.limit, device=args.device, models=models)
@@ -194,6 +204,7 @@ def main() -> None:
     except InputError as error:
         raise SystemExit(f"error: {error}")
     print(json.dumps(report, indent=1))
+    print(f"real images at {models.resolution} px: DICE {report['real_at_resolution']['dice']:.1f}")
     if report["refinement"] is not None:
         print(markdown_table(report))
     if args.json:
