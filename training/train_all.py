@@ -96,8 +96,7 @@ class _Chain:
     progress: Progress | None
     log: Callable[[str], None]
     reports: list[StageReport] = field(default_factory=list)
-
-    overrides: dict = field(default_factory=dict)
+    overrides: dict = field(default_factory=dict)  # budget entries replacing the preset's
 
     @property
     def budget(self) -> dict:
@@ -109,6 +108,7 @@ class _Chain:
         return self.budget.get("networks", self.preset)
 
     def generator_config(self):
+        """G's StyleGAN2Config: the architecture preset's, with the budget's `generator_config` fields."""
         config = network_config("generator", self.networks)
         return replace(config, **self.budget["generator_config"]) if "generator_config" in self.budget else config
 
