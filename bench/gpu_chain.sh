@@ -5,7 +5,7 @@
 #   bench/gpu_chain.sh pack [DATA]    # here: DATA (default ../shared/data/vocalfolds256) -> .carry/vocalfolds256
 #   OUT=DIR bench/gpu_chain.sh run    # on the GPU machine, from the repository root
 #
-# `pack` stores the images as lossless WebP (pixel-identical, checked; about 54 MiB for vocalfolds256
+# `pack` stores the images as lossless WebP (pixel-identical, checked; 52.7 MiB for vocalfolds256
 # against 67 MiB of PNGs) and refuses a pack over 64 MiB. `run` decodes them back to PNG under
 # runs/gpu-chain/, trains into runs/gpu-chain/bundle (re-running resumes the unfinished stage),
 # and writes to $OUT, as each step ends: gpu.txt (the device), times.txt (each step's wall time),
