@@ -44,9 +44,11 @@ def sketches_of(models: SystemModels, dataset: ImageDataset, index: int, strengt
 
 
 def evaluate_refinement(bundle: str | Path, data: str | Path, split: str = "test", strengths: tuple[float, ...] = (0.0, 0.5, 1.0),
-                        limit: int | None = None, seed: int = 0, device: str = "auto") -> tuple[dict, dict]:
-    """(report, examples): mean DICE per sketch kind and step, and per image the sketches and steps."""
-    models = SystemModels(bundle, device)
+                        limit: int | None = None, seed: int = 0, device: str = "auto",
+                        models: SystemModels | None = None) -> tuple[dict, dict]:
+    """(report, examples): mean DICE per sketch kind and step, and per image the sketches and steps.
+    `models`: the bundle's networks if already loaded."""
+    models = models if models is not None else SystemModels(bundle, device)
     dataset = ImageDataset(data, split)
     indices = list(range(len(dataset)))[:limit]
     T = models.sketch2medi.default_steps

@@ -56,6 +56,12 @@ class StopFlag:
         return dist.all_reduce_mean(torch.tensor(float(self.requested), device=device)).item() > 0
 
 
+def autocast(device: torch.device, bf16: bool):
+    """bfloat16 autocast on CUDA when `bf16` (no loss scaling: bfloat16 keeps float32's exponent
+    range); elsewhere, or without `bf16`, plain float32."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda")
+
+
 def average_gradients(modules: Iterable[nn.Module], dist: Distributed) -> None:
     """Average .grad over ranks with one all-reduce, then clean NaN/inf so one bad batch cannot kill a run."""
     params = [p for module in modules for p in module.parameters() if p.grad is not None]

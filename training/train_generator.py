@@ -36,7 +36,7 @@ from generation.images import image_grid, save_png
 from generation.registry import load_network, network_config, network_exists, save_network
 from generation.stylegan2 import Discriminator, Generator, StyleGAN2Config
 from training.diffaugment import diff_augment, parse_policy, random_xflip
-from training.loop import StopFlag, TrainResult, append_metrics, assert_same_weights, broadcast_module, optimise
+from training.loop import StopFlag, TrainResult, append_metrics, assert_same_weights, autocast, broadcast_module, optimise
 from training.losses import d_logistic_loss, d_r1_loss, g_nonsaturating_loss, g_path_length_loss
 
 CHECKPOINT = "generator_checkpoint"
@@ -68,6 +68,7 @@ class TrainOptions:
     augment: str = "color,translation,cutout"  # DiffAugment policy; "" disables
     xflip: bool = False  # mirror reals left-right at random
     snap_kimg: float = 4.0  # sample grid + checkpoint + log line every this many kimg
+    bf16: bool = False  # bfloat16 autocast of the forward passes on CUDA (weights, optimiser and EMA stay float32)
     seed: int = 0
 
     def r1_gamma(self, resolution: int) -> float:
@@ -150,15 +151,17 @@ class GANTrainer:
         G.requires_grad_(False)
         D.requires_grad_(True)
         reals = self.real_batch()
-        with torch.no_grad():
-            fakes = G(G.sample_ws(self.batch, opts.mixing, generator=self.rng), noise_mode="random")
-        real_logits, fake_logits = D(self.augment(reals)), D(self.augment(fakes))
-        loss = d_logistic_loss(real_logits, fake_logits)
+        with autocast(self.device, opts.bf16):
+            with torch.no_grad():
+                fakes = G(G.sample_ws(self.batch, opts.mixing, generator=self.rng), noise_mode="random")
+            real_logits, fake_logits = D(self.augment(reals)), D(self.augment(fakes))
+            loss = d_logistic_loss(real_logits.float(), fake_logits.float())
         optimise(D, self.D_opt, loss, self.dist)
         stats.update(d_loss=loss.item(), real_score=real_logits.mean().item(), fake_score=fake_logits.mean().item())
         if self.gamma > 0 and self.step_count % opts.r1_interval == 0:
             reals = reals.detach().requires_grad_(True)
-            r1 = d_r1_loss(D(self.augment(reals)), reals)
+            with autocast(self.device, opts.bf16):
+                r1 = d_r1_loss(D(self.augment(reals)).float(), reals)
             optimise(D, self.D_opt, r1 * (self.gamma / 2 * opts.r1_interval), self.dist)
             stats["r1"] = r1.item()
 
@@ -167,13 +170,15 @@ class GANTrainer:
         D.requires_grad_(False)
         ws = G.sample_ws(self.batch, opts.mixing, generator=self.rng)
         G.mapping.update_w_avg(self.dist.all_reduce_mean(ws[:, 0].detach().mean(dim=0)))
-        loss = g_nonsaturating_loss(D(self.augment(G(ws, noise_mode="random"))))
+        with autocast(self.device, opts.bf16):
+            loss = g_nonsaturating_loss(D(self.augment(G(ws, noise_mode="random"))).float())
         optimise(G, self.G_opt, loss, self.dist)
         stats["g_loss"] = loss.item()
         if opts.pl_weight > 0 and self.step_count % opts.pl_interval == 0:
             ws = G.sample_ws(max(1, self.batch // opts.pl_batch_shrink), opts.mixing, generator=self.rng)
-            penalty, self.pl_mean = g_path_length_loss(G(ws, noise_mode="random"), ws, self.pl_mean,
-                                                       opts.pl_decay, self.dist.all_reduce_mean)
+            with autocast(self.device, opts.bf16):
+                fakes = G(ws, noise_mode="random").float()
+            penalty, self.pl_mean = g_path_length_loss(fakes, ws, self.pl_mean, opts.pl_decay, self.dist.all_reduce_mean)
             optimise(G, self.G_opt, penalty * (opts.pl_weight * opts.pl_interval), self.dist)
             stats.update(pl_penalty=penalty.item(), pl_mean=self.pl_mean.item())
         G.requires_grad_(False)

@@ -35,7 +35,7 @@ from generation.registry import load_network, network_config, network_exists, sa
 from generation.resnet import load_backbone_weights
 from generation.sketch import sketch_to_tensor
 from generation.stylegan2 import Generator
-from training.loop import StopFlag, TrainResult, append_metrics, broadcast_module, optimise
+from training.loop import StopFlag, TrainResult, append_metrics, autocast, broadcast_module, optimise
 from training.losses import SimilarityLoss, SimilarityWeights, d_logistic_loss, d_r1_loss, g_nonsaturating_loss
 from training.sketch_cache import SketchCache, sketch_cache
 
@@ -60,6 +60,7 @@ class PhaseOptions:
     # Phase 2 only.
     refine_steps: int = 3  # T
     init_from_c: bool = True  # initialise E's / H's trunk from C where the shapes allow
+    bf16: bool = False  # bfloat16 autocast of the forward passes on CUDA (weights and optimisers stay float32)
     log_every: int = 25
     snap_every: int = 500
     seed: int = 0
@@ -85,6 +86,10 @@ PHASE_PRESETS = {  # per preset, the options that differ from PhaseOptions' defa
     "cpu": {"encoder": dict(steps=2000, batch=8, lr=3e-4, d_lr=5e-5),
             "refiner": dict(steps=1000, batch=8, lr=2e-4)},
     "paper": {"encoder": dict(), "refiner": dict()},
+    # One data-centre GPU, about 10 minutes for the whole chain at 256 px (training.train_all); the
+    # step counts are estimates of throughput, not measurements (docs/TRAINING.md).
+    "gpu": {"encoder": dict(steps=2000, batch=32, lr=3e-4, d_lr=5e-5, bf16=True, snap_every=1000),  # 64k sketches, 4x cpu's; ~1.5 min
+            "refiner": dict(steps=1000, batch=16, lr=2e-4, bf16=True, snap_every=500)},  # 16k pairs x T=3, 2x cpu's; ~1.5 min
 }
 
 
@@ -108,6 +113,9 @@ class PhaseTrainer:
         self.G, self.C, self.cache, self.options, self.device, self.dist = G.to(device), C.to(device), cache, options, device, dist
         self.similarity = SimilarityLoss(self.C, options.weights, options.perceptual_backend)
         self.batch = options.batch // dist.world_size
+        # The pairs live on the device once, as uint8: a batch is an index, not a copy from the host.
+        self.images = torch.from_numpy(cache.images).to(device).permute(0, 3, 1, 2)
+        self.sketches = torch.from_numpy(cache.sketches).to(device)
         self.step_count = 0
         self.reseed()
 
@@ -120,13 +128,14 @@ class PhaseTrainer:
 
     def batch_of(self, indices: Tensor, freehand: float = 0.0) -> tuple[Tensor, Tensor]:
         """(sketches (B, 1, R, R) ink 1 / paper 0, images (B, 3, R, R) in [-1, 1]) on the device."""
-        idx = indices.numpy()
-        sketches = self.cache.sketches[idx].copy()
-        for row, i in enumerate(idx):
-            if freehand and self.np_rng.random() < freehand:
-                sketches[row] = freehand_sketch(self.cache.label_maps[i], float(self.np_rng.uniform(0, 1)), self.np_rng)
-        images = torch.from_numpy(self.cache.images[idx]).permute(0, 3, 1, 2).float() / 127.5 - 1
-        return sketch_to_tensor(sketches).to(self.device), images.to(self.device)
+        sketches = self.sketches[indices.to(self.device)]
+        if freehand:
+            for row, i in enumerate(indices.tolist()):
+                if self.np_rng.random() < freehand:
+                    drawn = freehand_sketch(self.cache.label_maps[i], float(self.np_rng.uniform(0, 1)), self.np_rng)
+                    sketches[row] = torch.from_numpy(drawn).to(self.device)
+        images = self.images[indices.to(self.device)].float() / 127.5 - 1
+        return sketch_to_tensor(sketches), images
 
     def sample_indices(self) -> Tensor:
         return torch.randint(len(self.cache), (self.batch,), generator=self.rng)
@@ -186,9 +195,9 @@ class EncoderTrainer(PhaseTrainer):
 
         if opts.adversarial > 0:  # D: codes from mapping(z) are real, E's codes are fake
             self.D.requires_grad_(True)
-            with torch.no_grad():
-                real_w = self.G.mapping(torch.randn(self.batch, self.G.config.z_dim, device=self.device))
-                fake_w = self.E(sketches)
+            with torch.no_grad(), autocast(self.device, opts.bf16):
+                real_w = self.G.mapping(torch.randn(self.batch, self.G.config.z_dim, device=self.device)).float()
+                fake_w = self.E(sketches).float()
             loss = d_logistic_loss(self.D(real_w), self.D(fake_w))
             optimise(self.D, self.D_opt, loss, self.dist)
             stats["d_loss"] = loss.item()
@@ -199,8 +208,9 @@ class EncoderTrainer(PhaseTrainer):
                 stats["r1"] = r1.item()
             self.D.requires_grad_(False)
 
-        w = self.E(sketches)
-        terms = self.similarity(reals, self.G(w, fused_modconv=False))
+        with autocast(self.device, opts.bf16):
+            w = self.E(sketches).float()
+            terms = {k: v.float() for k, v in self.similarity(reals, self.G(w, fused_modconv=False)).items()}
         loss = terms["total"]
         if opts.adversarial > 0:
             adversarial = g_nonsaturating_loss(self.D(w))
@@ -265,18 +275,19 @@ class RefinerTrainer(PhaseTrainer):
         trains H's step-t prediction; the gradients of all T losses are summed into one update.
         """
         sketches, reals = self.batch_of(self.sample_indices())
-        with torch.no_grad():
-            w = self.E(sketches)
+        with torch.no_grad(), autocast(self.device, self.options.bf16):
+            w = self.E(sketches).float()
             image = self.G(w)
             reference = self.similarity.reference(reals)
             stats = {"sim_step0": self.similarity(reals, image, reference)["total"].item()}
         self.H_opt.zero_grad(set_to_none=True)
         total = None
         for t in range(1, self.options.refine_steps + 1):
-            offsets = accumulate(total, self.H(sketches, image))
-            image = self.G(w, weight_deltas=offsets)
-            terms = self.similarity(reals, image, reference)
-            terms["total"].backward()
+            with autocast(self.device, self.options.bf16):
+                offsets = accumulate(total, self.H(sketches, image))
+                image = self.G(w, weight_deltas=offsets)
+                terms = self.similarity(reals, image, reference)
+            terms["total"].float().backward()
             stats[f"sim_step{t}"] = terms["total"].item()
             total = {name: delta.detach() for name, delta in offsets.items()}
             image = image.detach()
