@@ -3,7 +3,8 @@
     sketch -> normalise -> E -> w -> G, H (T steps) -> x_hat
            -> vector(sketch, w, x_hat) -> FAISS top candidates -> DICE(S(x_hat), stored masks) re-rank -> top k
 
-The vector is described in `retrieval.vector`, the re-ranking score in `retrieval.rerank`.
+The vector is described in `retrieval.vector`, the re-ranking score in `retrieval.rerank`, the hits'
+match quality (with a bundle's calibration) in `retrieval.quality`.
 """
 
 from __future__ import annotations
@@ -27,11 +28,12 @@ from indexing.filters import SearchFilter
 from indexing.workspace import check_bundle, open_workspace_for_search
 from retrieval.defaults import DEFAULT_LAMBDA
 from retrieval.models import SystemModels
+from retrieval.quality import hit_features
 from retrieval.relevance import Rocchio
 from retrieval.rerank import dice_score, rerank_score
-from retrieval.vector import RECIPE_SEPARATOR, ArchiveEmbedder, VectorRecipe, archive_parts, fuse_vectors, sketch_field
+from retrieval.vector import FIELD_GRID, RECIPE_SEPARATOR, ArchiveEmbedder, VectorRecipe, archive_parts, fuse_vectors, sketch_field
 
-JSON_SCHEMA_VERSION = 2
+JSON_SCHEMA_VERSION = 3
 
 
 @dataclass
@@ -43,6 +45,7 @@ class Hit:
     score: float
     similarity: float
     dice: float | None  # percent; None without re-ranking
+    quality: float | None = None  # probability of a close match (`retrieval.quality`); None without a calibration
 
 
 class _Query(NamedTuple):
@@ -74,12 +77,16 @@ class SearchResult:
     matching: int | None = None  # archive images matching the filter; None without one
     like: tuple[int, ...] = ()
     unlike: tuple[int, ...] = ()
+    # The best hit's quality is below the calibration's threshold; None when the hits have no quality
+    no_close_match: bool | None = None
+    quality_threshold: float | None = None  # the calibration's threshold; None without one
 
     def to_json(self) -> dict:
         """The documented `search --json` schema (docs/SEARCH.md)."""
         return {"schema_version": JSON_SCHEMA_VERSION, "results": [asdict(hit) for hit in self.results],
                 "timings_ms": self.timings_ms, "where": self.where, "matching": self.matching,
-                "like": list(self.like), "unlike": list(self.unlike)}
+                "like": list(self.like), "unlike": list(self.unlike), "no_close_match": self.no_close_match,
+                "quality_threshold": self.quality_threshold}
 
 
 def load_query_image(image: str | Path | Image.Image | np.ndarray) -> np.ndarray:
@@ -92,6 +99,11 @@ def load_query_image(image: str | Path | Image.Image | np.ndarray) -> np.ndarray
     if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
         raise InputError(f"query image of shape {array.shape} and type {array.dtype}: expected uint8 RGB (H, W, 3)")
     return array
+
+
+def vector_part_sizes(models: SystemModels) -> tuple[int, int, int]:
+    """Lengths of the search vector's three parts: the sketch field, E's code, C's embedding."""
+    return FIELD_GRID**2, models.sketch2medi.G.config.w_dim, models.C.embedding_dim
 
 
 def _image_ids(ids: Iterable[int]) -> tuple[int, ...]:
@@ -122,6 +134,7 @@ class Retriever:
             if models is None:
                 models = SystemModels(bundle or self.workspace.bundle_path or None, device)
             self.models = models
+            self.calibration = models.calibration  # a damaged or mismatched one is refused here, before any search
             self.embedder = ArchiveEmbedder(models, VectorRecipe.parse(stored.split(RECIPE_SEPARATOR)[1]))
             check_bundle(self.workspace.path, stored, self.embedder.bundle_id,
                          "search with the bundle it was built with (another bundle makes other vectors) or re-index into a new workspace",
@@ -189,9 +202,28 @@ class Retriever:
         hits = [Hit(rank, c.image_id, records[c.image_id].path, records[c.image_id].frame, round(c.score, 6),
                     round(c.similarity, 6), None if c.dice is None else round(c.dice, 3))
                 for rank, c in enumerate((c for c in ranked if c.image_id in records), start=1)][:k]
+        no_close_match = self._rate_quality(query.vector[0], hits, {c.image_id: c.dice for c in ranked})
         timings["total"] = round(sum(timings.values()), 3)
         return SearchResult(hits, timings, query.sketch, query.image, query.labels, search_filter.text if search_filter else None,
-                            None if allowed is None else len(allowed), like, unlike)
+                            None if allowed is None else len(allowed), like, unlike, no_close_match,
+                            None if self.calibration is None else self.calibration.threshold)
+
+    def _rate_quality(self, query: np.ndarray, hits: list[Hit], dice: dict[int, float | None]) -> bool | None:
+        """Set each hit's quality from the calibration; whether the best is below its threshold.
+        None (and no quality) without a calibration, without hits or without a feature (`hit_features`)."""
+        if self.calibration is None or not hits:
+            return None
+        found, vectors = self.workspace.catalog.vectors([hit.id for hit in hits])
+        by_id = dict(zip(found.tolist(), vectors))
+        hit_dice = [dice[hit.id] for hit in hits]
+        features = hit_features(query, np.stack([by_id[hit.id] for hit in hits]), None if None in hit_dice else np.array(hit_dice),
+                                vector_part_sizes(self.models))
+        quality = self.calibration.quality(features)
+        if quality is None:
+            return None
+        for hit, value in zip(hits, quality):
+            hit.quality = round(float(value), 4)
+        return bool(quality[0] < self.calibration.threshold)
 
     def _query(self, sketch, image, like: tuple[int, ...], unlike: tuple[int, ...], steps: int | None, rerank: bool,
                feedback: Rocchio, lap: Callable[[str], None]) -> _Query:

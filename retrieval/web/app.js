@@ -225,6 +225,7 @@ async function search() {
       return;
     }
     showQuery(body.query);
+    $("no-match").hidden = body.no_close_match !== true;  // null: the bundle has no calibration
     showResults(body.results);
     setStatus(`${body.results.length} results in ${Math.round(body.timings_ms.total)} ms`);
   } catch (error) {
@@ -291,7 +292,8 @@ function select(hit, button) {
   $("detail-image").alt = `Result ${hit.rank}: ${fileName(hit.path)}`;
   const frame = hit.frame ? ` [frame ${hit.frame}]` : "";
   $("detail-caption").textContent = `#${hit.rank}  ${hit.path}${frame} — score ${format(hit.score, 3)}, `
-    + `similarity ${format(hit.similarity, 3)}, DICE ${format(hit.dice, 1)}`;
+    + `similarity ${format(hit.similarity, 3)}, DICE ${format(hit.dice, 1)}`
+    + (hit.quality === null || hit.quality === undefined ? "" : `, match quality ${format(hit.quality, 2)}`);
 }
 
 $("search").addEventListener("click", search);
