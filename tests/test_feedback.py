@@ -134,7 +134,7 @@ def test_web_api_takes_like_unlike_image_and_where(retriever, indexed):
         assert answer.status_code == 200, answer.text
         body = answer.json()
         assert body["results"][0]["id"] in (5, 6) and body["like"] == [5, 6] and body["unlike"] == [7]
-        assert body["schema_version"] == 2 and body["query"]["sketch"] is None
+        assert body["schema_version"] == 3 and body["query"]["sketch"] is None
         with open(dataset.samples[1].image_path, "rb") as handle:
             by_image = client.post("/api/search", files={"image": ("x.png", handle.read(), "image/png")}, data={"k": "2"})
         assert by_image.status_code == 200 and by_image.json()["query"]["sketch"].startswith("data:image/png")

@@ -154,7 +154,7 @@ def test_index_and_search_commands(tiny_chain, tmp_path):
     result = runner.invoke(app, ["search", str(sketch), "-k", "4", *workspace, "--json", "--out", str(out), "--device", "cpu"])
     assert result.exit_code == 0, result.output
     answer = json.loads(result.output)
-    assert answer["schema_version"] == 2 and [hit["rank"] for hit in answer["results"]] == [1, 2, 3, 4]
+    assert answer["schema_version"] == 3 and [hit["rank"] for hit in answer["results"]] == [1, 2, 3, 4]
     assert set(answer["results"][0]) >= {"rank", "path", "score", "similarity", "dice"} and answer["timings_ms"]["total"] > 0
     assert all((out / name).is_file() for name in ("sketch.png", "generated.png", "results.png"))
     table = runner.invoke(app, ["search", str(sketch), "-k", "2", *workspace, "--no-rerank", "--device", "cpu"])
