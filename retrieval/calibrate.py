@@ -38,10 +38,11 @@ from generation.errors import InputError
 from generation.images import tensor_to_images
 from generation.sketch import draw_strokes
 from retrieval.defaults import DEFAULT_LAMBDA
-from retrieval.evaluate import Archive, EvaluationOptions, GroundTruth, Queries, drawn_queries, embed_archive, make_queries
+from retrieval.evaluate import Archive, EvaluationOptions, GroundTruth, Queries, drawn_queries, embed_archive, make_queries, rerank_order
+from retrieval.metrics import dice_matrix
 from retrieval.models import SystemModels
-from retrieval.quality import CALIBRATION_FILE, FEATURES, Calibration, hit_features
-from retrieval.rerank import dice_score, rerank_score
+from retrieval.quality import CALIBRATION_FILE, FEATURES, Calibration, hit_features, load_calibration
+from retrieval.rerank import dice_score
 from retrieval.search import load_sketch, vector_part_sizes
 from retrieval.vector import VectorRecipe, fuse_vectors, sketch_field
 
@@ -122,8 +123,9 @@ class HitTable:
 @torch.no_grad()
 def collect(models: SystemModels, archive: Archive, truth: GroundTruth | None, queries: Queries, name: str,
             options: EvaluationOptions, progress: Callable[[str, int, int], None]) -> HitTable:
-    """Search every query as `search` does (fused vector, top candidates re-ranked by DICE) and keep
-    the features of its top TOP hits; `truth` labels them (None: out of domain)."""
+    """Search every query as `search` does, in `evaluate`'s order of its `full` method (fused vector,
+    top candidates re-ranked by DICE), and keep the features of its top TOP hits; `truth` labels
+    them (None: out of domain)."""
     sizes, code_mean, classes = vector_part_sizes(models), models.code_mean.cpu(), models.label_classes
     archive_vectors = archive.fused.numpy()
     features, close, first = [], [], []
@@ -135,18 +137,23 @@ def collect(models: SystemModels, archive: Archive, truth: GroundTruth | None, q
         labels = models.S.predict_label_map(list(tensor_to_images(images)))
         vectors = fuse_vectors(sketch_field(sketches), result.w.cpu() - code_mean, embeddings, options.recipe)
         for row, vector in enumerate(vectors):
-            similarity = archive_vectors @ vector
-            top = np.argsort(-similarity, kind="stable")[: options.candidates]
-            dice = np.array([dice_score(labels[row], archive.labels[i], classes) for i in top])
-            order = np.argsort(-rerank_score(similarity[top], dice, options.lam), kind="stable")[:TOP]
-            hits = top[order]
-            features.append(hit_features(vector, archive_vectors[hits], dice[order], sizes))
+            hits = rerank_order(archive_vectors @ vector, labels[row], archive.labels, options.candidates, options.lam, classes)[:TOP]
+            dice = np.array([dice_score(labels[row], archive.labels[i], classes) for i in hits])
+            features.append(hit_features(vector, archive_vectors[hits], dice, sizes))
             if truth is not None:
                 target = queries.target[start + row]
                 close.append((truth.relevance[target][hits] >= CLOSE_DICE) | (hits == target))
                 first.append(hits[0] == target)
         progress(name, min(start + options.batch, len(queries.sketches)), len(queries.sketches))
     return HitTable(name, np.stack(features), None if truth is None else np.stack(close), None if truth is None else np.array(first))
+
+
+def ground_truth(dataset: ImageDataset, resolution: int, targets: list[int], classes: int) -> GroundTruth:
+    """`evaluate`'s ground truth of a dataset with masks, without its oracle (not needed here)."""
+    labels = np.stack([dataset.mask(i, resolution) for i in range(len(dataset))]).astype(np.uint8)
+    images = sorted(set(targets))
+    rows = np.nan_to_num(dice_matrix(labels[images], labels, classes))  # NaN (nothing on either side) -> 0, as dice_score
+    return GroundTruth(labels, None, dict(zip(images, rows)))
 
 
 @dataclass
@@ -158,12 +165,11 @@ class QuerySets:
     archive_images: int
 
 
-def query_sets(data: str | Path, split: str, bundle: str | Path | None, phantom: str | Path | None, scribble_seed: int | None,
-               sketches: str | Path | None, options: EvaluationOptions, device: str, progress: Callable[[str, int, int], None],
+def query_sets(models: SystemModels, data: str | Path, split: str, phantom: str | Path | None, scribble_seed: int | None,
+               sketches: str | Path | None, options: EvaluationOptions, progress: Callable[[str, int, int], None],
                scribbles: int = SCRIBBLES) -> QuerySets:
     """Search `split`'s simulated sketches at STRENGTHS (one HitTable per strength), the drawn
     `sketches`, the phantom's simulated sketches and the scribbles against every image of `data`."""
-    models = SystemModels(bundle, device)
     dataset = ImageDataset(data)
     if not dataset.has_masks:
         raise InputError(f"{data}: close matches are judged by the ground-truth masks, and some are missing")
@@ -176,8 +182,7 @@ def query_sets(data: str | Path, split: str, bundle: str | Path | None, phantom:
     archive = embed_archive(models, dataset, options, progress)
     in_domain, _ = make_queries(dataset, split_indices, models.resolution, options, archive.labels)
     targets = in_domain.target + (drawn.target if drawn else [])
-    truth = GroundTruth.of_dataset(dataset, models.resolution, archive.labels, targets, max(models.label_classes, dataset.num_classes))
-    truth.oracle = None  # not needed here
+    truth = ground_truth(dataset, models.resolution, targets, max(models.label_classes, dataset.num_classes))
     tables = []
     for strength in options.strengths:
         chosen = [i for i, g in enumerate(in_domain.group) if g == f"{strength:g}"]
@@ -223,7 +228,8 @@ def fit(data: str | Path, split: str, bundle: str | Path | None, phantom: str | 
     options = options or EvaluationOptions(strengths=STRENGTHS, seeds=(0,))
     if not 0 <= in_domain_rate < 1:
         raise InputError(f"in-domain rate {in_domain_rate}: must be in [0, 1), e.g. 0.05")
-    sets = query_sets(data, split, bundle, phantom, scribble_seed, None, options, device, progress or (lambda *_: None), scribbles)
+    sets = query_sets(SystemModels(bundle, device), data, split, phantom, scribble_seed, None, options, progress or (lambda *_: None),
+                      scribbles)
     features = np.concatenate([t.features.reshape(-1, len(FEATURES)) for t in sets.tables])
     close = np.concatenate([(t.close if t.close is not None else np.zeros(t.features.shape[:2], bool)).reshape(-1) for t in sets.tables])
     if np.isnan(features).any():
@@ -242,17 +248,19 @@ def fit(data: str | Path, split: str, bundle: str | Path | None, phantom: str | 
 
 def measure(data: str | Path, split: str, bundle: str | Path | None, phantom: str | Path | None, scribble_seed: int | None,
             sketches: str | Path | None, options: EvaluationOptions | None = None, device: str = "auto",
-            progress: Callable[[str, int, int], None] | None = None) -> dict:
-    """The rate of "no close match" per query set with the bundle's calibration."""
+            progress: Callable[[str, int, int], None] | None = None, scribbles: int = SCRIBBLES) -> dict:
+    """The rate of "no close match" per query set with the bundle's calibration, read once the
+    queries are searched (a damaged or mismatched one is refused at once)."""
     options = options or EvaluationOptions(strengths=STRENGTHS, seeds=(0,))
     models = SystemModels(bundle, device)
-    calibration = models.calibration
+    load_calibration(models.bundle, models.bundle_id)
+    sets = query_sets(models, data, split, phantom, scribble_seed, sketches, options, progress or (lambda *_: None), scribbles)
+    calibration = load_calibration(models.bundle, models.bundle_id)
     if calibration is None:
         raise InputError(f"{models.bundle}: has no {CALIBRATION_FILE}; fit one with `python -m retrieval.calibrate fit`")
-    sets = query_sets(data, split, models.bundle, phantom, scribble_seed, sketches, options, device, progress or (lambda *_: None))
     return {"data": str(data), "split": split, "bundle": str(models.bundle), "bundle_id": models.bundle_id,
             "archive_images": sets.archive_images, "threshold": calibration.threshold, "phantom": None if phantom is None else str(phantom),
-            "scribble_seed": scribble_seed, "sketches": None if sketches is None else str(sketches),
+            "scribble_seed": scribble_seed, "scribbles": scribbles, "sketches": None if sketches is None else str(sketches),
             "options": {"strengths": list(options.strengths), "seeds": list(options.seeds), "limit": options.limit},
             "rates": rates(calibration, sets.tables)}  # fmt: skip
 
@@ -278,6 +286,7 @@ def main(argv: list[str] | None = None) -> None:
         sub.add_argument("--phantom", default=None, required=verb == "fit", help="a phantom dataset: out-of-domain sketches")
         sub.add_argument("--scribble-seed", type=int, default=1 if verb == "fit" else 0, help="seed of the random scribbles")
         sub.add_argument("--seeds", default="0", help="simulator seeds, comma-separated")
+        sub.add_argument("--scribbles", type=int, default=SCRIBBLES, help="how many scribbles")
         sub.add_argument("--limit", type=int, default=None, help="only the first N images of the split and of the phantom")
         sub.add_argument("--weights", default=None, help="vector weights sketch=A,code=B,image=C (default: the index default)")
         sub.add_argument("--lambda", dest="lam", type=float, default=DEFAULT_LAMBDA)
@@ -297,11 +306,12 @@ def main(argv: list[str] | None = None) -> None:
         if args.verb == "fit":
             command = "python -m retrieval.calibrate " + " ".join(argv if argv is not None else sys.argv[1:])
             calibration, report_rates = fit(args.data, args.split, args.bundle, args.phantom, args.scribble_seed, args.in_domain_rate,
-                                            options, args.device, command, progress)  # fmt: skip
+                                            options, args.device, command, progress, args.scribbles)  # fmt: skip
             path = calibration.save(calibration.fitted_on["bundle"])
             report = {**calibration.to_json(), "rates": report_rates, "written": str(path)}
         else:
-            report = measure(args.data, args.split, args.bundle, args.phantom, args.scribble_seed, args.sketches, options, args.device, progress)
+            report = measure(args.data, args.split, args.bundle, args.phantom, args.scribble_seed, args.sketches, options, args.device,
+                             progress, args.scribbles)
             report_rates = report["rates"]
     except InputError as error:
         raise SystemExit(f"error: {error}")
