@@ -206,6 +206,7 @@ def test_the_page_says_no_close_match_above_the_results(server, browser):
 
     def search() -> None:
         before = len(recording.calls)
+        page.evaluate("() => { document.getElementById('status').textContent = ''; }")  # the previous search's line
         page.locator("#search").click()
         page.wait_for_function("() => document.getElementById('status').textContent.includes('results in')")
         assert len(recording.calls) == before + 1
