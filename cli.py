@@ -339,6 +339,7 @@ def search(
 
     from indexing.filters import SearchFilter
     from retrieval.grouping import grouped_search
+    from retrieval.quality import no_close_match_notice
     from retrieval.search import Retriever
 
     if out is not None:
@@ -359,6 +360,8 @@ def search(
         return
     if result.matching is not None:
         typer.echo(f"{result.matching} archive images match --where {result.where!r}")
+    if result.no_close_match:
+        typer.echo(no_close_match_notice(result.results[0].quality, result.quality_threshold))
     if groups is not None:
         print_groups(groups)
     else:

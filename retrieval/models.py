@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -13,10 +14,12 @@ from generation.moco import FeatureNetwork
 from generation.pipeline import Sketch2MedI
 from generation.registry import load_network, network_exists
 from generation.solov2 import SOLOv2
+from retrieval.quality import Calibration, load_calibration
 
 
 class SystemModels:
-    """Every network of a bundle: the Sketch2MedI pipeline (G, E, H), S and C."""
+    """Every network of a bundle: the Sketch2MedI pipeline (G, E, H), S and C, and the bundle's
+    match-quality calibration when it has one (`retrieval.quality`)."""
 
     def __init__(self, bundle: str | Path | None = None, device: str | torch.device = "auto"):
         self.bundle = Path(bundle) if bundle is not None else default_bundle()
@@ -28,6 +31,12 @@ class SystemModels:
         self.S: SOLOv2 = load_network("synthesizer", self.bundle, self.device)
         self.C: FeatureNetwork = load_network("moco", self.bundle, self.device)
         self.bundle_id = bundle_id_of(network_entries(self.bundle))
+
+    @cached_property
+    def calibration(self) -> Calibration | None:
+        """BUNDLE/calibration.json, read when first asked for (by search, not by indexing); None
+        when the bundle has none."""
+        return load_calibration(self.bundle, self.bundle_id)
 
     @property
     def resolution(self) -> int:

@@ -5,7 +5,8 @@
            -> re-rank by DICE(S(x_hat), stored masks) and the sketch aligned to the stored masks' contours -> top k
 
 The vector is described in `retrieval.vector`, the DICE term in `retrieval.rerank`, the alignment in
-`retrieval.align`; a labelled sketch's candidates are then re-scored per class (`retrieval.labelled`).
+`retrieval.align`; a labelled sketch's candidates are then re-scored per class (`retrieval.labelled`);
+the hits' match quality (with a bundle's calibration) is in `retrieval.quality`.
 """
 
 from __future__ import annotations
@@ -32,9 +33,10 @@ from retrieval.align import Alignment, aligned_distances, alignment_scores, fina
 from retrieval.defaults import DEFAULT_CANDIDATES, DEFAULT_LAMBDA
 from retrieval.labelled import LabelWeights, check_classes, class_fields, class_match, labelled_scores
 from retrieval.models import SystemModels
+from retrieval.quality import hit_features
 from retrieval.relevance import Rocchio
 from retrieval.rerank import dice_score
-from retrieval.vector import RECIPE_SEPARATOR, ArchiveEmbedder, VectorRecipe, archive_parts, fuse_vectors, sketch_field
+from retrieval.vector import FIELD_GRID, RECIPE_SEPARATOR, ArchiveEmbedder, VectorRecipe, archive_parts, fuse_vectors, sketch_field
 
 JSON_SCHEMA_VERSION = 3
 
@@ -52,6 +54,7 @@ class Hit:
     # image's mask contours; None without re-ranking, alignment or strokes, or where either side has no contour
     aligned_chamfer: float | None = None
     class_match: float | None = None  # the labelled sketch's per-class match (0-1); None for a plain sketch
+    quality: float | None = None  # probability of a close match (`retrieval.quality`); None without a calibration
 
 
 class _Query(NamedTuple):
@@ -87,12 +90,16 @@ class SearchResult:
     like: tuple[int, ...] = ()
     unlike: tuple[int, ...] = ()
     classes_drawn: tuple[int, ...] = ()  # the classes the labelled sketch's strokes carry
+    # The best hit's quality is below the calibration's threshold; None when the hits have no quality
+    no_close_match: bool | None = None
+    quality_threshold: float | None = None  # the calibration's threshold; None without one
 
     def to_json(self) -> dict:
         """The documented `search --json` schema (docs/SEARCH.md)."""
         return {"schema_version": JSON_SCHEMA_VERSION, "results": [asdict(hit) for hit in self.results],
                 "timings_ms": self.timings_ms, "where": self.where, "matching": self.matching,
-                "like": list(self.like), "unlike": list(self.unlike), "classes_drawn": list(self.classes_drawn)}
+                "like": list(self.like), "unlike": list(self.unlike), "classes_drawn": list(self.classes_drawn),
+                "no_close_match": self.no_close_match, "quality_threshold": self.quality_threshold}
 
 
 def load_query_image(image: str | Path | Image.Image | np.ndarray) -> np.ndarray:
@@ -105,6 +112,11 @@ def load_query_image(image: str | Path | Image.Image | np.ndarray) -> np.ndarray
     if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
         raise InputError(f"query image of shape {array.shape} and type {array.dtype}: expected uint8 RGB (H, W, 3)")
     return array
+
+
+def vector_part_sizes(models: SystemModels) -> tuple[int, int, int]:
+    """Lengths of the search vector's three parts: the sketch field, E's code, C's embedding."""
+    return FIELD_GRID**2, models.sketch2medi.G.config.w_dim, models.C.embedding_dim
 
 
 def _image_ids(ids: Iterable[int]) -> tuple[int, ...]:
@@ -148,6 +160,7 @@ class Retriever:
             if models is None:
                 models = SystemModels(bundle or self.workspace.bundle_path or None, device)
             self.models = models
+            self.calibration = models.calibration  # a damaged or mismatched one is refused here, before any search
             self.embedder = ArchiveEmbedder(models, VectorRecipe.parse(stored.split(RECIPE_SEPARATOR)[1]))
             check_bundle(self.workspace.path, stored, self.embedder.bundle_id,
                          "search with the bundle it was built with (another bundle makes other vectors) or re-index into a new workspace",
@@ -228,10 +241,29 @@ class Retriever:
                     None if c.aligned_chamfer is None else round(c.aligned_chamfer, 3),
                     None if c.class_match is None else round(c.class_match, 6))
                 for rank, c in enumerate((c for c in ranked if c.image_id in records), start=1)][:k]
+        no_close_match = self._rate_quality(query.vector[0], hits, {c.image_id: c.dice for c in ranked})
         timings["total"] = round(sum(timings.values()), 3)
         return SearchResult(hits, timings, query.sketch, query.image, query.labels, search_filter.text if search_filter else None,
                             None if allowed is None else len(allowed), like, unlike,
-                            tuple(query.labelled.drawn) if query.labelled is not None else ())
+                            tuple(query.labelled.drawn) if query.labelled is not None else (), no_close_match,
+                            None if self.calibration is None else self.calibration.threshold)
+
+    def _rate_quality(self, query: np.ndarray, hits: list[Hit], dice: dict[int, float | None]) -> bool | None:
+        """Set each hit's quality from the calibration; whether the best is below its threshold.
+        None (and no quality) without a calibration, without hits or without a feature (`hit_features`)."""
+        if self.calibration is None or not hits:
+            return None
+        found, vectors = self.workspace.catalog.vectors([hit.id for hit in hits])
+        by_id = dict(zip(found.tolist(), vectors))
+        hit_dice = [dice[hit.id] for hit in hits]
+        features = hit_features(query, np.stack([by_id[hit.id] for hit in hits]), None if None in hit_dice else np.array(hit_dice),
+                                vector_part_sizes(self.models))
+        quality = self.calibration.quality(features)
+        if quality is None:
+            return None
+        for hit, value in zip(hits, quality):
+            hit.quality = round(float(value), 4)
+        return bool(quality[0] < self.calibration.threshold)
 
     def _query(self, sketch, image, like: tuple[int, ...], unlike: tuple[int, ...], steps: int | None, rerank: bool,
                feedback: Rocchio, lap: Callable[[str], None], labelled: bool = False) -> _Query:

@@ -30,6 +30,7 @@ from test_server import write_clinic_archive  # noqa: E402
 from generation.dataset import ImageDataset  # noqa: E402
 from indexing.ingest import index_folders  # noqa: E402
 from retrieval.models import SystemModels  # noqa: E402
+from retrieval.quality import Calibration  # noqa: E402
 from retrieval.search import Retriever  # noqa: E402
 from retrieval.server import create_app  # noqa: E402
 from retrieval.vector import ArchiveEmbedder  # noqa: E402
@@ -436,4 +437,40 @@ def test_class_palette_draws_colour_coded_strokes_and_the_search_uses_them(serve
     assert answer["classes_drawn"] == [3] and all(hit["class_match"] is not None for hit in answer["results"])
     info = page.request.get(f"{base}/api/info", headers={"Authorization": f"Bearer {TOKEN}"}).json()
     assert info["classes"][3] == {"index": 3, "name": "tonsil", "colour": colour_hex(3)}
+
+
+def test_the_page_says_no_close_match_above_the_results(server, browser):
+    """The notice follows the API's `no_close_match`: shown when the best hit is below the
+    calibration's threshold, hidden when it is above and when the bundle has no calibration."""
+    base, recording = server
+    retriever = recording.inner
+    page = browser.new_page(viewport={"width": 1400, "height": 900})
+    page.goto(f"{base}/?token={TOKEN}")
+    page.wait_for_function("() => document.getElementById('info').textContent.includes('24 images')")
+    stroke(page, ellipse(0.5, 0.55, 0.3, 0.35))
+
+    def search() -> None:
+        before = len(recording.calls)
+        page.evaluate("() => { document.getElementById('status').textContent = ''; }")  # the previous search's line
+        page.locator("#search").click()
+        page.wait_for_function("() => document.getElementById('status').textContent.includes('results in')")
+        assert len(recording.calls) == before + 1
+
+    search()  # the tiny bundle has no calibration
+    assert not page.locator("#no-match").is_visible() and page.locator("#results .card").count() == 12
+    # Quality rises with the field cosine (0.5 at 0.9); no hit reaches quality 1.01, every hit quality 0
+    field = np.array([1.0, 0, 0, 0])
+    try:
+        retriever.calibration = Calibration(retriever.models.bundle_id, np.array([0.9, 0, 0, 0]), np.array([0.02, 1, 1, 1]), field, 0.0, 1.01, 50.0)
+        search()
+        notice = page.locator("#no-match")
+        assert notice.is_visible() and "No close match" in notice.text_content()
+        assert page.evaluate("() => document.getElementById('no-match').compareDocumentPosition(document.getElementById('results'))") & 4
+        page.locator("#results .card").first.click()
+        assert "match quality" in page.locator("#detail-caption").text_content()
+        retriever.calibration = Calibration(retriever.models.bundle_id, np.array([0.9, 0, 0, 0]), np.array([0.02, 1, 1, 1]), field, 0.0, 0.0, 50.0)
+        search()
+        assert not page.locator("#no-match").is_visible() and page.locator("#results .card").count() == 12
+    finally:
+        retriever.calibration = None
     page.close()

@@ -337,6 +337,7 @@ function search() {
 
 function showAnswer(body, what) {
   showQuery(body.query);
+  $("no-match").hidden = body.no_close_match !== true;  // null: the bundle has no calibration
   showCards(body);
   const shown = body.groups ? `${body.groups.length} groups` : `${body.results.length} results`;
   const matching = body.matching === null ? "" : ` (${body.matching} archive images match the filter)`;
@@ -582,7 +583,9 @@ function select(hit, meta, button) {
   if (meta.body_part) known.push(`body part ${meta.body_part}`);
   if (meta.tag) known.push(`tag ${meta.tag}`);
   $("detail-caption").textContent = `#${hit.rank}  ${hit.path}${frame} — score ${format(hit.score, 3)}, `
-    + `similarity ${format(hit.similarity, 3)}, DICE ${format(hit.dice, 1)}` + (known.length ? ` — ${known.join(", ")}` : "");
+    + `similarity ${format(hit.similarity, 3)}, DICE ${format(hit.dice, 1)}`
+    + (hit.quality === null || hit.quality === undefined ? "" : `, match quality ${format(hit.quality, 2)}`)
+    + (known.length ? ` — ${known.join(", ")}` : "");
   const trace = $("detail-template");
   trace.hidden = false;
   trace.dataset.id = hit.id;

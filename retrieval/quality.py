@@ -1,0 +1,114 @@
+"""Match quality of a hit: the probability that it is a close match, from a bundle's calibration.
+
+A hit is a close match of a sketch when it is the image the sketch was drawn from, or when its
+ground-truth mask agrees with that image's (DICE >= `close_dice` percent, recorded in the file).
+The probability is a logistic model of the hit's FEATURES, fitted on validation queries by
+`python -m retrieval.calibrate fit` (see that module), which also chooses `threshold`: a search
+whose best hit's quality is below it says NO_CLOSE_MATCH.
+
+Features, all recomputed from the query's and the hit's search vectors and the DICE re-ranking,
+so they do not depend on how the final score orders the hits:
+    field   cosine of the two sketch fields (the first part of the vector)
+    code    cosine of the two E codes (offsets from E's mean code)
+    image   cosine of C's embeddings (of x_hat, and of the archive image)
+    dice    DICE / 100 of S(x_hat) and the hit's stored masks (absent with --no-rerank)
+
+BUNDLE/calibration.json is not a network file, so it is no part of the bundle id; it records the
+bundle id it was fitted for, and one fitted for other weights is refused when loaded.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from generation.checkpoints import atomic_write
+from generation.errors import InputError
+
+CALIBRATION_FILE = "calibration.json"
+FORMAT = "sketch2medi-calibration"
+FORMAT_VERSION = 1
+FEATURES = ("field", "code", "image", "dice")
+NO_CLOSE_MATCH = "no close match"
+
+
+def no_close_match_notice(best: float, threshold: float) -> str:
+    """The line a search says above its results when its best hit is below the threshold."""
+    return (f"{NO_CLOSE_MATCH}: the best result's match quality {best:.2f} is below {threshold:.2f}; "
+            f"the results are the nearest archive images, not images like the sketch")
+
+
+def hit_features(query: np.ndarray, hits: np.ndarray, dice: np.ndarray | None, sizes: tuple[int, int, int]) -> np.ndarray:
+    """query (D,) and hits (n, D) search vectors, dice (n,) percent or None -> (n, len(FEATURES)) float64.
+
+    sizes: the lengths of the vector's three parts (field, code, embedding). A part of weight 0 in
+    the vector recipe, or DICE without re-ranking, gives NaN."""
+    assert query.ndim == 1 and hits.ndim == 2 and hits.shape[1] == query.shape[0] == sum(sizes), (query.shape, hits.shape, sizes)
+    columns, start = [], 0
+    for size in sizes:
+        q, h = query[start : start + size].astype(np.float64), hits[:, start : start + size].astype(np.float64)
+        norms = np.linalg.norm(q) * np.linalg.norm(h, axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            columns.append(np.where(norms > 0, h @ q / norms, np.nan))
+        start += size
+    columns.append(np.full(len(hits), np.nan) if dice is None else np.asarray(dice, np.float64) / 100)
+    return np.stack(columns, axis=1)
+
+
+@dataclass
+class Calibration:
+    """quality = sigmoid(bias + weights . (features - mean) / scale); below `threshold` for the best
+    hit, a search has no close match."""
+
+    bundle_id: str
+    mean: np.ndarray
+    scale: np.ndarray
+    weights: np.ndarray
+    bias: float
+    threshold: float
+    close_dice: float
+    fitted_on: dict = field(default_factory=dict)
+
+    def quality(self, features: np.ndarray) -> np.ndarray | None:
+        """(n, len(FEATURES)) -> (n,) probabilities in [0, 1]; None when a feature is missing (NaN)."""
+        assert features.ndim == 2 and features.shape[1] == len(FEATURES), features.shape
+        if np.isnan(features).any():
+            return None
+        z = self.bias + ((features - self.mean) / self.scale) @ self.weights
+        return 1 / (1 + np.exp(-z))
+
+    def to_json(self) -> dict:
+        return {"format": FORMAT, "format_version": FORMAT_VERSION, "bundle_id": self.bundle_id, "features": list(FEATURES),
+                "mean": self.mean.tolist(), "scale": self.scale.tolist(), "weights": self.weights.tolist(), "bias": self.bias,
+                "threshold": self.threshold, "close_dice": self.close_dice, "fitted_on": self.fitted_on}
+
+    def save(self, bundle: str | Path) -> Path:
+        path = Path(bundle) / CALIBRATION_FILE
+        atomic_write(path, lambda p: p.write_text(json.dumps(self.to_json(), indent=1)))
+        return path
+
+
+def load_calibration(bundle: str | Path, bundle_id: str) -> Calibration | None:
+    """BUNDLE/calibration.json; None when there is none. Refused (InputError) when damaged or fitted
+    for other weights than `bundle_id`."""
+    path = Path(bundle) / CALIBRATION_FILE
+    if not path.is_file():
+        return None
+    refit = f"fit it again with `python -m retrieval.calibrate fit --bundle {bundle} ...`, or delete it"
+    try:
+        data = json.loads(path.read_text())
+        if data.get("format") != FORMAT or data.get("format_version", 0) > FORMAT_VERSION or data.get("features") != list(FEATURES):
+            raise InputError(f"{path}: not a {FORMAT} v{FORMAT_VERSION} file with the features {', '.join(FEATURES)}; {refit}")
+        mean, scale, weights = (np.array(data[key], np.float64).reshape(-1) for key in ("mean", "scale", "weights"))
+        calibration = Calibration(str(data["bundle_id"]), mean, scale, weights, float(data["bias"]), float(data["threshold"]),
+                                  float(data["close_dice"]), dict(data.get("fitted_on") or {}))
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise InputError(f"{path}: damaged calibration ({error}); {refit}") from None
+    if not all(len(v) == len(FEATURES) for v in (mean, scale, weights)) or not (scale > 0).all():
+        raise InputError(f"{path}: damaged calibration (expected {len(FEATURES)} values per feature, positive scales); {refit}")
+    if calibration.bundle_id != bundle_id:
+        raise InputError(f"{path}: fitted for the bundle {calibration.bundle_id}, not for these weights ({bundle_id}); {refit}")
+    return calibration
