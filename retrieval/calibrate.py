@@ -232,10 +232,12 @@ def fit(data: str | Path, split: str, bundle: str | Path | None, phantom: str | 
                       scribbles)
     features = np.concatenate([t.features.reshape(-1, len(FEATURES)) for t in sets.tables])
     close = np.concatenate([(t.close if t.close is not None else np.zeros(t.features.shape[:2], bool)).reshape(-1) for t in sets.tables])
-    if np.isnan(features).any():
-        raise InputError("a vector part has weight 0 in the recipe: fit with every weight of --weights above 0")
-    mean, scale, weights, bias = fit_logistic(features, close)
-    calibration = Calibration(sets.models.bundle_id, mean, scale, weights, bias, 1.0, CLOSE_DICE)
+    present = ~np.isnan(features).all(axis=0)  # a vector part of weight 0 is left out of the model
+    if not present.any() or np.isnan(features[:, present]).any():
+        raise InputError("the fitting queries' hits lack a feature for some hits only; fit with re-ranking and the workspace's vector weights")
+    mean, scale, weights, bias = fit_logistic(features[:, present], close)
+    used = tuple(name for name, kept in zip(FEATURES, present) if kept)
+    calibration = Calibration(sets.models.bundle_id, mean, scale, weights, bias, 1.0, CLOSE_DICE, features=used)
     in_domain_best = np.concatenate([best_quality(calibration, t) for t in sets.tables if t.close is not None])
     calibration.threshold = choose_threshold(in_domain_best, in_domain_rate)
     calibration.fitted_on = {"bundle": str(sets.models.bundle), "data": str(data), "split": split, "phantom": str(phantom), "scribble_seed": scribble_seed,

@@ -71,17 +71,21 @@ class Calibration:
     threshold: float
     close_dice: float
     fitted_on: dict = field(default_factory=dict)
+    # The FEATURES the model uses, in their order: those the fitting queries' vectors have (a part
+    # of weight 0 in the vector recipe is left out).
+    features: tuple[str, ...] = FEATURES
 
     def quality(self, features: np.ndarray) -> np.ndarray | None:
-        """(n, len(FEATURES)) -> (n,) probabilities in [0, 1]; None when a feature is missing (NaN)."""
+        """(n, len(FEATURES)) -> (n,) probabilities in [0, 1]; None when a feature it uses is missing (NaN)."""
         assert features.ndim == 2 and features.shape[1] == len(FEATURES), features.shape
-        if np.isnan(features).any():
+        used = features[:, [FEATURES.index(name) for name in self.features]]
+        if np.isnan(used).any():
             return None
-        z = self.bias + ((features - self.mean) / self.scale) @ self.weights
+        z = self.bias + ((used - self.mean) / self.scale) @ self.weights
         return 1 / (1 + np.exp(-z))
 
     def to_json(self) -> dict:
-        return {"format": FORMAT, "format_version": FORMAT_VERSION, "bundle_id": self.bundle_id, "features": list(FEATURES),
+        return {"format": FORMAT, "format_version": FORMAT_VERSION, "bundle_id": self.bundle_id, "features": list(self.features),
                 "mean": self.mean.tolist(), "scale": self.scale.tolist(), "weights": self.weights.tolist(), "bias": self.bias,
                 "threshold": self.threshold, "close_dice": self.close_dice, "fitted_on": self.fitted_on}
 
@@ -100,15 +104,17 @@ def load_calibration(bundle: str | Path, bundle_id: str) -> Calibration | None:
     refit = f"fit it again with `python -m retrieval.calibrate fit --bundle {bundle} ...`, or delete it"
     try:
         data = json.loads(path.read_text())
-        if data.get("format") != FORMAT or data.get("format_version", 0) > FORMAT_VERSION or data.get("features") != list(FEATURES):
-            raise InputError(f"{path}: not a {FORMAT} v{FORMAT_VERSION} file with the features {', '.join(FEATURES)}; {refit}")
+        used = data.get("features")
+        if (data.get("format") != FORMAT or data.get("format_version", 0) > FORMAT_VERSION or not isinstance(used, list) or not used
+                or used != [name for name in FEATURES if name in used]):
+            raise InputError(f"{path}: not a {FORMAT} v{FORMAT_VERSION} file with features among {', '.join(FEATURES)}; {refit}")
         mean, scale, weights = (np.array(data[key], np.float64).reshape(-1) for key in ("mean", "scale", "weights"))
         calibration = Calibration(str(data["bundle_id"]), mean, scale, weights, float(data["bias"]), float(data["threshold"]),
-                                  float(data["close_dice"]), dict(data.get("fitted_on") or {}))
+                                  float(data["close_dice"]), dict(data.get("fitted_on") or {}), tuple(used))
     except (ValueError, KeyError, TypeError, AttributeError) as error:
         raise InputError(f"{path}: damaged calibration ({error}); {refit}") from None
-    if not all(len(v) == len(FEATURES) for v in (mean, scale, weights)) or not (scale > 0).all():
-        raise InputError(f"{path}: damaged calibration (expected {len(FEATURES)} values per feature, positive scales); {refit}")
+    if not all(len(v) == len(used) for v in (mean, scale, weights)) or not (scale > 0).all():
+        raise InputError(f"{path}: damaged calibration (expected {len(used)} values, one per feature, positive scales); {refit}")
     if calibration.bundle_id != bundle_id:
         raise InputError(f"{path}: fitted for the bundle {calibration.bundle_id}, not for these weights ({bundle_id}); {refit}")
     return calibration

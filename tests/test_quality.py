@@ -32,8 +32,10 @@ runner = CliRunner()
 
 
 def field_calibration(bundle_id: str, threshold: float) -> Calibration:
-    """A hand-made calibration: quality rises steeply with the field cosine alone (0.5 at 0.9)."""
-    return Calibration(bundle_id, np.array([0.9, 0, 0, 0]), np.array([0.02, 1, 1, 1]), np.array([1.0, 0, 0, 0]), 0.0, threshold, 50.0)
+    """A hand-made calibration: quality rises steeply with the field cosine alone (0.5 at 0.9). It
+    leaves out C's embedding, which the default vector weights leave out too."""
+    return Calibration(bundle_id, np.array([0.9, 0, 0]), np.array([0.02, 1, 1]), np.array([1.0, 0, 0]), 0.0, threshold, 50.0,
+                       features=("field", "code", "dice"))
 
 
 def test_logistic_fit_is_calibrated_and_ignores_an_uninformative_feature():
@@ -87,6 +89,12 @@ def test_calibration_file_round_trip_and_refusals(tmp_path):
     assert path == tmp_path / CALIBRATION_FILE
     loaded = load_calibration(tmp_path, "abc")
     assert loaded.threshold == 0.42 and np.array_equal(loaded.weights, calibration.weights)
+    assert loaded.features == ("field", "code", "dice")
+    features = np.array([[0.92, 0.1, np.nan, 0.3]])  # a workspace without C's part: the model does not use it
+    assert loaded.quality(features)[0] == pytest.approx(1 / (1 + np.exp(-1)))
+    assert loaded.quality(np.array([[0.92, 0.1, 0.5, np.nan]])) is None  # no DICE (--no-rerank): no quality
+    everything = Calibration("abc", np.zeros(4), np.ones(4), np.ones(4), 0.0, 0.5, 50.0)
+    assert everything.quality(features) is None  # it uses C's part, which these vectors lack
     with pytest.raises(InputError, match=r"fitted for the bundle abc, not for these weights \(def\); fit it again with "
                                          r"`python -m retrieval.calibrate fit --bundle"):
         load_calibration(tmp_path, "def")

@@ -459,16 +459,18 @@ def test_the_page_says_no_close_match_above_the_results(server, browser):
     search()  # the tiny bundle has no calibration
     assert not page.locator("#no-match").is_visible() and page.locator("#results .card").count() == 12
     # Quality rises with the field cosine (0.5 at 0.9); no hit reaches quality 1.01, every hit quality 0
-    field = np.array([1.0, 0, 0, 0])
+    field = np.array([1.0, 0, 0])
     try:
-        retriever.calibration = Calibration(retriever.models.bundle_id, np.array([0.9, 0, 0, 0]), np.array([0.02, 1, 1, 1]), field, 0.0, 1.01, 50.0)
+        retriever.calibration = Calibration(retriever.models.bundle_id, np.array([0.9, 0, 0]), np.array([0.02, 1, 1]), field, 0.0, 1.01, 50.0,
+                                            features=("field", "code", "dice"))
         search()
         notice = page.locator("#no-match")
         assert notice.is_visible() and "No close match" in notice.text_content()
         assert page.evaluate("() => document.getElementById('no-match').compareDocumentPosition(document.getElementById('results'))") & 4
         page.locator("#results .card").first.click()
         assert "match quality" in page.locator("#detail-caption").text_content()
-        retriever.calibration = Calibration(retriever.models.bundle_id, np.array([0.9, 0, 0, 0]), np.array([0.02, 1, 1, 1]), field, 0.0, 0.0, 50.0)
+        retriever.calibration = Calibration(retriever.models.bundle_id, np.array([0.9, 0, 0]), np.array([0.02, 1, 1]), field, 0.0, 0.0, 50.0,
+                                            features=("field", "code", "dice"))
         search()
         assert not page.locator("#no-match").is_visible() and page.locator("#results .card").count() == 12
     finally:
