@@ -20,8 +20,8 @@ from generation.errors import InputError
 @dataclass(frozen=True)
 class Rocchio:
     query: float = 1.0  # a
-    liked: float = 0.75  # b
-    disliked: float = 1.0  # c
+    liked: float = 1.5  # b
+    disliked: float = 1.5  # c
 
     def __post_init__(self) -> None:
         if min(self.query, self.liked, self.disliked) < 0:
