@@ -160,7 +160,7 @@ def test_the_simulated_user_s_feedback_brings_relevant_images_into_the_top_10():
     relevance = np.array([[0.0] * 8 + [80.0] * 22])
     relevance[0, target] = 100.0
     queries = PreparedQueries(np.array([target]), query[None], np.zeros((1, 30)), relevance)
-    rounds = simulate(archive, queries, Rocchio(), FeedbackOptions(rounds=2, lam=1.0))
+    rounds = simulate(archive, queries, Rocchio(query=1, liked=0.75, disliked=1), FeedbackOptions(rounds=2, lam=1.0))
     assert [r["round"] for r in rounds] == [0, 1, 2]
     assert rounds[0]["dice@10"] == pytest.approx(2 * 80 / 10) and rounds[0]["recall@10"] == 0
     assert rounds[0]["dice@10"] < rounds[1]["dice@10"] <= rounds[2]["dice@10"] and rounds[2]["dice@10"] >= 80
