@@ -198,7 +198,7 @@ def test_labelled_search_in_python_and_on_the_command_line(tiny_chain, tmp_path)
         assert [hit.score for hit in result.results] == sorted((hit.score for hit in result.results), reverse=True)
         payload = result.to_json()
         assert payload["schema_version"] == JSON_SCHEMA_VERSION == 3 and payload["classes_drawn"] == present
-        assert set(payload["results"][0]) == {"rank", "id", "path", "frame", "score", "similarity", "dice", "aligned_chamfer", "class_match"}
+        assert set(payload["results"][0]) == {"rank", "id", "path", "frame", "score", "similarity", "dice", "aligned_chamfer", "class_match", "quality"}
 
         black = Image.fromarray(ink)
         plain, labelled = retriever.search(black, k=5), retriever.search(black, k=5, labelled=True)
