@@ -170,7 +170,7 @@ def evaluate(
     limit: int = typer.Option(None, "--limit", min=1, help="Only the first N images of the split."),
     candidates: int = typer.Option(DEFAULT_CANDIDATES, "--candidates", min=1),
     lam: float = typer.Option(DEFAULT_LAMBDA, "--lambda", min=0.0, max=1.0, callback=finite, help=LAMBDA_HELP),
-    weights: str = typer.Option(None, "--weights", help=f"Vector weights as for `index` (default {WEIGHTS_TEXT})."),
+    weights: str = typer.Option(None, "--weights", help=f"Vector weights as for `index` (default: the bundle's search.json, else {WEIGHTS_TEXT})."),
     labelled: bool = typer.Option(False, "--labelled", help="Add the full_labelled row: the same simulated sketches colour-coded "
                                   "by class, matched per class (docs/SEARCH.md)."),
     label_weights: str = typer.Option(None, "--label-weights", help="full_labelled rows for these WEIGHT:DICE pairs, comma-separated "
@@ -196,7 +196,7 @@ def evaluate(
     if not all(0 <= level <= 2 for level in levels):  # also refuses NaN; 2 is the simulator's MAX_STRENGTH
         raise InputError(f"--strengths {strengths!r}: give numbers between 0 and 2, e.g. 0,1,2")
     options = EvaluationOptions(strengths=levels, seeds=tuple(range(seeds)), candidates=candidates, lam=lam, limit=limit,
-                                recipe=VectorRecipe.parse(weights) if weights else VectorRecipe(),
+                                recipe=VectorRecipe.parse(weights) if weights else None,
                                 sketches=str(sketches) if sketches else None,
                                 labelled=parse_label_weights(label_weights) if label_weights else (LabelWeights(),) if labelled else (),
                                 methods=tuple(methods.split(",")) if methods else None)
@@ -250,7 +250,7 @@ def index(
     db_url: str = typer.Option(None, "--db-url", "--db", help=DB_HELP),
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Images per batch (each batch is committed before it is reported)."),
     index_kind: str = typer.Option("auto", "--index", help="auto (exact up to 100k images, then HNSW) | flat | ivf | hnsw."),
-    weights: str = typer.Option(None, "--weights", help=f"Vector weights, e.g. {WEIGHTS_TEXT} (the default; docs/SEARCH.md)."),
+    weights: str = typer.Option(None, "--weights", help=f"Vector weights, e.g. {WEIGHTS_TEXT} (default: the bundle's search.json, else that; docs/SEARCH.md)."),
     verify: bool = typer.Option(False, "--verify", help="Re-hash every file, also those whose size, mtime, inode and ctime are unchanged."),
     tag: str = typer.Option(None, "--tag", help="Tag recorded with every file (default: the top folder's name) or instance (default: none)."),
     auth: str = typer.Option(None, "--auth", help="DICOMweb: bearer:VARIABLE or basic:VARIABLE, the environment variable holding the token or user:password."),
@@ -274,7 +274,7 @@ def index(
     if not servers and (auth or modality or study_date or study_uid):
         raise InputError("--auth, --modality, --study-date and --study-uid are for a DICOMweb server (dicomweb+http://...)")
     filters = DicomWebFilters(tuple(modality or ()), study_date, study_uid)  # checked before any network is loaded
-    embedder = ArchiveEmbedder(SystemModels(bundle, device), VectorRecipe.parse(weights) if weights else VectorRecipe())
+    embedder = ArchiveEmbedder(SystemModels(bundle, device), VectorRecipe.parse(weights) if weights else None)  # None: the bundle's
     options = dict(db_url=db_url, batch_size=batch_size, index_kind=index_kind, tag=tag)
     if servers:
         run = functools.partial(index_dicomweb, servers[0], workspace, embedder, auth=auth, filters=filters, timeout=timeout, **options)

@@ -32,6 +32,7 @@ from generation.registry import BUNDLE_NETWORKS, NETWORK_NAMES
 FORMAT = "sketch2medi-bundle"
 FORMAT_VERSION = 1
 MANIFEST = "bundle.json"
+SEARCH_DEFAULTS = "search.json"  # optional: the vector weights chosen for this bundle (retrieval.vector.bundle_recipe)
 
 
 def network_entries(bundle: Path) -> dict[str, dict[str, Any]]:
@@ -142,5 +143,7 @@ def export_bundle(source: str | Path, target: str | Path, half: bool = True) -> 
             tensors = {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}
         save_file(tensors, str(target / f"{name}.safetensors"))
         shutil.copyfile(source / f"{name}.json", target / f"{name}.json")
+    if (source / SEARCH_DEFAULTS).is_file():  # the search defaults chosen for these networks travel with them
+        shutil.copyfile(source / SEARCH_DEFAULTS, target / SEARCH_DEFAULTS)
     kept = {k: v for k, v in read_manifest(source).items() if k in ("data", "preset", "command", "stages", "metrics", "notes", "attribution")}
     return write_manifest(target, **kept, exported={"from": str(source), "dtype": "float16" if half else "as trained"})

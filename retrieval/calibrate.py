@@ -38,7 +38,17 @@ from generation.errors import InputError
 from generation.images import tensor_to_images
 from generation.sketch import draw_strokes
 from retrieval.defaults import DEFAULT_LAMBDA
-from retrieval.evaluate import Archive, EvaluationOptions, GroundTruth, Queries, drawn_queries, embed_archive, make_queries, rerank_order
+from retrieval.evaluate import (
+    Archive,
+    EvaluationOptions,
+    GroundTruth,
+    Queries,
+    drawn_queries,
+    embed_archive,
+    make_queries,
+    rerank_order,
+    with_bundle_recipe,
+)
 from retrieval.metrics import dice_matrix
 from retrieval.models import SystemModels
 from retrieval.quality import CALIBRATION_FILE, FEATURES, Calibration, hit_features, load_calibration
@@ -228,8 +238,9 @@ def fit(data: str | Path, split: str, bundle: str | Path | None, phantom: str | 
     options = options or EvaluationOptions(strengths=STRENGTHS, seeds=(0,))
     if not 0 <= in_domain_rate < 1:
         raise InputError(f"in-domain rate {in_domain_rate}: must be in [0, 1), e.g. 0.05")
-    sets = query_sets(SystemModels(bundle, device), data, split, phantom, scribble_seed, None, options, progress or (lambda *_: None),
-                      scribbles)
+    models = SystemModels(bundle, device)
+    options = with_bundle_recipe(options, models)
+    sets = query_sets(models, data, split, phantom, scribble_seed, None, options, progress or (lambda *_: None), scribbles)
     features = np.concatenate([t.features.reshape(-1, len(FEATURES)) for t in sets.tables])
     close = np.concatenate([(t.close if t.close is not None else np.zeros(t.features.shape[:2], bool)).reshape(-1) for t in sets.tables])
     present = ~np.isnan(features).all(axis=0)  # a vector part of weight 0 is left out of the model
@@ -255,6 +266,7 @@ def measure(data: str | Path, split: str, bundle: str | Path | None, phantom: st
     queries are searched (a damaged or mismatched one is refused at once)."""
     options = options or EvaluationOptions(strengths=STRENGTHS, seeds=(0,))
     models = SystemModels(bundle, device)
+    options = with_bundle_recipe(options, models)
     load_calibration(models.bundle, models.bundle_id)
     sets = query_sets(models, data, split, phantom, scribble_seed, sketches, options, progress or (lambda *_: None), scribbles)
     calibration = load_calibration(models.bundle, models.bundle_id)
@@ -303,7 +315,7 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError:
         raise SystemExit(f"error: --seeds {args.seeds!r}: give integers separated by commas, e.g. 0,1")
     try:
-        recipe = VectorRecipe.parse(args.weights) if args.weights else VectorRecipe()
+        recipe = VectorRecipe.parse(args.weights) if args.weights else None  # None: the bundle's
         options = EvaluationOptions(strengths=STRENGTHS, seeds=seeds, lam=args.lam, recipe=recipe, limit=args.limit)
         if args.verb == "fit":
             command = "python -m retrieval.calibrate " + " ".join(argv if argv is not None else sys.argv[1:])

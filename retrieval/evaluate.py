@@ -46,7 +46,7 @@ Ranks are over the whole archive: re-ranked candidates first, the rest in simila
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, NamedTuple
 
@@ -72,7 +72,7 @@ from retrieval.oracle import AlignedChamfer
 from retrieval.perceptual import lpips_unavailable_reason, perceptual_distance
 from retrieval.rerank import dice_score
 from retrieval.search import load_sketch
-from retrieval.vector import ArchiveParts, VectorRecipe, archive_parts, fuse_vectors, sketch_field
+from retrieval.vector import ArchiveParts, VectorRecipe, archive_parts, bundle_recipe, fuse_vectors, sketch_field
 
 METHODS = ("full", "no_refiner", "no_align", "no_rerank", "w_only", "image_only", "sketch_only", "chamfer", "pix2pix",
            "oracle", "random", "best")
@@ -90,7 +90,7 @@ class EvaluationOptions:
     candidates: int = DEFAULT_CANDIDATES
     lam: float = DEFAULT_LAMBDA
     alignment: Alignment | None = field(default_factory=Alignment)  # None: re-rank by similarity and DICE alone
-    recipe: VectorRecipe = field(default_factory=VectorRecipe)
+    recipe: VectorRecipe | None = None  # None: the bundle's (`retrieval.vector.bundle_recipe`), as `index` uses
     limit: int | None = None  # evaluate only the first `limit` images of the split
     batch: int = 16
     sketches: str | None = None  # a folder of drawn sketches (sketches/NAME.png) to query with instead
@@ -264,6 +264,11 @@ def truth_outline(mask: np.ndarray, resolution: int) -> np.ndarray:
         return np.full((resolution, resolution), PAPER, np.uint8)
 
 
+def with_bundle_recipe(options: EvaluationOptions, models: SystemModels) -> EvaluationOptions:
+    """`options` with the vector weights a workspace of this bundle is indexed with, unless set."""
+    return options if options.recipe is not None else replace(options, recipe=bundle_recipe(models))
+
+
 def embed_archive(models: SystemModels, archive: ImageDataset, options: EvaluationOptions,
                   progress: Callable[[str, int, int], None]) -> Archive:
     parts, pixels = [], []
@@ -276,7 +281,7 @@ def embed_archive(models: SystemModels, archive: ImageDataset, options: Evaluati
     codes = torch.cat([p.codes for p in parts]) - models.code_mean.cpu()
     fields = torch.cat([p.fields for p in parts])
     sketches = np.concatenate([p.sketches for p in parts])
-    fused = torch.from_numpy(fuse_vectors(fields, codes, embeddings, options.recipe))
+    fused = torch.from_numpy(fuse_vectors(fields, codes, embeddings, options.recipe or bundle_recipe(models)))
     transforms = np.stack([ndimage.distance_transform_edt(s != INK) if (s == INK).any() else np.full(s.shape, 1e3)
                            for s in sketches]).astype(np.float32)
     return Archive(parts, np.stack(pixels), embeddings, F.normalize(codes, dim=1), fields,
@@ -305,8 +310,8 @@ class Pix2PixBaseline:
 def evaluate(data: str | Path, split: str = "test", bundle: str | Path | None = None, options: EvaluationOptions | None = None,
              device: str = "auto", on_progress: Callable[[str, int, int], None] | None = None) -> dict:
     """Run the protocol of the module docstring; returns a JSON-ready report."""
-    options = options or EvaluationOptions()
     models = SystemModels(bundle, device)
+    options = with_bundle_recipe(options or EvaluationOptions(), models)
     progress = on_progress or (lambda stage, done, total: None)
     dataset = ImageDataset(data)
     split_names = {sample.name for sample in ImageDataset(data, split).samples}

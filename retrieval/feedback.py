@@ -34,7 +34,7 @@ from retrieval.evaluate import EvaluationOptions, embed_archive, make_queries
 from retrieval.models import SystemModels
 from retrieval.relevance import Rocchio
 from retrieval.rerank import dice_score, rerank_score
-from retrieval.vector import VectorRecipe, fuse_vectors, sketch_field
+from retrieval.vector import bundle_recipe, fuse_vectors, sketch_field
 
 TOP = 10
 # The coefficients tried when choosing on validation (a = 1: only the ratios matter after renormalising)
@@ -81,7 +81,7 @@ def prepare(models: SystemModels, dataset: ImageDataset, archive_labels: np.ndar
         sketches = np.stack(queries.sketches[start : start + options.batch])
         result = models.sketch2medi.generate(sketches)
         images = result.steps[-1]
-        vectors.append(fuse_vectors(sketch_field(sketches), result.w - models.code_mean.cpu(), models.C.embed(images).cpu(), VectorRecipe()))
+        vectors.append(fuse_vectors(sketch_field(sketches), result.w - models.code_mean.cpu(), models.C.embed(images).cpu(), bundle_recipe(models)))
         for labels in models.S.predict_label_map(list(tensor_to_images(images))):
             dice.append([dice_score(labels, stored, models.label_classes) for stored in archive_labels])
         progress("queries", min(start + options.batch, len(queries.target)), len(queries.target))
@@ -129,7 +129,7 @@ def evaluate_feedback(data: str | Path, bundle: str | Path | None = None, split:
     dataset = ImageDataset(data)
     if not dataset.has_masks:
         raise InputError(f"{data}: the simulated user judges hits by the ground-truth masks, and some are missing")
-    archive = embed_archive(models, dataset, EvaluationOptions(batch=options.batch), progress)  # the default VectorRecipe, as the queries
+    archive = embed_archive(models, dataset, EvaluationOptions(batch=options.batch), progress)  # the bundle's vector weights, as the queries
     truth = np.stack([dataset.mask(i, models.resolution) for i in range(len(dataset))])
     vectors = archive.fused.numpy()
     report: dict = {"data": str(data), "bundle": str(models.bundle), "split": split, "archive_images": len(dataset),

@@ -23,6 +23,7 @@ archive image's own synthesized sketch gets exactly that image's code and field.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 
@@ -31,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+from generation.bundle import SEARCH_DEFAULTS
 from generation.errors import InputError
 from generation.images import square_resize
 from generation.normalize import normalize_sketch
@@ -101,12 +103,23 @@ def fuse_vectors(fields: torch.Tensor, w_offsets: torch.Tensor, embeddings: torc
     return fused.numpy().astype(np.float32)
 
 
+def bundle_recipe(models: SystemModels) -> VectorRecipe:
+    """The vector weights a new workspace of this bundle gets: its `search.json`'s, else the defaults."""
+    path = models.bundle / SEARCH_DEFAULTS  # {"vector_weights": "sketch=..,code=..,image=..", "chosen_on": ...}
+    if not path.is_file():
+        return VectorRecipe()
+    try:
+        return VectorRecipe.parse(str(json.loads(path.read_text())["vector_weights"]))
+    except (ValueError, KeyError, TypeError) as error:
+        raise InputError(f"{path}: expected {{\"vector_weights\": \"sketch=A,code=B,image=C\"}} ({error}); fix or delete it") from None
+
+
 class ArchiveEmbedder:
     """The `indexing.embedding.Embedder` of a bundle: per image S's masks, x_sk = S(x), its field f,
-    w = E(x_sk), e = C(x), and the fused vector."""
+    w = E(x_sk), e = C(x), and the fused vector (`recipe`, default: the bundle's, `bundle_recipe`)."""
 
-    def __init__(self, models: SystemModels, recipe: VectorRecipe = VectorRecipe()):
-        self.models, self.recipe = models, recipe
+    def __init__(self, models: SystemModels, recipe: VectorRecipe | None = None):
+        self.models, self.recipe = models, recipe or bundle_recipe(models)
         self.bundle_path = str(models.bundle)
         # The vector recipe is part of the id: a workspace is only searched the way it was indexed.
         self.bundle_id = f"{models.bundle_id}{RECIPE_SEPARATOR}{recipe.tag}"
