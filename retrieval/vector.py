@@ -122,7 +122,7 @@ class ArchiveEmbedder:
         self.models, self.recipe = models, recipe or bundle_recipe(models)
         self.bundle_path = str(models.bundle)
         # The vector recipe is part of the id: a workspace is only searched the way it was indexed.
-        self.bundle_id = f"{models.bundle_id}{RECIPE_SEPARATOR}{recipe.tag}"
+        self.bundle_id = f"{models.bundle_id}{RECIPE_SEPARATOR}{self.recipe.tag}"
         self.dim = FIELD_GRID**2 + models.sketch2medi.G.config.w_dim + models.C.embedding_dim
 
     def embed_images(self, images: list[np.ndarray]) -> EmbeddedBatch:
