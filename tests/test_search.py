@@ -262,3 +262,21 @@ def test_index_command_under_torchrun_matches_one_process(tiny_chain, models, tm
     assert vectors["ddp"].keys() == vectors["one"].keys() and len(vectors["one"]) == 24
     for path, vector in vectors["one"].items():
         np.testing.assert_allclose(vectors["ddp"][path], vector, atol=1e-4)
+
+
+def test_a_bundle_names_its_own_vector_weights_and_export_keeps_them(tiny_chain, tmp_path):
+    from generation.bundle import export_bundle
+
+    _, bundle, _ = tiny_chain
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle, copy, ignore=shutil.ignore_patterns("cache", "samples"))
+    assert ArchiveEmbedder(SystemModels(copy, "cpu")).recipe == VectorRecipe()  # no search.json: the defaults
+    (copy / "search.json").write_text(json.dumps({"vector_weights": "sketch=0.6,code=0.4,image=0", "chosen_on": "a test"}))
+    embedder = ArchiveEmbedder(SystemModels(copy, "cpu"))
+    assert embedder.recipe == VectorRecipe(0.6, 0.4, 0.0) and embedder.bundle_id.endswith(":vector=sketch=0.6,code=0.4,image=0")
+    assert ArchiveEmbedder(SystemModels(copy, "cpu"), VectorRecipe(1, 0, 0)).recipe == VectorRecipe(1, 0, 0)  # --weights wins
+    export_bundle(copy, tmp_path / "exported")
+    assert ArchiveEmbedder(SystemModels(tmp_path / "exported", "cpu")).recipe == VectorRecipe(0.6, 0.4, 0.0)
+    (copy / "search.json").write_text('{"weights": 1}')
+    with pytest.raises(InputError, match=r'search.json: expected \{"vector_weights": "sketch=A,code=B,image=C"\} .*; fix or delete it$'):
+        ArchiveEmbedder(SystemModels(copy, "cpu"))
