@@ -26,7 +26,7 @@ from generation.dataset import ImageDataset
 from generation.errors import InputError
 from retrieval.metrics import dice_matrix
 from retrieval.models import SystemModels
-from retrieval.vector import ArchiveEmbedder, archive_parts, fuse_vectors
+from retrieval.vector import ArchiveEmbedder
 
 # Same view: ground-truth masks with DICE >= 80 %; in vocalfolds256's `train` sequences 1.4 % of
 # the pairs of frames of one sequence reach it (its 99th percentile is 82.8).
@@ -77,13 +77,13 @@ def choose(rows: list[dict], min_precision: float = MIN_PRECISION) -> dict:
 def pair_signals(models: SystemModels, dataset: ImageDataset, batch: int = 16) -> dict[str, np.ndarray]:
     """For the pairs of `sequence_pairs`: the archive vectors' inner product, the DICE of S's masks
     (what a workspace stores) and of the ground-truth masks."""
-    recipe = ArchiveEmbedder(models).recipe
+    embedder = ArchiveEmbedder(models)  # the vectors and masks `index` stores
     vectors, labels = [], []
     for start in range(0, len(dataset), batch):
-        parts = archive_parts(models, [dataset.image(i) for i in range(start, min(start + batch, len(dataset)))])
-        vectors.append(fuse_vectors(parts.fields, parts.codes - models.code_mean.cpu(), parts.embeddings, recipe))
-        labels.append(parts.labels)
-    vectors, labels = np.concatenate(vectors), np.concatenate(labels)
+        embedded = embedder.embed_images([dataset.image(i) for i in range(start, min(start + batch, len(dataset)))])
+        vectors.append(embedded.vectors)
+        labels.extend(embedded.label_maps)
+    vectors, labels = np.concatenate(vectors), np.stack(labels)
     truth = np.stack([dataset.mask(i, models.resolution) for i in range(len(dataset))])
     classes = max(dataset.num_classes, int(truth.max()) + 1, int(labels.max()) + 1)
     first, second = sequence_pairs(dataset)
