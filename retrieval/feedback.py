@@ -2,7 +2,8 @@
 
 Protocol. The archive is every image of the dataset; the queries are `evaluate`'s simulated
 free-hand sketches of the split's images (`retrieval.evaluate.make_queries`), searched as `search`
-does (fused vector, top `candidates` re-ranked by the DICE of S's masks). After each round the
+does (fused vector, top `candidates` re-ranked by the DICE of S's masks and the sketch aligned to
+their contours, `retrieval.align`, with the search's defaults). After each round the
 user looks at the top 10 and likes the `liked` hits whose ground-truth mask is closest to the
 target's (DICE of the dataset's masks), dislikes the `disliked` farthest, and the next round
 searches with the sketch and everything liked and disliked so far (`retrieval.relevance.Rocchio`),
@@ -19,7 +20,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -29,11 +30,12 @@ import torch
 from generation.dataset import ImageDataset
 from generation.errors import InputError
 from generation.images import tensor_to_images
+from retrieval.align import Alignment, aligned_distances, alignment_scores, final_score
 from retrieval.defaults import DEFAULT_LAMBDA
 from retrieval.evaluate import EvaluationOptions, embed_archive, make_queries
 from retrieval.models import SystemModels
 from retrieval.relevance import Rocchio
-from retrieval.rerank import dice_score, rerank_score
+from retrieval.rerank import dice_score
 from retrieval.vector import bundle_recipe, fuse_vectors, sketch_field
 
 TOP = 10
@@ -53,6 +55,7 @@ class FeedbackOptions:
     lam: float = DEFAULT_LAMBDA
     limit: int | None = None  # only the first `limit` images of the split
     batch: int = 16
+    alignment: Alignment | None = field(default_factory=Alignment)  # None: re-rank by similarity and DICE alone
 
 
 @dataclass
@@ -63,6 +66,21 @@ class PreparedQueries:
     vectors: np.ndarray  # float32 (Q, D) the sketches' fused vectors
     dice: np.ndarray  # (Q, N) DICE (percent) of S(x_hat) with each archive image's S masks: the re-ranking
     relevance: np.ndarray  # (Q, N) ground-truth DICE (percent) of the target with each archive image
+    sketches: np.ndarray | None = None  # uint8 (Q, R, R) the normalised sketches, for the alignment; None: no alignment
+    archive_labels: np.ndarray | None = None  # uint8 (N, R, R) S's masks of the archive, the contours aligned to
+    # Aligned chamfer distances already computed, per query {archive index: pixels}: the rounds and
+    # the coefficients tried share most candidates, and the alignment is the costly part
+    aligned: dict[int, dict[int, float]] = field(default_factory=dict)
+
+    def alignment(self, q: int, candidates: np.ndarray, alignment: Alignment | None) -> np.ndarray | None:
+        """exp(-d / tau) of query q's sketch aligned to the candidates' contours; None without alignment."""
+        if alignment is None or self.sketches is None or self.archive_labels is None:
+            return None
+        known = self.aligned.setdefault(q, {})
+        missing = [int(i) for i in candidates if int(i) not in known]
+        if missing:
+            known.update(zip(missing, aligned_distances(self.sketches[q], self.archive_labels[missing], alignment).tolist()))
+        return alignment_scores(np.array([known[int(i)] for i in candidates]), alignment.tau)
 
 
 @torch.no_grad()
@@ -86,7 +104,8 @@ def prepare(models: SystemModels, dataset: ImageDataset, archive_labels: np.ndar
             dice.append([dice_score(labels, stored, models.label_classes) for stored in archive_labels])
         progress("queries", min(start + options.batch, len(queries.target)), len(queries.target))
     relevance = {t: [dice_score(truth[t], other, classes) for other in truth] for t in set(queries.target)}
-    return PreparedQueries(np.array(queries.target), np.concatenate(vectors), np.array(dice), np.array([relevance[t] for t in queries.target]))
+    return PreparedQueries(np.array(queries.target), np.concatenate(vectors), np.array(dice), np.array([relevance[t] for t in queries.target]),
+                           np.stack(queries.sketches), archive_labels)
 
 
 def simulate(archive: np.ndarray, queries: PreparedQueries, feedback: Rocchio, options: FeedbackOptions) -> list[dict[str, float]]:
@@ -100,7 +119,10 @@ def simulate(archive: np.ndarray, queries: PreparedQueries, feedback: Rocchio, o
             moved = feedback.move(vector, archive[liked], archive[disliked]) if round_ else vector
             similarity = archive @ moved
             candidates = np.argsort(-similarity, kind="stable")[: options.candidates]
-            top = candidates[np.argsort(-rerank_score(similarity[candidates], queries.dice[q, candidates], options.lam), kind="stable")][:TOP]
+            aligned = queries.alignment(q, candidates, options.alignment)
+            scores = final_score(similarity[candidates], queries.dice[q, candidates], options.lam, aligned,
+                                 0.0 if options.alignment is None else options.alignment.weight)
+            top = candidates[np.argsort(-scores, kind="stable")][:TOP]
             found[round_, q], relevant[round_, q] = target in top, queries.relevance[q, top].mean()
             judged = top[np.argsort(-queries.relevance[q, top], kind="stable")]
             liked += [int(i) for i in judged[: options.liked] if i not in liked and i not in disliked]
@@ -152,11 +174,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--choose-on", default=None, help="choose the coefficients on this split first (e.g. val)")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--limit", type=int, default=None, help="only the first N images of the split")
+    parser.add_argument("--no-align", action="store_true", help="re-rank by similarity and DICE alone, without the alignment")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--json", type=Path, default=None, help="also write the report here")
     args = parser.parse_args(argv)
+    options = FeedbackOptions(rounds=args.rounds, limit=args.limit, alignment=None if args.no_align else Alignment())
     try:
-        report = evaluate_feedback(args.data, args.bundle, args.split, args.choose_on, FeedbackOptions(rounds=args.rounds, limit=args.limit),
+        report = evaluate_feedback(args.data, args.bundle, args.split, args.choose_on, options,
                                    args.device, lambda stage, done, total: print(f"{stage} {done}/{total}", end="\r", flush=True))  # fmt: skip
     except InputError as error:
         raise SystemExit(f"error: {error}")

@@ -17,6 +17,7 @@ from cli import app
 from generation.dataset import ImageDataset
 from generation.errors import InputError
 from indexing.ingest import index_folders
+from retrieval.align import Alignment, mask_outlines
 from retrieval.feedback import FeedbackOptions, PreparedQueries, simulate
 from retrieval.models import SystemModels
 from retrieval.relevance import Rocchio
@@ -164,3 +165,26 @@ def test_the_simulated_user_s_feedback_brings_relevant_images_into_the_top_10():
     assert [r["round"] for r in rounds] == [0, 1, 2]
     assert rounds[0]["dice@10"] == pytest.approx(2 * 80 / 10) and rounds[0]["recall@10"] == 0
     assert rounds[0]["dice@10"] < rounds[1]["dice@10"] <= rounds[2]["dice@10"] and rounds[2]["dice@10"] >= 80
+
+
+def test_the_simulated_searches_re_rank_with_the_sketch_aligned_to_the_candidates_contours():
+    """As `search` does: a sketch that is exactly one candidate's contours, shifted by a few pixels,
+    brings it from 11th by similarity into the top 10 through the alignment term; without the
+    sketches (no alignment) it stays out."""
+    rng = np.random.default_rng(1)
+    labels = np.zeros((30, 32, 32), np.uint8)
+    for n, (y, x) in enumerate(rng.integers(4, 14, (30, 2))):
+        labels[n, y : y + 6 + n % 9, x : x + 10 + n % 7] = 1
+    angles = 0.02 * np.arange(30)
+    archive = np.stack([np.cos(angles), np.sin(angles)], axis=1).astype(np.float32)  # similarity falls with the index
+    query = np.array([1.0, 0.0], np.float32)
+    target = 10
+    assert np.argsort(-(archive @ query), kind="stable").tolist().index(target) == 10
+    sketch = np.roll(mask_outlines([labels[target]], 32)[0], 2, axis=1)
+    relevance = np.zeros((1, 30))
+    plain = PreparedQueries(np.array([target]), query[None], np.zeros((1, 30)), relevance)
+    aligned = PreparedQueries(np.array([target]), query[None], np.zeros((1, 30)), relevance, sketch[None], labels)
+    options = FeedbackOptions(rounds=0, lam=1.0, alignment=Alignment(weight=0.5, tau=0.5, reduction=1))
+    assert simulate(archive, plain, Rocchio(), options)[0]["recall@10"] == 0
+    assert simulate(archive, aligned, Rocchio(), options)[0]["recall@10"] == 1
+    assert set(aligned.aligned[0]) == set(range(30))  # every candidate aligned once, kept for the next rounds
