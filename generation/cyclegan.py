@@ -64,7 +64,7 @@ class CycleGANConfig:
 PRESETS: dict[str, CycleGANConfig] = {
     "tiny": CycleGANConfig(resolution=32, ngf=8, ndf=8, n_blocks=2),
     # Two CPU cores: a quarter of the reference generator width, half its D width, 6 blocks (the
-    # reference's count below 256 px); about 1.6 s per batch-4 step on one busy core.
+    # reference's count below 256 px); 1.0 s per batch-4 training step on one thread (docs/BENCHMARKS.md).
     "cpu": CycleGANConfig(resolution=64, ngf=16, ndf=32, n_blocks=6),
     "paper": CycleGANConfig(resolution=256, ngf=64, ndf=64, n_blocks=9),
 }

@@ -80,7 +80,7 @@ class UGATITConfig:
 PRESETS: dict[str, UGATITConfig] = {
     "tiny": UGATITConfig.at(32, ngf=8, ndf=8, n_blocks=2, light=True),
     # Two CPU cores: the light variant, a quarter of the generator width, half the discriminators';
-    # about 2.9 s per batch-4 step on one busy core.
+    # 2.0 s per batch-4 training step on one thread (docs/BENCHMARKS.md).
     "cpu": UGATITConfig.at(64, ngf=16, ndf=32, n_blocks=4, light=True),
     "paper": UGATITConfig.at(256),
 }

@@ -74,7 +74,8 @@ class UNITConfig:
 
 PRESETS: dict[str, UNITConfig] = {
     "tiny": UNITConfig(resolution=32, dim=8, n_res=2, ndf=8, d_layers=2, num_scales=2),
-    # Two CPU cores: a quarter of the official generator width; about 2.3 s per batch-4 step on one busy core.
+    # Two CPU cores: a quarter of the official generator width; 1.5 s per batch-4 training step on one thread
+    # (docs/BENCHMARKS.md).
     "cpu": UNITConfig(resolution=64, dim=16, ndf=32, d_layers=3),
     # The official config (gen dim 64, n_downsample 2, n_res 4; dis dim 64, n_layer 4, num_scales 3).
     "paper": UNITConfig(resolution=256),

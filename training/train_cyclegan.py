@@ -33,7 +33,7 @@ METRICS = "cyclegan_metrics.jsonl"
 
 @dataclass
 class CycleGANOptions(UnpairedOptions):
-    steps: int = 1500  # the cpu preset's budget: about 40 minutes on one busy core (1.6 s per step)
+    steps: int = 1500  # the cpu preset's: ~24 min on one thread, ~40 with the machine busy (docs/BENCHMARKS.md)
     lambda_cycle: float = 10.0  # the reference lambda_A = lambda_B
     lambda_identity: float = 0.5  # times lambda_cycle (the reference's scaling)
     pool_size: int = 50

@@ -37,7 +37,7 @@ METRICS = "ugatit_metrics.jsonl"
 
 @dataclass
 class UGATITOptions(UnpairedOptions):
-    steps: int = 800  # the cpu preset's budget: about 40 minutes on one busy core (2.9 s per step)
+    steps: int = 800  # the cpu preset's: ~26 min on one thread, ~39 with the machine busy (docs/BENCHMARKS.md)
     lr: float = 1e-4
     weight_decay: float = 1e-4
     lambda_adv: float = 1.0

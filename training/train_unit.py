@@ -38,7 +38,7 @@ METRICS = "unit_metrics.jsonl"
 
 @dataclass
 class UNITOptions(UnpairedOptions):
-    steps: int = 1000  # the cpu preset's budget: about 40 minutes on one busy core (2.3 s per step)
+    steps: int = 1000  # the cpu preset's: ~25 min on one thread, ~38 with the machine busy (docs/BENCHMARKS.md)
     lr: float = 1e-4
     weight_decay: float = 1e-4
     decay_every: int = 100_000  # the lr halves every this many steps (with lr_decay)
