@@ -181,6 +181,10 @@ class UNetGenerator(nn.Module):
             x = self.blocks[f"up{k}"](torch.cat([x, skips.pop()], dim=1))
         return x
 
+    def translate(self, sketch: Tensor) -> Tensor:
+        """The same as calling G: every baseline's sketch -> image translation has this name."""
+        return self(sketch)
+
 
 # --------------------------------------------------------------------------------------------
 # Discriminator.

@@ -32,7 +32,11 @@ _NETWORKS: dict[str, tuple[str, str | None]] = {
     "generator": ("generation.stylegan2", "G"),
     "encoder": ("generation.encoder", "E"),
     "refiner": ("generation.refiner", "H"),
-    "pix2pix": ("generation.pix2pix", None),  # the baseline; exported with a bundle, not listed in its manifest
+    # the baselines: exported with a bundle when trained into it, never listed in its manifest
+    "pix2pix": ("generation.pix2pix", None),
+    "cyclegan": ("generation.cyclegan", None),
+    "unit": ("generation.unit", None),
+    "ugatit": ("generation.ugatit", None),
 }
 NETWORK_NAMES = tuple(_NETWORKS)
 BUNDLE_NETWORKS = {key: name for name, (_, key) in _NETWORKS.items() if key is not None}  # bundle.json key -> name

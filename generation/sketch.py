@@ -122,3 +122,11 @@ def sketch_to_tensor(sketches):
         kind, shape = getattr(sketches, "dtype", type(sketches).__name__), tuple(getattr(sketches, "shape", ()))
         raise InputError(f"sketches must be uint8 (N, R, R) canonical sketches, got {kind} {shape}")
     return (PAPER - sketches.to(torch.float32)).div_(PAPER).unsqueeze(1)
+
+
+def sketch_as_image(sketch):
+    """Sketch tensors (N, 1, R, R), ink 1 and paper 0 (`sketch_to_tensor`) -> the drawing as a grey
+    image (N, 3, R, R) in [-1, 1]: white paper +1, black ink -1. The unpaired baselines treat
+    sketches as pictures of their own domain, as image-to-image translation reads them from files."""
+    assert sketch.ndim == 4 and sketch.shape[1] == 1, f"sketches must be (N, 1, R, R), got {tuple(sketch.shape)}"
+    return (1 - 2 * sketch).expand(-1, 3, -1, -1)

@@ -29,6 +29,8 @@ Methods, all on the same queries and the same archive vectors:
     pix2pix      pix2pix's image instead of Sketch2MedI's in the fused vector (sketch field and C's
                  embedding; pix2pix has no latent code, so E's part is left out) and for the DICE
                  re-rank (needs `train pix2pix` in the bundle)
+    cyclegan, unit, ugatit   the same with the unpaired baselines' images (CycleGAN, UNIT,
+                 U-GAT-IT; each needs its `train NAME` in the bundle)
     full_labelled  full, then the class match of the labelled sketch (`retrieval.labelled`): the same
                  simulated sketch with each stroke in its class's colour (the simulator knows which
                  class of the mask it outlines), decoded as an uploaded colour-coded sketch
@@ -66,7 +68,7 @@ from generation.sketch import INK, PAPER, sketch_from_mask, sketch_to_tensor
 from retrieval.align import Alignment, aligned_distances, alignment_scores, final_score
 from retrieval.defaults import DEFAULT_CANDIDATES, DEFAULT_LAMBDA
 from retrieval.labelled import LabelWeights, class_fields, class_match, labelled_scores
-from retrieval.metrics import dice_matrix, fd_c
+from retrieval.metrics import dice_matrix, fd_c, kid_c
 from retrieval.models import SystemModels
 from retrieval.oracle import AlignedChamfer
 from retrieval.perceptual import lpips_unavailable_reason, perceptual_distance
@@ -74,7 +76,8 @@ from retrieval.rerank import dice_score
 from retrieval.search import load_sketch
 from retrieval.vector import ArchiveParts, VectorRecipe, archive_parts, bundle_recipe, fuse_vectors, sketch_field
 
-METHODS = ("full", "no_refiner", "no_align", "no_rerank", "w_only", "image_only", "sketch_only", "chamfer", "pix2pix",
+BASELINES = ("pix2pix", "cyclegan", "unit", "ugatit")  # sketch -> image translators, each present when trained into the bundle
+METHODS = ("full", "no_refiner", "no_align", "no_rerank", "w_only", "image_only", "sketch_only", "chamfer", *BASELINES,
            "oracle", "random", "best")
 LABELLED = "full_labelled"  # the rows of `EvaluationOptions.labelled`
 SKETCH_SIZE = 256  # simulated free-hand sketches are drawn at this size, then normalised
@@ -289,22 +292,26 @@ def embed_archive(models: SystemModels, archive: ImageDataset, options: Evaluati
 
 
 @dataclass
-class Pix2PixBaseline:
-    """pix2pix in place of Sketch2MedI. It has no latent code: its vector is the recipe's sketch and
-    image parts."""
+class Baseline:
+    """A baseline translator (pix2pix, CycleGAN, UNIT, U-GAT-IT) in place of Sketch2MedI. None has a
+    latent code: its vector is the recipe's sketch and image parts."""
 
-    network: torch.nn.Module
+    network: torch.nn.Module  # `translate(sketch (N, 1, R, R), ink 1) -> images (N, 3, R, R)`
     recipe: VectorRecipe
     archive: torch.Tensor  # (N, D) the archive's vectors with `recipe`
 
     @classmethod
-    def of_bundle(cls, models: SystemModels, archive: Archive, recipe: VectorRecipe) -> Pix2PixBaseline | None:
-        """None when the bundle has no pix2pix (`train pix2pix`)."""
-        if not network_exists(models.bundle, "pix2pix"):
+    def of_bundle(cls, name: str, models: SystemModels, archive: Archive, recipe: VectorRecipe) -> Baseline | None:
+        """None when the bundle has no such network (`train NAME`)."""
+        if not network_exists(models.bundle, name):
             return None
-        pix2pix_recipe = VectorRecipe(sketch=recipe.sketch, code=0.0, image=recipe.image)
-        fused = torch.from_numpy(fuse_vectors(archive.fields, archive.codes, archive.embeddings, pix2pix_recipe))
-        return cls(load_network("pix2pix", models.bundle, models.device), pix2pix_recipe, fused)
+        network = load_network(name, models.bundle, models.device)
+        if network.config.resolution != models.resolution:
+            raise InputError(f"{models.bundle}: {name} works at {network.config.resolution} px but the bundle's G at "
+                             f"{models.resolution} px; train it with `train {name} --preset cpu` for a like-for-like row")
+        baseline_recipe = VectorRecipe(sketch=recipe.sketch, code=0.0, image=recipe.image)
+        fused = torch.from_numpy(fuse_vectors(archive.fields, archive.codes, archive.embeddings, baseline_recipe))
+        return cls(network, baseline_recipe, fused)
 
 
 def evaluate(data: str | Path, split: str = "test", bundle: str | Path | None = None, options: EvaluationOptions | None = None,
@@ -330,8 +337,9 @@ def evaluate(data: str | Path, split: str = "test", bundle: str | Path | None = 
     truth = GroundTruth.of_dataset(dataset, models.resolution, archive.labels, queries.target, classes)
     if options.labelled:
         archive.class_fields = class_fields(list(archive.labels), list(range(1, classes)), models.resolution)
-    pix2pix = Pix2PixBaseline.of_bundle(models, archive, options.recipe)
-    ranks, top_dice, generated, gen_labels = rank_queries(models, archive, truth, queries, options, pix2pix, progress)
+    baselines = {name: baseline for name in BASELINES
+                 if options.wants(name) and (baseline := Baseline.of_bundle(name, models, archive, options.recipe)) is not None}
+    ranks, top_dice, generated, gen_labels = rank_queries(models, archive, truth, queries, options, baselines, progress)
 
     group_of = np.array(queries.group)
     retrieval = {method: {g: recall_table(np.array(r)[group_of == g], np.array(top_dice[method])[group_of == g])
@@ -349,15 +357,16 @@ def evaluate(data: str | Path, split: str = "test", bundle: str | Path | None = 
 
 @torch.no_grad()
 def rank_queries(models: SystemModels, archive: Archive, truth: GroundTruth, queries: Queries, options: EvaluationOptions,
-                 pix2pix: Pix2PixBaseline | None, progress: Callable[[str, int, int], None]
+                 baselines: dict[str, Baseline], progress: Callable[[str, int, int], None]
                  ) -> tuple[dict[str, list[int]], dict[str, list[float]], dict[str, list[torch.Tensor]], dict[str, list[np.ndarray]]]:
     """Every method's rank of the right answer and DICE@10 per query, and each generator's images and
     S's label maps of them."""
-    absent = {"pix2pix": pix2pix is None, "oracle": truth.oracle is None}
+    absent = {**{name: name not in baselines for name in BASELINES}, "oracle": truth.oracle is None}
     rows = [m for m in METHODS if not absent.get(m, False) and options.wants(m)] + list(options.labelled_rows())
     ranks: dict[str, list[int]] = {method: [] for method in rows}
     top_dice: dict[str, list[float]] = {method: [] for method in ranks}
-    generated: dict[str, list[torch.Tensor]] = {"sketch2medi": [], "no_refiner": [], **({"pix2pix": []} if pix2pix else {})}
+    # the generation table's order: the baselines, then Sketch2MedI without and with H
+    generated: dict[str, list[torch.Tensor]] = {**{name: [] for name in baselines}, "no_refiner": [], "sketch2medi": []}
     gen_labels: dict[str, list[np.ndarray]] = {name: [] for name in generated}
     code_mean = models.code_mean.cpu()
     for start in range(0, len(queries.target), options.batch):
@@ -365,8 +374,8 @@ def rank_queries(models: SystemModels, archive: Archive, truth: GroundTruth, que
         sketches = np.stack(queries.sketches[start:stop])
         result = models.sketch2medi.generate(sketches)
         images = {"sketch2medi": result.steps[-1], "no_refiner": result.steps[0]}
-        if pix2pix is not None:
-            images["pix2pix"] = pix2pix.network(sketch_to_tensor(sketches).to(models.device)).cpu()
+        for name, baseline in baselines.items():
+            images[name] = baseline.network.translate(sketch_to_tensor(sketches).to(models.device)).cpu()
         embeddings, labels = {}, {}
         for name, batch in images.items():
             generated[name].append(batch)
@@ -376,14 +385,14 @@ def rank_queries(models: SystemModels, archive: Archive, truth: GroundTruth, que
         w = result.w - code_mean
         fields = sketch_field(sketches)
         fused = {name: torch.from_numpy(fuse_vectors(fields, w, embeddings[name], options.recipe)) for name in ("sketch2medi", "no_refiner")}
-        if pix2pix is not None:
-            fused["pix2pix"] = torch.from_numpy(fuse_vectors(fields, w, embeddings["pix2pix"], pix2pix.recipe))
+        for name, baseline in baselines.items():
+            fused[name] = torch.from_numpy(fuse_vectors(fields, w, embeddings[name], baseline.recipe))
         for row in range(stop - start):
             number, target = start + row, queries.target[start + row]
             query = QueryVectors(queries.sketches[number], F.normalize(w[row], dim=0), fields[row],
                                  {name: vector[row] for name, vector in fused.items()}, embeddings["sketch2medi"][row],
                                  {name: label[row] for name, label in labels.items()}, queries.labelled[number])
-            orders = method_orders(archive, query, options, models.label_classes, pix2pix)
+            orders = method_orders(archive, query, options, models.label_classes, baselines)
             orders.update(reference_orders(truth, query.sketch, target, number, options))
             for method, order in orders.items():
                 if method not in ranks:
@@ -407,7 +416,7 @@ class QueryVectors(NamedTuple):
 
 
 def method_orders(archive: Archive, query: QueryVectors, options: EvaluationOptions, classes: int,
-                  pix2pix: Pix2PixBaseline | None) -> dict[str, np.ndarray]:
+                  baselines: dict[str, Baseline] | None = None) -> dict[str, np.ndarray]:
     """Per method, the archive in the order it ranks it for one query."""
     def reranked(similarity: np.ndarray, name: str, alignment: Alignment | None = options.alignment) -> np.ndarray:
         return rerank_order(similarity, query.labels[name], archive.labels, options.candidates, options.lam, classes,
@@ -424,8 +433,8 @@ def method_orders(archive: Archive, query: QueryVectors, options: EvaluationOpti
         "sketch_only": lambda: np.argsort(-(archive.fields @ query.field).numpy(), kind="stable"),
         "chamfer": lambda: np.argsort(chamfer_distances(query.sketch, archive.sketches, archive.transforms), kind="stable"),
     }
-    if pix2pix is not None:
-        rows["pix2pix"] = lambda: reranked((pix2pix.archive @ query.fused["pix2pix"]).numpy(), "pix2pix")
+    for name, baseline in (baselines or {}).items():
+        rows[name] = lambda name=name, baseline=baseline: reranked((baseline.archive @ query.fused[name]).numpy(), name)
     orders = {name: row() for name, row in rows.items() if options.wants(name)}
     for name, weights in options.labelled_rows().items():
         orders[name] = labelled_order(full, query.labels["sketch2medi"], query.sketch, query.labelled, archive, options, classes, weights)
@@ -468,6 +477,9 @@ METHOD_NOTES = {
     "sketch_only": "no generator: the sketch field alone (soft chamfer, searchable)",
     "chamfer": "no generator: chamfer distance to each archive image's synthesized sketch",
     "pix2pix": "pix2pix instead of Sketch2MedI: sketch field + C(pix2pix image) + DICE re-ranking",
+    "cyclegan": "CycleGAN (unpaired) instead of Sketch2MedI: sketch field + C(its image) + DICE re-ranking",
+    "unit": "UNIT (unpaired) instead of Sketch2MedI: sketch field + C(its image) + DICE re-ranking",
+    "ugatit": "U-GAT-IT (unpaired) instead of Sketch2MedI: sketch field + C(its image) + DICE re-ranking",
     "oracle": "reference: chamfer to ground-truth contours after the best rotation, scale and shift",
     "random": "reference: a random order (chance level)",
     "best": "reference: the archive ordered by DICE to the query image's masks (the highest DICE@10)",
@@ -478,7 +490,8 @@ METHOD_NOTES = {
 def generation_quality(models: SystemModels, queries: Queries, generated: dict[str, list[torch.Tensor]],
                        gen_labels: dict[str, list[np.ndarray]], labels_archive: np.ndarray, parts: list,
                        pixels: np.ndarray, groups: list[str]) -> dict:
-    """Per generator and query set (strength or DRAWN): FD_C against the real query images,
+    """Per generator and query set (strength or DRAWN): FD_C and KID_C (mean and standard deviation
+    over subsets) against the real query images,
     DICE(S(x_hat), S(x_ref)) and the perceptual distance to the reference (LPIPS-C, and LPIPS when installed)."""
     targets = np.array(queries.target)
     group_of = np.array(queries.group)
@@ -496,9 +509,12 @@ def generation_quality(models: SystemModels, queries: Queries, generated: dict[s
             if not len(chosen):
                 continue
             real_idx = sorted(set(targets[chosen].tolist()))
+            features = F.normalize(models.C.embed_many(images[chosen]), dim=1)
+            comparable = len(chosen) > 1 and len(real_idx) > 1
+            kid = kid_c(reference_features[real_idx], features) if comparable else None
             entry = {
-                "fd_c": fd_c(reference_features[real_idx], F.normalize(models.C.embed_many(images[chosen]), dim=1))
-                if len(chosen) > 1 and len(real_idx) > 1 else None,
+                "fd_c": fd_c(reference_features[real_idx], features) if comparable else None,
+                "kid_c": None if kid is None else kid[0], "kid_c_std": None if kid is None else kid[1],
                 "dice": float(np.mean([dice_score(gen_labels[name][i], labels_archive[targets[i]], classes) for i in chosen])),
                 "samples": int(len(chosen)),
             }
@@ -526,10 +542,11 @@ def markdown_tables(report: dict) -> str:
             lines.append(f"| {method} | {strength} | {row['recall@1']:.3f} | {row['recall@5']:.3f} | {row['recall@10']:.3f} | "
                          f"{row['mrr']:.3f} | {row['median_rank']:g} | {row['dice@10']:.1f} | {row['recall@100']:.3f} | "
                          f"{row['recall@200']:.3f} |")
-    lines += ["", "| generator | strength | FD_C | DICE | LPIPS-C | LPIPS |", "|---|---|---|---|---|---|"]
+    lines += ["", "| generator | strength | FD_C | KID_C | DICE | LPIPS-C | LPIPS |", "|---|---|---|---|---|---|---|"]
     for name, per_strength in report["generation"].items():
         for strength, row in per_strength.items():
             fd = "-" if row["fd_c"] is None else f"{row['fd_c']:.4f}"
+            kid = "-" if row.get("kid_c") is None else f"{row['kid_c']:.4f} ± {row['kid_c_std']:.4f}"
             lp = f"{row['lpips']:.3f}" if "lpips" in row else "n/a"
-            lines.append(f"| {name} | {strength} | {fd} | {row['dice']:.1f} | {row['lpips_c']:.3f} | {lp} |")
+            lines.append(f"| {name} | {strength} | {fd} | {kid} | {row['dice']:.1f} | {row['lpips_c']:.3f} | {lp} |")
     return "\n".join(lines)

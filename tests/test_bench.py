@@ -65,3 +65,12 @@ def test_index_memory_reports_each_archive(tiny_chain):
     assert list(result["runs"]) == ["1 x 256^2 PNG", "1 x 300^2 PNG", "2 x 200^2 PNG", "2 x 200^2 JPEG"]
     assert [run["images"] for run in result["runs"].values()] == [1, 1, 2, 2]
     assert all(run["peak_rss_mb"] > 0 for run in result["runs"].values()) and isinstance(result["met"], bool)
+
+
+def test_baselines_report_step_times(tmp_path):
+    from bench import bench_baselines
+
+    result = bench_baselines.main(["--preset", "tiny", "--steps", "1", "--batch", "2", "--out", str(tmp_path / "b.json"), *PEAK])
+    assert COMMON | {"results"} <= result.keys()
+    assert [row["model"] for row in result["results"]] == ["cyclegan", "unit", "ugatit"]
+    assert all({"s_per_step", "images_per_s", "steps_in_budget", "default_steps"} <= row.keys() for row in result["results"])

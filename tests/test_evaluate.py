@@ -1,4 +1,4 @@
-"""The evaluation protocol's pieces, and `train pix2pix` + `evaluate` end to end on the tiny bundle."""
+"""The evaluation protocol's pieces, and `train pix2pix|cyclegan|unit|ugatit` + `evaluate` end to end on the tiny bundle."""
 
 import json
 import shutil
@@ -160,6 +160,11 @@ def test_train_pix2pix_then_evaluate_every_method(tiny_chain, tmp_path):
                                  "--steps", "4", "--batch", "4", "--device", "cpu"])
     assert result.exit_code == 0, result.output
     assert (target / "pix2pix.safetensors").is_file()
+    for name in ("cyclegan", "unit", "ugatit"):  # the unpaired baselines, on the same sketch cache
+        result = runner.invoke(app, ["train", name, "--data", str(data), "--bundle", str(target), "--preset", "tiny",
+                                     "--steps", "2", "--batch", "2", "--device", "cpu"])
+        assert result.exit_code == 0, result.output
+        assert f"trained {name} for 2 steps" in result.output and (target / f"{name}.safetensors").is_file()
     out = tmp_path / "report.json"
     result = runner.invoke(app, ["evaluate", "--data", str(data), "--split", "train", "--bundle", str(target), "--limit", "3",
                                  "--seeds", "1", "--strengths", "0,1", "--out", str(out), "--device", "cpu"])
@@ -175,7 +180,11 @@ def test_train_pix2pix_then_evaluate_every_method(tiny_chain, tmp_path):
             assert 0 <= row["dice@10"] <= 100
     for strength, best in report["retrieval"]["best"].items():
         assert all(rows[strength]["dice@10"] <= best["dice@10"] + 1e-9 for rows in report["retrieval"].values())
-    assert set(report["generation"]) == {"sketch2medi", "no_refiner", "pix2pix"}
+    assert list(report["generation"]) == ["pix2pix", "cyclegan", "unit", "ugatit", "no_refiner", "sketch2medi"]
+    assert "| cyclegan |" in result.output and "| ugatit | 1 |" in result.output and "KID_C" in result.output
+    for rows in report["generation"].values():
+        for row in rows.values():
+            assert row["kid_c"] is None or (np.isfinite(row["kid_c"]) and row["kid_c_std"] >= 0)
     assert all(0 <= row["dice"] <= 100 for g in report["generation"].values() for row in g.values())
     bad = runner.invoke(app, ["evaluate", "--data", str(data), "--bundle", str(target), "--strengths", "half"])
     assert bad.exit_code == 2 and "--strengths" in bad.output

@@ -11,6 +11,8 @@ from retrieval.metrics import (
     dice_summary,
     fd_c,
     frechet_distance,
+    kid_c,
+    mmd2_unbiased,
 )
 
 # --- Fréchet distance ------------------------------------------------------------------------
@@ -119,3 +121,33 @@ def test_dice_rejects_bad_input():
         dice_per_image(np.zeros((2, 2), np.uint8), np.zeros((3, 3), np.uint8), 3)
     with pytest.raises(ValueError):
         dice_per_image([(0, np.ones((2, 2), bool), 1.0)], np.zeros((2, 2), np.uint8), 3)
+
+
+def test_kid_matches_the_direct_formula():
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(7, 3)), rng.normal(0.5, 1.0, size=(9, 3))
+
+    def k(a, b):
+        return (sum(ai * bi for ai, bi in zip(a, b)) / 3 + 1) ** 3
+
+    m, n = len(x), len(y)
+    direct = (sum(k(x[i], x[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+              + sum(k(y[i], y[j]) for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
+              - 2 * sum(k(x[i], y[j]) for i in range(m) for j in range(n)) / (m * n))
+    assert mmd2_unbiased(x, y) == pytest.approx(direct, rel=1e-12)
+    # subsets as large as the smaller set: each a direct MMD^2 of 7 rows of each
+    mean, std = kid_c(x, y, subsets=5, subset_size=100, seed=3)
+    picks = np.random.default_rng(3)
+    values = [mmd2_unbiased(x[picks.choice(7, 7, replace=False)], y[picks.choice(9, 7, replace=False)]) for _ in range(5)]
+    assert mean == pytest.approx(np.mean(values)) and std == pytest.approx(np.std(values))
+    with pytest.raises(ValueError):
+        kid_c(x[:1], y)
+
+
+def test_kid_is_near_zero_for_one_distribution_and_grows_with_a_shift():
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(size=(400, 16)), rng.normal(size=(400, 16))
+    same, same_std = kid_c(a, b, subsets=20, subset_size=200)
+    shifted = [kid_c(a, b + shift, subsets=20, subset_size=200)[0] for shift in (0.25, 0.5, 1.0)]
+    assert abs(same) < 2 * same_std + 1e-3  # unbiased: zero within its spread
+    assert shifted[0] > abs(same) + 2 * same_std and shifted[0] < shifted[1] < shifted[2]

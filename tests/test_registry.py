@@ -22,18 +22,22 @@ from generation.registry import BUNDLE_NETWORKS, NETWORK_NAMES, load_network, ne
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = [ROOT / "bundles" / "phantom", ROOT / "bundles" / "vocalfolds"]
 # The state key inside each network's files: part of the on-disk format.
-STATE_KEYS = {"moco": "model", "synthesizer": "model", "generator": "G", "encoder": "E", "refiner": "H", "pix2pix": "G"}
+STATE_KEYS = {"moco": "model", "synthesizer": "model", "generator": "G", "encoder": "E", "refiner": "H", "pix2pix": "G",
+              "cyclegan": "G", "unit": "G", "ugatit": "G"}
 REMEDY = "re-export or re-download the bundle"
 
 
 def tiny_networks() -> dict[str, torch.nn.Module]:
     """One randomly initialised tiny instance of every registered network (what `build` makes)."""
+    from generation.cyclegan import ResnetGenerator
     from generation.encoder import SketchEncoder
     from generation.moco import MocoEncoder
     from generation.pix2pix import UNetGenerator
     from generation.refiner import Refiner
     from generation.solov2 import SOLOv2
     from generation.stylegan2 import Generator
+    from generation.ugatit import UGATITGenerator
+    from generation.unit import UNITGenerator
 
     torch.manual_seed(0)
     G = Generator(network_config("generator", "tiny"))
@@ -44,6 +48,9 @@ def tiny_networks() -> dict[str, torch.nn.Module]:
         "encoder": SketchEncoder(network_config("encoder", "tiny", resolution=32, w_dim=G.config.w_dim)),
         "refiner": Refiner(network_config("refiner", "tiny", G=G)),
         "pix2pix": UNetGenerator(network_config("pix2pix", "tiny")),
+        "cyclegan": ResnetGenerator(network_config("cyclegan", "tiny")),
+        "unit": UNITGenerator(network_config("unit", "tiny")),
+        "ugatit": UGATITGenerator(network_config("ugatit", "tiny")),
     }
 
 
@@ -113,7 +120,7 @@ def test_the_shipped_bundles_keep_their_format(bundle):
 def test_importing_the_registry_and_the_bundle_code_loads_no_network():
     code = ("import sys, generation.registry, generation.bundle; "
             "print(sorted(m for m in sys.modules if m.startswith('generation.') "
-            "and m.split('.')[1] in ('stylegan2', 'encoder', 'refiner', 'solov2', 'moco', 'pix2pix', 'resnet')))")
+            "and m.split('.')[1] in ('stylegan2', 'encoder', 'refiner', 'solov2', 'moco', 'pix2pix', 'cyclegan', 'unit', 'ugatit', 'resnet')))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"

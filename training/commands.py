@@ -288,3 +288,59 @@ def train_pix2pix_command(
         result = train_pix2pix(cache.images, cache.sketches, bundle, preset, options, resume=resume, device=device,
                                on_step=lambda step, stats: progress.update(task, completed=step), log=literal_printer(progress.console))
     echo_result(result, f"step {result.steps}", f"trained pix2pix for {result.steps} steps", "pix2pix.safetensors")
+
+
+UNPAIRED_PRESET_HELP = "tiny (tests) | cpu (G's resolution, sized for 2 CPU cores) | paper (256 px, the reference networks)."
+
+
+def _train_unpaired_command(name: str, data: Path, bundle: Path, preset: str, steps: int | None, batch: int | None,
+                            split: str, device: str, threads: int, resume: bool) -> None:
+    """The unpaired baselines' commands: S's sketches and the images of the sketch cache, unpaired."""
+    import importlib
+
+    from generation.device import pick_device
+    from generation.registry import load_network, network_config
+    from training.sketch_cache import sketch_cache
+
+    trainer = importlib.import_module(f"training.train_{name}")
+    set_threads(threads)
+    # tiny and cpu at G's resolution (a like-for-like baseline, as pix2pix); paper at its own 256 px
+    resolution = None if preset == "paper" else load_network("generator", bundle).config.resolution
+    config = network_config(name, preset, resolution=resolution)
+    cache = sketch_cache(data, bundle, config.resolution, split, pick_device(device))
+    options = trainer.OPTIONS(**{k: v for k, v in dict(steps=steps, batch=batch).items() if v is not None})
+    run = dict(config=config, options=options, resume=resume, device=device)
+    if not is_main_process():
+        trainer.train(cache.images, cache.sketches, bundle, **run, log=quiet)
+        return
+    with progress_bar() as progress:
+        task = progress.add_task(f"{name} ({preset})", total=options.steps)
+
+        def on_step(step: int, stats: dict[str, float]) -> None:
+            progress.update(task, completed=step, description=f"{name} G {stats['g_loss']:.3f}")
+
+        result = trainer.train(cache.images, cache.sketches, bundle, **run, on_step=on_step, log=literal_printer(progress.console))
+    echo_result(result, f"step {result.steps}", f"trained {name} for {result.steps} steps", f"{name}.safetensors")
+
+
+def _unpaired_command(name: str, title: str, default_steps: int):
+    def command(
+        data: Path = typer.Option(..., "--data", help="Dataset folder (the images G was trained on)."),
+        bundle: Path = typer.Option(..., "--bundle", help=f"Bundle with S and G; its sketch cache gives the sketches and images; {name} is written into it."),
+        preset: str = typer.Option("cpu", "--preset", help=UNPAIRED_PRESET_HELP),
+        steps: int = typer.Option(None, "--steps", min=1, help=f"Training steps (default {default_steps})."),
+        batch: int = typer.Option(None, "--batch", min=1, help="Global batch size (default 4)."),
+        split: str = typer.Option("train", "--split", help="Split of split.csv to train on."),
+        device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+        threads: int = typer.Option(0, "--threads", min=0, help=THREADS_HELP),
+        resume: bool = typer.Option(False, "--resume", help=f"Continue the {name} checkpoint in --bundle."),
+    ):
+        _train_unpaired_command(name, data, bundle, preset, steps, batch, split, device, threads, resume)
+
+    command.__doc__ = f"Train the {title} baseline on S's sketches and the images, unpaired; works under torchrun."
+    return command
+
+
+train_app.command("cyclegan")(_unpaired_command("cyclegan", "CycleGAN", 1500))
+train_app.command("unit")(_unpaired_command("unit", "UNIT", 1000))
+train_app.command("ugatit")(_unpaired_command("ugatit", "U-GAT-IT", 800))
