@@ -285,7 +285,7 @@ def index(
         return
     from rich.console import Console
 
-    progress = progress_bar() if Console().is_terminal else ProgressLines()  # started once the workspace is open and checked
+    progress = progress_bar("files") if Console().is_terminal else ProgressLines()  # started once the workspace is open and checked
     task = None
 
     def on_start(total: int) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -107,7 +107,7 @@ class SearchRequest:
     """One search's inputs, as `Retriever.search` takes them (see there); `Retriever.search_many`
     runs a list of them together."""
 
-    sketch: str | Path | Image.Image | np.ndarray | LabelledSketch | None = None
+    sketch: str | Path | Image.Image | np.ndarray | LabelledSketch | NormalizedSketch | None = None
     k: int = 10
     candidates: int = DEFAULT_CANDIDATES
     rerank: bool = True
@@ -121,6 +121,15 @@ class SearchRequest:
     alignment: Alignment | None = Alignment()
     labelled: bool = False
     label_weights: LabelWeights = LabelWeights()
+
+
+@dataclass(frozen=True)
+class NormalizedSketch:
+    """A request's sketch already normalised for the bundle (`Retriever.normalized`), so that the
+    search does not normalise it again."""
+
+    sketch: np.ndarray | LabelledSketch  # canonical uint8 (R, R), or a labelled sketch's strokes and classes
+    normalize_ms: float  # what normalising it took: the search's "normalize" stage
 
 
 class _Stopwatch:
@@ -302,16 +311,30 @@ class Retriever:
         liked, disliked = (np.array([stored[i] for i in ids], np.float32).reshape(len(ids), self.workspace.dim) for ids in (like, unlike))
         plan = _Plan(number, r, like, unlike, search_filter, watch, liked, disliked)
         if r.sketch is not None:
-            if r.labelled or isinstance(r.sketch, LabelledSketch):
-                plan.decoded = load_labelled_sketch(r.sketch, m.resolution, m.S.config.num_classes)
-                plan.canonical = plan.decoded.sketch
+            normalized = self.normalized(r).sketch
+            if isinstance(normalized.sketch, LabelledSketch):
+                plan.decoded, plan.canonical = normalized.sketch, normalized.sketch.sketch
             else:
-                plan.canonical = load_sketch(r.sketch, m.resolution)
-            watch.lap("normalize")
+                plan.canonical = normalized.sketch
+            watch.timings["normalize"] = normalized.normalize_ms
+            watch.restart()
         elif r.image is not None:
             plan.pixels = load_query_image(r.image)
             watch.lap("embed")  # reading the image counts to its embedding, as in the timings of one search
         return plan
+
+    def normalized(self, request: SearchRequest) -> SearchRequest:
+        """The request with its sketch normalised for the bundle (a `NormalizedSketch`; labelled:
+        decoded by class). Needs no network, so it may run on any thread (the server does it on its
+        decoding thread, beside the model thread); a bad sketch is a one-line InputError."""
+        if request.sketch is None or isinstance(request.sketch, NormalizedSketch):
+            return request
+        start, m = time.perf_counter(), self.models
+        if request.labelled or isinstance(request.sketch, LabelledSketch):
+            sketch = load_labelled_sketch(request.sketch, m.resolution, m.S.config.num_classes)
+        else:
+            sketch = load_sketch(request.sketch, m.resolution)
+        return replace(request, sketch=NormalizedSketch(sketch, round((time.perf_counter() - start) * 1000, 3)))
 
     def _queries_or_each(self, plans: list[_Plan]) -> list[_Query | Exception]:
         """`_queries` of the plans together; should the batch fail, of each alone, so that one

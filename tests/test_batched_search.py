@@ -126,6 +126,7 @@ class Batches:
 
     def __init__(self, inner: Retriever):
         self.inner, self.workspace, self.models, self.sizes = inner, inner.workspace, inner.models, []
+        self.normalized = inner.normalized
 
     def search_many(self, requests):
         self.sizes.append(len(requests))
@@ -151,12 +152,13 @@ def test_concurrent_requests_are_searched_in_one_batch_each_getting_its_own_answ
         (labelled_png(drawn(indexed, 11), 2), {"k": 3, "labelled": "true"}, 200),
         (c, {"k": 3, "steps": 0, "group": "none"}, 200),
         (a, {"k": 3, "like": [10**9]}, 400),  # unknown id: fails in the batch, alone
-        (png(np.full((64, 64), 255, np.uint8)), {"k": 3}, 400),  # a blank drawing: likewise
-        (labelled_png(drawn(indexed, 3), 7), {"k": 3, "labelled": "true"}, 400),  # a class the bundle lacks
+        (png(np.full((64, 64), 255, np.uint8)), {"k": 3}, 400),  # a blank drawing: refused while normalising, before the batch
+        (labelled_png(drawn(indexed, 3), 7), {"k": 3, "labelled": "true"}, 400),  # a class the bundle lacks: likewise
     ]
+    batched = len(requests) - 2
     watched = Batches(retriever)
     answers: list = [None] * (len(requests) + 1)
-    with TestClient(create_app(watched, batch_wait_ms=30_000, max_batch=len(requests)), base_url=LOCAL) as client:
+    with TestClient(create_app(watched, batch_wait_ms=30_000, max_batch=batched), base_url=LOCAL) as client:
         def send(n: int) -> None:
             upload, fields, _ = requests[n]
             answers[n] = post(client, upload, **fields)
@@ -167,7 +169,7 @@ def test_concurrent_requests_are_searched_in_one_batch_each_getting_its_own_answ
         answers[-1] = post(client, b"\x89PNG\r\n\x1a\n truncated", k=3)  # refused at decoding, never joins the batch
         for worker in workers:
             worker.join(120)
-    assert watched.sizes == [len(requests)]  # one batch, released as soon as it was full
+    assert watched.sizes == [batched]  # one batch, released as soon as it was full
     assert answers[-1].status_code == 400
     with TestClient(create_app(retriever, max_batch=1, batch_wait_ms=0), base_url=LOCAL) as alone:
         for (upload, fields, status), answer in zip(requests, answers):
