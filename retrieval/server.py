@@ -29,8 +29,7 @@ once, so searches run on one model thread. It computes them in batches (`SearchB
 that arrives while the thread is idle waits up to `batch_wait_ms` for others to join it, searches
 that arrived while it was busy go together at once, at most `max_batch` in one batch, and E, G, H,
 C and S run once for the batch (`Retriever.search_many`); each request gets its own result, or its
-own error. A sketch is normalised on the decoding thread first (`Retriever.normalized`), beside
-the model thread's batch. At most `max_concurrent` searches are admitted (computing or queued for the model); one
+own error. At most `max_concurrent` searches are admitted (computing or queued for the model); one
 that finds every slot taken waits up to `busy_wait_s` for a slot, then gets 503 with Retry-After.
 
 Memory: uploads and archive images are decoded a bounded number at a time
@@ -358,7 +357,7 @@ def create_app(retriever: Retriever | Callable[[], Retriever], token: str | None
     if max_upload_bytes < 1 or max_concurrent < 1 or busy_wait_s < 0:
         raise InputError("max_upload_bytes and max_concurrent must be positive, busy_wait_s not negative")
     models = models or model_thread()
-    # anything with Retriever's search_many, normalized, workspace, models
+    # anything with Retriever's search_many, workspace, models
     retriever = models.submit(retriever).result() if callable(retriever) else retriever
     batcher = SearchBatcher(lambda items: _searched_with_meta(retriever, items), models, batch_wait_ms / 1000, max_batch)
     app = FastAPI(title="sketch2medi", docs_url=None, redoc_url=None, openapi_url=None)
@@ -368,7 +367,7 @@ def create_app(retriever: Retriever | Callable[[], Retriever], token: str | None
     _add_error_handlers(app)
     _add_page_and_info(app, retriever, max_upload_bytes, max_concurrent)
     decoder = decoder_thread()
-    _add_search(app, retriever, batcher, decoder, _Slots(max_concurrent), max_upload_bytes, busy_wait_s, audit_log, token or None)
+    _add_search(app, batcher, decoder, _Slots(max_concurrent), max_upload_bytes, busy_wait_s, audit_log, token or None)
     _add_images(app, retriever, decoder)
     return app
 
@@ -420,7 +419,7 @@ def _add_page_and_info(app: FastAPI, retriever: Retriever, max_upload_bytes: int
                 "limits": {"k": MAX_K, "candidates": MAX_CANDIDATES, "steps": MAX_STEPS}}
 
 
-def _add_search(app: FastAPI, retriever: Retriever, batcher: SearchBatcher, decoder: ThreadPoolExecutor, slots: _Slots,
+def _add_search(app: FastAPI, batcher: SearchBatcher, decoder: ThreadPoolExecutor, slots: _Slots,
                 max_upload_bytes: int, busy_wait_s: float, audit_log: AuditLog | None, token: str | None) -> None:
     @app.post("/api/search")
     async def search(request: Request,
@@ -454,8 +453,6 @@ def _add_search(app: FastAPI, retriever: Retriever, batcher: SearchBatcher, deco
             del data
         query = SearchRequest(uploads.get("sketch"), k=k, candidates=candidates, rerank=rerank, lam=lam, steps=steps,
                               image=uploads.get("image"), like=like, unlike=unlike, where=search_filter, labelled=labelled)
-        # Normalising needs no network: on the decoding thread it overlaps the model thread's batch.
-        query = await asyncio.wrap_future(decoder.submit(released, retriever.normalized, query))
         if not await slots.take(busy_wait_s):
             raise _ApiError(503, f"busy: {slots.n} searches are running or queued; try again shortly", {"Retry-After": "1"})
         try:

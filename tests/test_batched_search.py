@@ -126,7 +126,6 @@ class Batches:
 
     def __init__(self, inner: Retriever):
         self.inner, self.workspace, self.models, self.sizes = inner, inner.workspace, inner.models, []
-        self.normalized = inner.normalized
 
     def search_many(self, requests):
         self.sizes.append(len(requests))
@@ -152,10 +151,10 @@ def test_concurrent_requests_are_searched_in_one_batch_each_getting_its_own_answ
         (labelled_png(drawn(indexed, 11), 2), {"k": 3, "labelled": "true"}, 200),
         (c, {"k": 3, "steps": 0, "group": "none"}, 200),
         (a, {"k": 3, "like": [10**9]}, 400),  # unknown id: fails in the batch, alone
-        (png(np.full((64, 64), 255, np.uint8)), {"k": 3}, 400),  # a blank drawing: refused while normalising, before the batch
-        (labelled_png(drawn(indexed, 3), 7), {"k": 3, "labelled": "true"}, 400),  # a class the bundle lacks: likewise
+        (png(np.full((64, 64), 255, np.uint8)), {"k": 3}, 400),  # a blank drawing: likewise
+        (labelled_png(drawn(indexed, 3), 7), {"k": 3, "labelled": "true"}, 400),  # a class the bundle lacks
     ]
-    batched = len(requests) - 2
+    batched = len(requests)
     watched = Batches(retriever)
     answers: list = [None] * (len(requests) + 1)
     with TestClient(create_app(watched, batch_wait_ms=30_000, max_batch=batched), base_url=LOCAL) as client:

@@ -209,7 +209,7 @@ class BlockingRetriever:
     """A retriever whose searches wait for `release`, to hold the only search slot."""
 
     def __init__(self, inner: Retriever):
-        self.inner, self.workspace, self.models, self.normalized = inner, inner.workspace, inner.models, inner.normalized
+        self.inner, self.workspace, self.models = inner, inner.workspace, inner.models
         self.entered, self.release = threading.Event(), threading.Event()
 
     def search_many(self, requests):
@@ -275,7 +275,7 @@ def test_the_networks_load_and_run_on_one_thread(retriever, sketch):
     class Watched:
         def __init__(self):
             threads.append(threading.get_ident())
-            self.workspace, self.models, self.normalized = retriever.workspace, retriever.models, retriever.normalized
+            self.workspace, self.models = retriever.workspace, retriever.models
 
         def search_many(self, requests):
             threads.append(threading.get_ident())
