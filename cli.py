@@ -285,7 +285,7 @@ def index(
         return
     from rich.console import Console
 
-    progress = progress_bar() if Console().is_terminal else ProgressLines()  # started once the workspace is open and checked
+    progress = progress_bar("files") if Console().is_terminal else ProgressLines()  # started once the workspace is open and checked
     task = None
 
     def on_start(total: int) -> None:
@@ -399,7 +399,10 @@ def serve(
     db_url: str = typer.Option(None, "--db-url", "--db", help=DB_HELP),
     token_env: str = typer.Option(None, "--token-env", metavar="VARIABLE",
                                   help="The environment variable holding the access token every request must carry (default: SKETCH2MEDI_TOKEN)."),
-    max_concurrent: int = typer.Option(32, "--max-concurrent", min=1, help="Searches admitted at once (one computes, the rest queue); more get 503."),
+    max_concurrent: int = typer.Option(32, "--max-concurrent", min=1, help="Searches admitted at once (one batch computes, the rest queue); more get 503."),
+    batch_wait_ms: float = typer.Option(10.0, "--batch-wait-ms", min=0, max=1000, callback=finite,
+                                        help="How long an idle model waits for more searches to run in one batch with the first (0: no wait)."),
+    max_batch: int = typer.Option(16, "--max-batch", min=1, max=256, help="Searches computed together in one batch at most (1: one at a time)."),
     device: str = typer.Option("cpu", "--device", help="cpu (default) | auto | cuda | cuda:N"),
     threads: int = typer.Option(0, "--threads", min=0, help="CPU threads for torch (0 = torch's default)."),
     allowed_hosts: str = typer.Option(None, "--allowed-hosts",
@@ -417,7 +420,7 @@ def serve(
     check_bind(host, token)  # before loading any network
     set_threads(threads)
     run_server(workspace, host, port, bundle, db_url, token, device, max_concurrent,
-               allowed_hosts.split(",") if allowed_hosts is not None else None, audit_log)
+               allowed_hosts.split(",") if allowed_hosts is not None else None, audit_log, batch_wait_ms, max_batch)
 
 
 @app.command()

@@ -5,7 +5,7 @@ each client is instead a bad upload (oversized, truncated PNG, not an image) tha
 and must not disturb the others. Reports throughput, p50/p95 latency of the searches, failures,
 and the server's resident memory at start and end.
 
-    python bench/load_server.py --workspace WS [--bundle B] --clients 20 --seconds 60
+    python bench/load_server.py --workspace WS [--bundle B] --clients 20 --seconds 60 [--batch-wait-ms 10 --max-batch 16]
     python bench/load_server.py --url http://127.0.0.1:8000 --server-pid PID   # a server already running
 
 Only 127.0.0.1 / localhost is accepted as a target, and count and time are capped.
@@ -88,6 +88,10 @@ def start_server(args) -> tuple[str, subprocess.Popen]:
                "--workspace", str(args.workspace), "--threads", str(args.threads), "--max-concurrent", str(args.max_concurrent)]
     if args.bundle:
         command += ["--bundle", str(args.bundle)]
+    if args.batch_wait_ms is not None:
+        command += ["--batch-wait-ms", str(args.batch_wait_ms)]
+    if args.max_batch is not None:
+        command += ["--max-batch", str(args.max_batch)]
     env = {k: v for k, v in os.environ.items() if k != "SKETCH2MEDI_TOKEN"}
     server = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
@@ -180,6 +184,8 @@ def main() -> None:
     parser.add_argument("-k", type=int, default=10, help="Results per search.")
     parser.add_argument("--threads", type=int, default=1, help="With --workspace: torch threads of the server.")
     parser.add_argument("--max-concurrent", type=int, default=4, help="With --workspace: the server's search slots.")
+    parser.add_argument("--batch-wait-ms", type=float, help="With --workspace: the server's batch wait (default: serve's).")
+    parser.add_argument("--max-batch", type=int, help="With --workspace: the server's largest batch (default: serve's).")
     parser.add_argument("--json", action="store_true", help="Print the report as JSON.")
     args = parser.parse_args()
     if not 1 <= args.clients <= MAX_CLIENTS or not 0 < args.seconds <= MAX_SECONDS:

@@ -13,7 +13,8 @@ candidates hold that many.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,7 @@ from generation.errors import InputError
 from indexing.catalog import FileMeta, ImageRecord
 from indexing.workspace import Workspace
 from retrieval.rerank import dice_score
-from retrieval.search import Hit, Retriever, SearchResult
+from retrieval.search import Hit, Retriever, SearchRequest, SearchResult
 
 GROUPINGS = ("patient", "study", "series", "none")
 # Chosen on vocalfolds256 `val` and `train` (`python -m retrieval.near_duplicates`): of the pairs of
@@ -113,11 +114,38 @@ def grouped_search(retriever: Retriever, sketch: str | Path | Image.Image | np.n
     """`retriever.search`, and its top k groups (`group`: patient, study or series; None: study
     where studies are known; 'none', or None without studies: no groups). The flat results are
     those of the same search without grouping."""
-    if group is not None and group not in GROUPINGS:
-        raise InputError(f"--group {group!r}: use one of {', '.join(GROUPINGS)}")
+    [outcome] = grouped_search_many(retriever, [(SearchRequest(sketch, k=k, candidates=candidates, **options), group)])
+    if isinstance(outcome, Exception):
+        raise outcome
+    return outcome
+
+
+def grouped_search_many(retriever: Retriever, requests: Sequence[tuple[SearchRequest, str | None]]
+                        ) -> list[tuple[SearchResult, list[Group] | None] | Exception]:
+    """`grouped_search` of each (request, group) pair, searched together (`Retriever.search_many`);
+    a request's error (a bad group too) is its outcome and leaves the others alone."""
+    outcomes: list = [None] * len(requests)
+    searched = []  # (number, request as searched, group)
+    for number, (request, group) in enumerate(requests):
+        if group is not None and group not in GROUPINGS:
+            outcomes[number] = InputError(f"--group {group!r}: use one of {', '.join(GROUPINGS)}")
+        elif group == "none":
+            searched.append((number, request, group))
+        else:  # every candidate ranked, for the groups to be formed from
+            searched.append((number, replace(request, k=max(request.k, request.candidates)), group))
+    results = retriever.search_many([request for _, request, _ in searched]) if searched else []
+    for (number, _, group), result in zip(searched, results):
+        try:
+            outcomes[number] = result if isinstance(result, Exception) else _grouped(retriever, result, requests[number][0].k, group)
+        except Exception as error:  # one request's fault is its own outcome
+            outcomes[number] = error
+    return outcomes
+
+
+def _grouped(retriever: Retriever, result: SearchResult, k: int, group: str | None) -> tuple[SearchResult, list[Group] | None]:
+    """A search of every candidate -> its top k hits and top k groups."""
     if group == "none":
-        return retriever.search(sketch, k=k, candidates=candidates, **options), None
-    result = retriever.search(sketch, k=max(k, candidates), candidates=candidates, **options)  # every candidate, ranked
+        return result, None
     by = group or default_grouping(retriever.workspace.records_for([hit.id for hit in result.results]))
     groups = group_hits(retriever.workspace, result.results, by, k) if by != "none" else None
     result.results = result.results[:k]

@@ -12,8 +12,8 @@ the hits' match quality (with a bundle's calibration) is in `retrieval.quality`.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -102,6 +102,70 @@ class SearchResult:
                 "no_close_match": self.no_close_match, "quality_threshold": self.quality_threshold}
 
 
+@dataclass(frozen=True)
+class SearchRequest:
+    """One search's inputs, as `Retriever.search` takes them (see there); `Retriever.search_many`
+    runs a list of them together."""
+
+    sketch: str | Path | Image.Image | np.ndarray | LabelledSketch | NormalizedSketch | None = None
+    k: int = 10
+    candidates: int = DEFAULT_CANDIDATES
+    rerank: bool = True
+    lam: float = DEFAULT_LAMBDA
+    steps: int | None = None
+    image: str | Path | Image.Image | np.ndarray | None = None
+    like: Iterable[int] = ()
+    unlike: Iterable[int] = ()
+    where: str | SearchFilter | None = None
+    feedback: Rocchio = Rocchio()
+    alignment: Alignment | None = Alignment()
+    labelled: bool = False
+    label_weights: LabelWeights = LabelWeights()
+
+
+@dataclass(frozen=True)
+class NormalizedSketch:
+    """A request's sketch already normalised for the bundle (`Retriever.normalized`), so that the
+    search does not normalise it again."""
+
+    sketch: np.ndarray | LabelledSketch  # canonical uint8 (R, R), or a labelled sketch's strokes and classes
+    normalize_ms: float  # what normalising it took: the search's "normalize" stage
+
+
+class _Stopwatch:
+    """Milliseconds per stage, each from the previous lap (or restart) to this one."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.timings, self.clock = device, {}, time.perf_counter()
+
+    def restart(self) -> None:
+        self.clock = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        self.timings[stage] = round((now - self.clock) * 1000, 3)
+        self.clock = now
+
+
+@dataclass
+class _Plan:
+    """A request on its way through `Retriever.search_many`: checked, its sketch normalised or its image read."""
+
+    number: int  # its place in the requests
+    request: SearchRequest
+    like: tuple[int, ...]
+    unlike: tuple[int, ...]
+    search_filter: SearchFilter | None
+    watch: _Stopwatch
+    liked: np.ndarray  # float32 (len(like), D) stored vectors
+    disliked: np.ndarray
+    canonical: np.ndarray | None = None  # the normalised sketch, uint8 (R, R)
+    decoded: LabelledSketch | None = None  # a labelled sketch's strokes and classes
+    pixels: np.ndarray | None = None  # the query image, uint8 (H, W, 3)
+
+
 def load_query_image(image: str | Path | Image.Image | np.ndarray) -> np.ndarray:
     """A query image (any file `index` reads, PIL image or array) -> uint8 RGB (H, W, 3)."""
     if isinstance(image, (str, Path)):
@@ -178,7 +242,6 @@ class Retriever:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    @torch.no_grad()
     def search(self, sketch: str | Path | Image.Image | np.ndarray | None = None, k: int = 10, candidates: int = DEFAULT_CANDIDATES,
                rerank: bool = True, lam: float = DEFAULT_LAMBDA, steps: int | None = None, *,
                image: str | Path | Image.Image | np.ndarray | None = None, like: Iterable[int] = (), unlike: Iterable[int] = (),
@@ -198,53 +261,169 @@ class Retriever:
             `LabelledSketch`) and re-score the candidates per class drawn (`retrieval.labelled`,
             weighted by `label_weights`; with re-ranking only).
         """
-        if k < 1 or candidates < 1:
+        [outcome] = self.search_many([SearchRequest(sketch, k, candidates, rerank, lam, steps, image=image, like=like, unlike=unlike,
+                                                    where=where, feedback=feedback, alignment=alignment, labelled=labelled,
+                                                    label_weights=label_weights)])
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    @torch.no_grad()
+    def search_many(self, requests: Sequence[SearchRequest]) -> list[SearchResult | Exception]:
+        """Each request's result, as `search` returns it alone, or the error that stopped it (a bad
+        sketch, an unknown id: an InputError) without stopping the others. The networks run once
+        for all of them: E, G and H on the sketches with the same number of refinement steps, C on
+        their images, S on those re-ranked, and the query images through the archive's networks
+        together; the vector search and re-ranking are per request. The hits are those of each
+        search alone; scores may differ in the last float32 digits (a batch's convolutions sum in
+        another order). A network stage's time in `timings_ms` is that of the whole batch."""
+        outcomes: list[SearchResult | Exception | None] = [None] * len(requests)
+        plans: list[_Plan] = []
+        for n, request in enumerate(requests):
+            try:
+                plans.append(self._plan(n, request))
+            except Exception as error:  # one request's fault is its own outcome
+                outcomes[n] = error
+        for plan, query in zip(plans, self._queries_or_each(plans)):
+            try:
+                outcomes[plan.number] = query if isinstance(query, Exception) else self._ranked(plan, query)
+            except Exception as error:
+                outcomes[plan.number] = error
+        return outcomes
+
+    def _plan(self, number: int, request: SearchRequest) -> _Plan:
+        """A request checked, its ids' stored vectors read and its sketch normalised (or image read)."""
+        r, m = request, self.models
+        if r.k < 1 or r.candidates < 1:
             raise InputError("k and candidates must be positive")
-        if not 0 <= lam <= 1:
-            raise InputError(f"lambda {lam}: must be between 0 and 1")
-        like, unlike = _image_ids(like), _image_ids(unlike)
-        if sketch is not None and image is not None:
+        if not 0 <= r.lam <= 1:
+            raise InputError(f"lambda {r.lam}: must be between 0 and 1")
+        like, unlike = _image_ids(r.like), _image_ids(r.unlike)
+        if r.sketch is not None and r.image is not None:
             raise InputError("give a sketch or an image to search by, not both")
-        if sketch is None and image is None and not like:
+        if r.sketch is None and r.image is None and not like:
             raise InputError("nothing to search by: give a sketch, an image, or the id of an archive image to find more like")
         if set(like) & set(unlike):
             raise InputError(f"image {sorted(set(like) & set(unlike))[0]} is both liked and disliked; keep it in one of the two")
-        search_filter = SearchFilter.parse(where) if isinstance(where, str) else where
+        search_filter = SearchFilter.parse(r.where) if isinstance(r.where, str) else r.where
+        watch = _Stopwatch(m.device)
+        stored = self._stored_vectors(like + unlike)
+        liked, disliked = (np.array([stored[i] for i in ids], np.float32).reshape(len(ids), self.workspace.dim) for ids in (like, unlike))
+        plan = _Plan(number, r, like, unlike, search_filter, watch, liked, disliked)
+        if r.sketch is not None:
+            normalized = self.normalized(r).sketch
+            if isinstance(normalized.sketch, LabelledSketch):
+                plan.decoded, plan.canonical = normalized.sketch, normalized.sketch.sketch
+            else:
+                plan.canonical = normalized.sketch
+            watch.timings["normalize"] = normalized.normalize_ms
+            watch.restart()
+        elif r.image is not None:
+            plan.pixels = load_query_image(r.image)
+            watch.lap("embed")  # reading the image counts to its embedding, as in the timings of one search
+        return plan
+
+    def normalized(self, request: SearchRequest) -> SearchRequest:
+        """The request with its sketch normalised for the bundle (a `NormalizedSketch`; labelled:
+        decoded by class). Needs no network, so it may run on any thread (the server does it on its
+        decoding thread, beside the model thread); a bad sketch is a one-line InputError."""
+        if request.sketch is None or isinstance(request.sketch, NormalizedSketch):
+            return request
+        start, m = time.perf_counter(), self.models
+        if request.labelled or isinstance(request.sketch, LabelledSketch):
+            sketch = load_labelled_sketch(request.sketch, m.resolution, m.S.config.num_classes)
+        else:
+            sketch = load_sketch(request.sketch, m.resolution)
+        return replace(request, sketch=NormalizedSketch(sketch, round((time.perf_counter() - start) * 1000, 3)))
+
+    def _queries_or_each(self, plans: list[_Plan]) -> list[_Query | Exception]:
+        """`_queries` of the plans together; should the batch fail, of each alone, so that one
+        request's failure stays its own."""
+        try:
+            return self._queries(plans)
+        except Exception as error:
+            if len(plans) == 1:
+                return [error]
+            return [self._queries_or_each([plan])[0] for plan in plans]
+
+    def _queries(self, plans: list[_Plan]) -> list[_Query]:
+        """Each plan's query vector (1, D), the masks its candidates are re-ranked against and what
+        to show of it; the networks run once per kind of query (see `search_many`)."""
         m = self.models
-        timings: dict[str, float] = {}
-        clock = time.perf_counter()
+        sketches: dict[int, list[int]] = {}  # refinement steps -> the sketch queries (indices into plans)
+        images = [n for n, plan in enumerate(plans) if plan.pixels is not None]
+        for n, plan in enumerate(plans):
+            if plan.canonical is not None:
+                steps = plan.request.steps
+                sketches.setdefault(m.sketch2medi.default_steps if steps is None else steps, []).append(n)
+        vectors: dict[int, np.ndarray] = {}
+        labels: dict[int, np.ndarray] = {}
+        shown: dict[int, np.ndarray] = {}
+        canonical: dict[int, np.ndarray] = {}
+        for steps, members in sketches.items():
+            watch = _Stopwatch(m.device)
+            batch = np.stack([plans[n].canonical for n in members])
+            generation = m.sketch2medi.generate(batch, steps, batch_size=len(members), on_stage=watch.lap)
+            pixels = generation.images.to(m.device)
+            fused = fuse_vectors(sketch_field(batch), generation.w.to(m.device) - m.code_mean, m.C.embed(pixels), self.embedder.recipe)
+            watch.lap("C")
+            pictures = tensor_to_images(pixels)
+            reranked = [i for i, n in enumerate(members) if plans[n].request.rerank]
+            predicted = dict(zip(reranked, m.S.predict_label_map([pictures[i] for i in reranked])
+                                 if reranked else []))
+            watch.lap("S")
+            for i, n in enumerate(members):
+                plans[n].watch.timings.update(watch.timings)
+                vectors[n], shown[n], canonical[n] = fused[i : i + 1], pictures[i], batch[i]
+                labels[n] = predicted[i] if i in predicted else np.zeros(pictures[i].shape[:2], np.uint8)
+        if images:  # query by example: the vector an archive image gets (its synthesized sketch, E's code, C's embedding)
+            watch = _Stopwatch(m.device)
+            parts = archive_parts(m, [plans[n].pixels for n in images])
+            fused = fuse_vectors(parts.fields, parts.codes - m.code_mean.cpu(), parts.embeddings, self.embedder.recipe)
+            watch.lap("embed")
+            for i, n in enumerate(images):
+                timings = plans[n].watch.timings
+                timings["embed"] = round(timings.get("embed", 0.0) + watch.timings["embed"], 3)
+                vectors[n], labels[n], canonical[n] = fused[i : i + 1], parts.labels[i], parts.sketches[i]
+                shown[n] = square_resize(plans[n].pixels, m.resolution)
+        queries = []
+        for n, plan in enumerate(plans):
+            if n not in vectors:  # more like the liked archive images: their stored vectors and masks
+                masks = self.workspace.masks_for(plan.like[:1])[plan.like[0]]
+                queries.append(_Query(plan.request.feedback.move(None, plan.liked, plan.disliked)[None], masks, None, None))
+                continue
+            vector = vectors[n]
+            if plan.like or plan.unlike:
+                vector = plan.request.feedback.move(vector[0], plan.liked, plan.disliked)[None]
+            queries.append(_Query(vector, labels[n], canonical[n], shown[n], plan.decoded))
+        return queries
 
-        def lap(stage: str) -> None:
-            nonlocal clock
-            if m.device.type == "cuda":
-                torch.cuda.synchronize()
-            now = time.perf_counter()
-            timings[stage] = round((now - clock) * 1000, 3)
-            clock = now
-
-        labelled = labelled or isinstance(sketch, LabelledSketch)
-        query = self._query(sketch, image, like, unlike, steps, rerank, feedback, lap, labelled)
+    def _ranked(self, plan: _Plan, query: _Query) -> SearchResult:
+        """A query's FAISS candidates, re-ranked, as the request's result."""
+        r, watch, search_filter = plan.request, plan.watch, plan.search_filter
+        watch.restart()
         allowed = self.workspace.catalog.ids_matching(search_filter) if search_filter is not None else None
         available = self.workspace.index.ntotal if allowed is None else len(allowed)
         found = []
         if available:
-            scores, ids = self.workspace.index.search(query.vector, min(max(candidates, k), available), allowed)
+            scores, ids = self.workspace.index.search(query.vector, min(max(r.candidates, r.k), available), allowed)
             found = [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0]
-        lap("faiss")
-        ranked = self._reranked(found, query, lam, alignment) if rerank else [Candidate(s, s, None, i) for i, s in found]
-        if rerank and query.labelled is not None and query.labelled.drawn:
-            ranked = self._class_matched(ranked, query, label_weights)
-        lap("rerank")
-        records = self.workspace.records_for([c.image_id for c in ranked[:k]])
+        watch.lap("faiss")
+        ranked = self._reranked(found, query, r.lam, r.alignment) if r.rerank else [Candidate(s, s, None, i) for i, s in found]
+        if r.rerank and query.labelled is not None and query.labelled.drawn:
+            ranked = self._class_matched(ranked, query, r.label_weights)
+        watch.lap("rerank")
+        records = self.workspace.records_for([c.image_id for c in ranked[: r.k]])
         hits = [Hit(rank, c.image_id, records[c.image_id].path, records[c.image_id].frame, round(c.score, 6),
                     round(c.similarity, 6), None if c.dice is None else round(c.dice, 3),
                     None if c.aligned_chamfer is None else round(c.aligned_chamfer, 3),
                     None if c.class_match is None else round(c.class_match, 6))
-                for rank, c in enumerate((c for c in ranked if c.image_id in records), start=1)][:k]
+                for rank, c in enumerate((c for c in ranked if c.image_id in records), start=1)][: r.k]
         no_close_match = self._rate_quality(query.vector[0], hits, {c.image_id: c.dice for c in ranked})
+        timings = watch.timings
         timings["total"] = round(sum(timings.values()), 3)
         return SearchResult(hits, timings, query.sketch, query.image, query.labels, search_filter.text if search_filter else None,
-                            None if allowed is None else len(allowed), like, unlike,
+                            None if allowed is None else len(allowed), plan.like, plan.unlike,
                             tuple(query.labelled.drawn) if query.labelled is not None else (), no_close_match,
                             None if self.calibration is None else self.calibration.threshold)
 
@@ -264,41 +443,6 @@ class Retriever:
         for hit, value in zip(hits, quality):
             hit.quality = round(float(value), 4)
         return bool(quality[0] < self.calibration.threshold)
-
-    def _query(self, sketch, image, like: tuple[int, ...], unlike: tuple[int, ...], steps: int | None, rerank: bool,
-               feedback: Rocchio, lap: Callable[[str], None], labelled: bool = False) -> _Query:
-        """The query's vector (1, D), its masks for the re-ranking and what to show of it."""
-        m = self.models
-        stored = self._stored_vectors(like + unlike)
-        liked, disliked = (np.array([stored[i] for i in ids], np.float32).reshape(len(ids), self.workspace.dim) for ids in (like, unlike))
-        if sketch is None and image is None:  # more like the liked archive images: their stored vectors and masks
-            labels = self.workspace.masks_for(like[:1])[like[0]]
-            return _Query(feedback.move(None, liked, disliked)[None], labels, None, None)
-        decoded = None
-        if sketch is not None:
-            if labelled:
-                decoded = load_labelled_sketch(sketch, m.resolution, m.S.config.num_classes)
-                canonical = decoded.sketch
-            else:
-                canonical = load_sketch(sketch, m.resolution)
-            lap("normalize")
-            generation = m.sketch2medi.generate(canonical, steps, on_stage=lap)
-            pixels = generation.images.to(m.device)
-            vector = fuse_vectors(sketch_field(canonical[None]), generation.w.to(m.device) - m.code_mean, m.C.embed(pixels),
-                                  self.embedder.recipe)
-            lap("C")
-            shown = tensor_to_images(pixels)[0]
-            labels = m.S.predict_label_map([shown])[0] if rerank else np.zeros(shown.shape[:2], np.uint8)
-            lap("S")
-        else:  # query by example: the vector an archive image gets (its synthesized sketch, E's code, C's embedding)
-            pixels = load_query_image(image)
-            parts = archive_parts(m, [pixels])
-            vector = fuse_vectors(parts.fields, parts.codes - m.code_mean.cpu(), parts.embeddings, self.embedder.recipe)
-            canonical, labels, shown = parts.sketches[0], parts.labels[0], square_resize(pixels, m.resolution)
-            lap("embed")
-        if like or unlike:
-            vector = feedback.move(vector[0], liked, disliked)[None]
-        return _Query(vector, labels, canonical, shown, decoded)
 
     def _stored_vectors(self, ids: tuple[int, ...]) -> dict[int, np.ndarray]:
         """The archive vectors of these catalog ids; an unknown id is a one-line InputError."""

@@ -25,9 +25,12 @@ the `sketch2medi_token` cookie (the page), or `?token=T` (e.g. <img> URLs elsewh
 leaves the address bar.
 
 Concurrency: the models are shared, and torch modules are not safe to run from several threads at
-once, so searches run one at a time in a worker thread under a lock. At most `max_concurrent`
-searches are admitted (one computing, the others queued for the model); one that finds every slot
-taken waits up to `busy_wait_s` for a slot, then gets 503 with Retry-After.
+once, so searches run on one model thread. It computes them in batches (`SearchBatcher`): a search
+that arrives while the thread is idle waits up to `batch_wait_ms` for others to join it, searches
+that arrived while it was busy go together at once, at most `max_batch` in one batch, and E, G, H,
+C and S run once for the batch (`Retriever.search_many`); each request gets its own result, or its
+own error. At most `max_concurrent` searches are admitted (computing or queued for the model); one
+that finds every slot taken waits up to `busy_wait_s` for a slot, then gets 503 with Retry-After.
 
 Memory: uploads and archive images are decoded a bounded number at a time
 (`retrieval.pictures.decoder_thread`), at a reduced scale where the format allows, and downscaled as
@@ -46,11 +49,12 @@ import os
 import re
 import threading
 import time
+from collections import deque
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import anyio
 from fastapi import FastAPI, File, Form, UploadFile
@@ -69,7 +73,7 @@ from indexing.catalog import FileMeta
 from indexing.filters import SearchFilter
 from retrieval.audit import AuditLog
 from retrieval.defaults import DEFAULT_LAMBDA
-from retrieval.grouping import GROUPINGS, Group, grouped_search
+from retrieval.grouping import GROUPINGS, Group, grouped_search_many
 from retrieval.pictures import (
     PALETTE,
     PictureCache,
@@ -82,7 +86,7 @@ from retrieval.pictures import (
     released,
     shown_pngs,
 )
-from retrieval.search import Hit, Retriever, SearchResult
+from retrieval.search import Hit, Retriever, SearchRequest
 
 ENV_TOKEN = "SKETCH2MEDI_TOKEN"
 COOKIE = "sketch2medi_token"
@@ -92,6 +96,7 @@ FORM_OVERHEAD = 64 * 1024  # multipart boundaries and the small form fields arou
 IMAGE_SIDE, THUMBNAIL_SIDE = 1024, 192
 MAX_K, MAX_CANDIDATES, MAX_STEPS = 100, 10_000, 10
 MAX_IMAGE_ID = 2**63 - 1  # catalog ids are int64
+BATCH_WAIT_MS, MAX_BATCH = 10.0, 16  # `serve --batch-wait-ms`, `--max-batch` (docs/BENCHMARKS.md: the throughput they bring)
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
 SECURITY_HEADERS = [  # the page loads nothing from elsewhere; the token must not leak in a Referer
     (b"content-security-policy", b"default-src 'self'; img-src 'self' data: blob:; object-src 'none'; frame-ancestors 'none'"),
@@ -271,9 +276,67 @@ class _Slots:
             self.used -= 1
 
 
+class SearchBatcher:
+    """Gathers the searches submitted from any thread into batches run on the model thread.
+
+    `run(items)` gets a list of submitted items and returns one outcome per item (a result, or an
+    Exception for that item alone). When the first item of a batch is submitted while the model
+    thread is idle, the thread waits up to `wait_s` for more (at most `max_batch`); items submitted
+    while it computes form the next batch, which starts as soon as the thread is free."""
+
+    def __init__(self, run: Callable[[list], list], models: ThreadPoolExecutor, wait_s: float = BATCH_WAIT_MS / 1000,
+                 max_batch: int = MAX_BATCH):
+        if wait_s < 0 or max_batch < 1:
+            raise InputError(f"batch wait {wait_s * 1000:g} ms and max batch {max_batch}: the wait must not be negative, the batch positive")
+        self.run, self.models, self.wait_s, self.max_batch = run, models, wait_s, max_batch
+        self._pending: deque[tuple[float, Any, Future]] = deque()
+        self._changed = threading.Condition()
+        self._draining = False  # a drain is queued or running on the model thread
+
+    def submit(self, item: Any) -> Future:
+        """A future of the item's outcome (an Exception outcome is set as the future's exception)."""
+        future: Future = Future()
+        with self._changed:
+            self._pending.append((time.monotonic(), item, future))
+            self._changed.notify()
+            if not self._draining:
+                self._draining = True
+                self.models.submit(self._drain)
+        return future
+
+    def _next_batch(self) -> list[tuple[float, Any, Future]]:
+        with self._changed:
+            if self._pending:
+                deadline = self._pending[0][0] + self.wait_s
+                while len(self._pending) < self.max_batch and (left := deadline - time.monotonic()) > 0:
+                    self._changed.wait(left)
+            batch = [self._pending.popleft() for _ in range(min(len(self._pending), self.max_batch))]
+            if not batch:
+                self._draining = False
+            return batch
+
+    def _drain(self) -> None:
+        """On the model thread: batch after batch until none is pending."""
+        while batch := self._next_batch():
+            batch = [entry for entry in batch if entry[2].set_running_or_notify_cancel()]  # a cancelled request is not computed
+            if not batch:
+                continue
+            try:
+                outcomes = self.run([item for _, item, _ in batch])
+                assert len(outcomes) == len(batch), (len(outcomes), len(batch))
+            except Exception as error:  # a bug in the batch path: every request of the batch reports it
+                logging.getLogger(__name__).exception("search batch failed")
+                outcomes = [error] * len(batch)
+            for (_, _, future), outcome in zip(batch, outcomes):
+                if isinstance(outcome, Exception):
+                    future.set_exception(outcome)
+                else:
+                    future.set_result(outcome)
+
+
 def model_thread() -> ThreadPoolExecutor:
-    """The one thread that runs the networks. It computes one search at a time (the models are not
-    thread-safe), and keeping torch on a single thread matters for speed: every thread that runs
+    """The one thread that runs the networks. It computes one batch of searches at a time (the models
+    are not thread-safe), and keeping torch on a single thread matters for speed: every thread that runs
     parallel torch ops gets its own OpenMP team, and with two teams on a 2-core machine libgomp stops
     spin-waiting, which made each network stage 1.5-2x slower (docs/BENCHMARKS.md)."""
     return ThreadPoolExecutor(max_workers=1, thread_name_prefix="sketch2medi-models")
@@ -282,17 +345,21 @@ def model_thread() -> ThreadPoolExecutor:
 def create_app(retriever: Retriever | Callable[[], Retriever], token: str | None = None,
                max_upload_bytes: int = MAX_UPLOAD_BYTES, max_concurrent: int = 32, busy_wait_s: float = 10.0,
                models: ThreadPoolExecutor | None = None, host: str | None = None,
-               allowed_hosts: Iterable[str] | None = None, audit_log: AuditLog | None = None) -> FastAPI:
+               allowed_hosts: Iterable[str] | None = None, audit_log: AuditLog | None = None,
+               batch_wait_ms: float = BATCH_WAIT_MS, max_batch: int = MAX_BATCH) -> FastAPI:
     """The web application over one retriever (or a factory, called once on the model thread). It
     does not close the retriever: the caller owns it. `models` is the thread searches run on (see
     `model_thread`; one is made if not given): pass the one the retriever was loaded on. `host` is
     the address served on, `allowed_hosts` the Host header names to answer (see the module docstring).
-    With `audit_log`, every search is recorded there (`retrieval.audit`)."""
+    With `audit_log`, every search is recorded there (`retrieval.audit`). `batch_wait_ms` and
+    `max_batch`: how long an idle model thread waits for more searches to batch with the first, and
+    the most in one batch (`SearchBatcher`; 0 and 1 search one at a time)."""
     if max_upload_bytes < 1 or max_concurrent < 1 or busy_wait_s < 0:
         raise InputError("max_upload_bytes and max_concurrent must be positive, busy_wait_s not negative")
     models = models or model_thread()
-    # anything with Retriever's search, workspace, models
+    # anything with Retriever's search_many, workspace, models
     retriever = models.submit(retriever).result() if callable(retriever) else retriever
+    batcher = SearchBatcher(lambda items: _searched_with_meta(retriever, items), models, batch_wait_ms / 1000, max_batch)
     app = FastAPI(title="sketch2medi", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(_Guard, token=token or None, max_body=max_upload_bytes + FORM_OVERHEAD,
                        hosts=allowed_host_names(token, host, allowed_hosts))
@@ -300,7 +367,7 @@ def create_app(retriever: Retriever | Callable[[], Retriever], token: str | None
     _add_error_handlers(app)
     _add_page_and_info(app, retriever, max_upload_bytes, max_concurrent)
     decoder = decoder_thread()
-    _add_search(app, retriever, models, decoder, _Slots(max_concurrent), max_upload_bytes, busy_wait_s, audit_log, token or None)
+    _add_search(app, batcher, decoder, _Slots(max_concurrent), max_upload_bytes, busy_wait_s, audit_log, token or None)
     _add_images(app, retriever, decoder)
     return app
 
@@ -352,7 +419,7 @@ def _add_page_and_info(app: FastAPI, retriever: Retriever, max_upload_bytes: int
                 "limits": {"k": MAX_K, "candidates": MAX_CANDIDATES, "steps": MAX_STEPS}}
 
 
-def _add_search(app: FastAPI, retriever: Retriever, models: ThreadPoolExecutor, decoder: ThreadPoolExecutor, slots: _Slots,
+def _add_search(app: FastAPI, batcher: SearchBatcher, decoder: ThreadPoolExecutor, slots: _Slots,
                 max_upload_bytes: int, busy_wait_s: float, audit_log: AuditLog | None, token: str | None) -> None:
     @app.post("/api/search")
     async def search(request: Request,
@@ -384,13 +451,12 @@ def _add_search(app: FastAPI, retriever: Retriever, models: ThreadPoolExecutor, 
             digests[name] = hashlib.sha256(data).hexdigest()
             uploads[name] = await asyncio.wrap_future(decoder.submit(released, decode_upload, data, name))  # a broken file never takes a slot
             del data
+        query = SearchRequest(uploads.get("sketch"), k=k, candidates=candidates, rerank=rerank, lam=lam, steps=steps,
+                              image=uploads.get("image"), like=like, unlike=unlike, where=search_filter, labelled=labelled)
         if not await slots.take(busy_wait_s):
             raise _ApiError(503, f"busy: {slots.n} searches are running or queued; try again shortly", {"Retry-After": "1"})
         try:
-            result, groups, meta = await asyncio.wrap_future(
-                models.submit(_grouped_with_meta, retriever, uploads.get("sketch"), k=k, group=group, candidates=candidates, rerank=rerank,
-                              lam=lam, steps=steps, image=uploads.get("image"), like=like, unlike=unlike, where=search_filter,
-                              labelled=labelled))
+            result, groups, meta = await asyncio.wrap_future(batcher.submit((query, group)))
         finally:
             slots.release()
         params = {"k": k, "candidates": candidates, "rerank": rerank, "lambda": lam, "steps": steps, "group": group, "labelled": labelled}
@@ -405,11 +471,17 @@ def _add_search(app: FastAPI, retriever: Retriever, models: ThreadPoolExecutor, 
                           "masks": data_url(mask_overlay(result.labels)) if rerank else None}}
 
 
-def _grouped_with_meta(retriever: Retriever, sketch, **options) -> tuple[SearchResult, list[Group] | None, dict[int, FileMeta]]:
-    """`grouped_search`, and the catalog's metadata of its hits (read on the model thread, beside the search)."""
-    result, groups = grouped_search(retriever, sketch, **options)
-    records = retriever.workspace.records_for([hit.id for hit in result.results])
-    return result, groups, {image_id: record.meta for image_id, record in records.items()}
+def _searched_with_meta(retriever: Retriever, items: list[tuple[SearchRequest, str | None]]) -> list:
+    """`grouped_search_many` of (request, group) pairs, each outcome with the catalog's metadata of
+    its hits (read on the model thread, beside the search): (result, groups, meta) or an Exception."""
+    outcomes = []
+    for outcome in grouped_search_many(retriever, items):
+        if not isinstance(outcome, Exception):
+            result, groups = outcome
+            records = retriever.workspace.records_for([hit.id for hit in result.results])
+            outcome = result, groups, {image_id: record.meta for image_id, record in records.items()}
+        outcomes.append(outcome)
+    return outcomes
 
 
 def _hit_json(hit: Hit) -> dict:
@@ -490,7 +562,8 @@ def _add_images(app: FastAPI, retriever: Retriever, decoder: ThreadPoolExecutor)
 
 def serve(workspace: str | Path | None, host: str, port: int, bundle: str | Path | None = None, db_url: str | None = None,
           token: str | None = None, device: str = "cpu", max_concurrent: int = 32,
-          allowed_hosts: Iterable[str] | None = None, audit_log: str | Path | None = None) -> None:
+          allowed_hosts: Iterable[str] | None = None, audit_log: str | Path | None = None,
+          batch_wait_ms: float = BATCH_WAIT_MS, max_batch: int = MAX_BATCH) -> None:
     """`sketch2medi serve`: check the binding, open the workspace (one-line errors), run uvicorn.
     token: the access token every request must carry (`access_token()` reads it from the environment)."""
     import uvicorn
@@ -502,7 +575,7 @@ def serve(workspace: str | Path | None, host: str, port: int, bundle: str | Path
     retriever = models.submit(Retriever, workspace, bundle, db_url, device).result()  # loaded where it will run
     with retriever:
         app = create_app(retriever, token=token, max_concurrent=max_concurrent, models=models, host=host,
-                         allowed_hosts=allowed_hosts, audit_log=audit)
+                         allowed_hosts=allowed_hosts, audit_log=audit, batch_wait_ms=batch_wait_ms, max_batch=max_batch)
         print(f"sketch2medi: {retriever.workspace.index.ntotal} images; open {page_url(host, port)}" + ("?token=..." if token else ""),
               flush=True)
         config = uvicorn.Config(app, host=host, port=port, log_level="info")  # sets up uvicorn's loggers

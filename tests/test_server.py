@@ -212,10 +212,10 @@ class BlockingRetriever:
         self.inner, self.workspace, self.models = inner, inner.workspace, inner.models
         self.entered, self.release = threading.Event(), threading.Event()
 
-    def search(self, *args, **kwargs):
+    def search_many(self, requests):
         self.entered.set()
         assert self.release.wait(60)
-        return self.inner.search(*args, **kwargs)
+        return self.inner.search_many(requests)
 
 
 def test_searches_beyond_the_limit_get_503(retriever, sketch):
@@ -270,15 +270,17 @@ def test_the_networks_load_and_run_on_one_thread(retriever, sketch):
     """Every search runs on the thread the retriever was made on (see `model_thread`: a second
     OpenMP team halves torch's speed on 2 cores), however many requests come at once."""
     threads: list[int] = []
+    searched: list[int] = []  # requests per batch
 
     class Watched:
         def __init__(self):
             threads.append(threading.get_ident())
             self.workspace, self.models = retriever.workspace, retriever.models
 
-        def search(self, sketch, **options):
+        def search_many(self, requests):
             threads.append(threading.get_ident())
-            return retriever.search(sketch, **options)
+            searched.append(len(requests))
+            return retriever.search_many(requests)
 
     with TestClient(create_app(Watched), base_url=LOCAL) as watched:
         workers = [threading.Thread(target=lambda: post(watched, sketch, k=2)) for _ in range(4)]
@@ -286,7 +288,7 @@ def test_the_networks_load_and_run_on_one_thread(retriever, sketch):
             worker.start()
         for worker in workers:
             worker.join()
-    assert len(threads) == 5 and len(set(threads)) == 1 and threads[0] != threading.get_ident()
+    assert sum(searched) == 4 and len(threads) == 1 + len(searched) and len(set(threads)) == 1 and threads[0] != threading.get_ident()
 
 
 def test_without_a_token_only_loopback_host_names_are_answered(retriever):
