@@ -1,6 +1,7 @@
 """Fit and measure a bundle's match-quality calibration (`retrieval.quality`).
 
-Fitting queries, searched as `search` does (fused vector, top candidates re-ranked by DICE) against
+Fitting queries, searched as `search` does (fused vector, top candidates re-ranked by DICE and the
+aligned sketch) against
 an archive of every image of `--data`:
     in domain      the split's images drawn by `evaluate`'s free-hand simulator at strengths 0, 1, 2;
                    each of the top TOP hits labelled by the ground truth: the sketched image, or a
@@ -134,7 +135,7 @@ class HitTable:
 def collect(models: SystemModels, archive: Archive, truth: GroundTruth | None, queries: Queries, name: str,
             options: EvaluationOptions, progress: Callable[[str, int, int], None]) -> HitTable:
     """Search every query as `search` does, in `evaluate`'s order of its `full` method (fused vector,
-    top candidates re-ranked by DICE), and keep the features of its top TOP hits; `truth` labels
+    top candidates re-ranked by DICE and the sketch aligned to their contours), and keep the features of its top TOP hits; `truth` labels
     them (None: out of domain)."""
     sizes, code_mean, classes = vector_part_sizes(models), models.code_mean.cpu(), models.label_classes
     archive_vectors = archive.fused.numpy()
@@ -147,7 +148,8 @@ def collect(models: SystemModels, archive: Archive, truth: GroundTruth | None, q
         labels = models.S.predict_label_map(list(tensor_to_images(images)))
         vectors = fuse_vectors(sketch_field(sketches), result.w.cpu() - code_mean, embeddings, options.recipe)
         for row, vector in enumerate(vectors):
-            hits = rerank_order(archive_vectors @ vector, labels[row], archive.labels, options.candidates, options.lam, classes)[:TOP]
+            hits = rerank_order(archive_vectors @ vector, labels[row], archive.labels, options.candidates, options.lam, classes,
+                                sketches[row], options.alignment)[:TOP]
             dice = np.array([dice_score(labels[row], archive.labels[i], classes) for i in hits])
             features.append(hit_features(vector, archive_vectors[hits], dice, sizes))
             if truth is not None:
