@@ -22,8 +22,6 @@ Bundle layout (out):
 
 from __future__ import annotations
 
-import dataclasses
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Literal
@@ -33,14 +31,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from generation.checkpoints import checkpoint_exists, load_checkpoint, save_checkpoint
-from generation.device import Distributed, init_distributed, pick_device
+from generation.checkpoints import load_checkpoint, save_checkpoint
+from generation.device import Distributed
 from generation.errors import InputError
-from generation.images import image_grid, save_png
+from generation.images import image_grid
 from generation.pix2pix import PatchDiscriminator, Pix2PixConfig, UNetGenerator
-from generation.registry import network_config, save_network
+from generation.registry import network_config
 from generation.sketch import sketch_to_tensor
-from training.loop import StopFlag, TrainResult, append_metrics, assert_same_weights, broadcast_module, optimise
+from training.driver import check_pairs, data_on_device, run_image_training
+from training.loop import TrainResult, assert_same_weights, broadcast_module, optimise
 
 CHECKPOINT = "pix2pix_checkpoint"
 METRICS = "pix2pix_metrics.jsonl"
@@ -110,25 +109,6 @@ class Pix2PixOptions:
         return self.lr * (self.steps - step) / (self.steps - half)
 
 
-def check_pairs(images: np.ndarray, sketches: np.ndarray, resolution: int) -> None:
-    """InputError unless images are uint8 (N, R, R, 3) and sketches uint8 (N, R, R), same N and R."""
-    for name, array, shape in (("images", images, "(N, R, R, 3)"), ("sketches", sketches, "(N, R, R)")):
-        if not isinstance(array, np.ndarray) or array.dtype != np.uint8:
-            kind = getattr(array, "dtype", type(array).__name__)
-            raise InputError(f"{name} must be a uint8 numpy array {shape}, got {kind}")
-    if images.ndim != 4 or images.shape[3] != 3 or images.shape[1] != images.shape[2]:
-        raise InputError(f"images must be uint8 (N, R, R, 3), got shape {images.shape}")
-    if sketches.ndim != 3 or sketches.shape[1] != sketches.shape[2]:
-        raise InputError(f"sketches must be uint8 (N, R, R) canonical sketches, got shape {sketches.shape}")
-    if len(images) != len(sketches) or len(images) == 0:
-        raise InputError(f"{len(images)} images and {len(sketches)} sketches: need the same positive number of pairs")
-    if images.shape[1] != sketches.shape[1]:
-        raise InputError(f"images are {images.shape[1]} px but sketches {sketches.shape[1]} px; give pairs of one size")
-    if images.shape[1] != resolution:
-        raise InputError(f"pairs are {images.shape[1]} px but the model works at {resolution} px; "
-                         "resize them or pick another preset")
-
-
 class Pix2PixTrainer:
     """G, D, their optimisers and the step counter; `step()` runs one D update and one G update."""
 
@@ -138,9 +118,7 @@ class Pix2PixTrainer:
         check_pairs(images, sketches, config.resolution)
         self.config, self.options, self.dist = config, options, dist
         self.device = torch.device(device)
-        # uint8 on the device; converted per batch (4x less memory than float)
-        self.images = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(self.device)
-        self.sketches = torch.from_numpy(np.ascontiguousarray(sketches)).to(self.device)
+        self.images, self.sketches = data_on_device(images, sketches, self.device)
         self.batch = options.batch // dist.world_size  # per rank
 
         torch.manual_seed(options.seed)  # same initial weights on every rank (also broadcast below)
@@ -213,7 +191,8 @@ class Pix2PixTrainer:
 
     def save(self, directory: str | Path) -> None:
         states, meta = self.state()
-        save_checkpoint(directory, CHECKPOINT, states, meta)
+        if self.dist.is_main:
+            save_checkpoint(directory, CHECKPOINT, states, meta)
 
     def load(self, directory: str | Path) -> None:
         states, meta = load_checkpoint(directory, CHECKPOINT)
@@ -256,59 +235,7 @@ def train_pix2pix(images: np.ndarray, sketches: np.ndarray, out: str | Path, con
     """
     options = options or Pix2PixOptions()
     config = network_config("pix2pix", config) if isinstance(config, str) else config
-    out = Path(out)
-    device_ = pick_device(device)
-    dist = init_distributed(device_)
-    if device_.type == "cuda" and dist.enabled:
-        device_ = torch.device("cuda", dist.local_rank)
-    options.validate(dist.world_size)
-    check_pairs(images, sketches, config.resolution)
-    if checkpoint_exists(out, CHECKPOINT) and not resume:
-        raise InputError(f"{out}: already holds a pix2pix checkpoint; pass --resume to continue it or choose another --out")
-
-    trainer = Pix2PixTrainer(config, options, images, sketches, device_, dist)
-    if resume and checkpoint_exists(out, CHECKPOINT):
-        trainer.load(out)
-        if dist.is_main:
-            log(f"resumed {out} at step {trainer.step_count}")
-    if dist.is_main:
-        log(f"training pix2pix {config} on {len(images)} pairs, batch {options.batch} over {dist.world_size} "
-            f"process(es), device {device_} ({torch.get_num_threads()} threads)")
-
-    last: dict[str, float] = {}
-
-    def snapshot(totals: dict[str, list[float]], seconds: float) -> None:
-        trainer.check_consistency()
-        if not dist.is_main:
-            return
-        save_png(trainer.sample_grid(), out / "samples" / f"step{trainer.step_count:07d}.png")
-        last.clear()
-        last.update({k: round(sum(v) / len(v), 6) for k, v in totals.items() if v})
-        entry = {"step": trainer.step_count, "seconds": round(seconds, 1), **last}
-        trainer.save(out)
-        append_metrics(out / METRICS, entry)
-
-    start, totals = time.time(), {}
-    stopped_early = False
-    with StopFlag() as stop:
-        while trainer.step_count < options.steps:
-            stats = trainer.step()
-            for key, value in stats.items():
-                totals.setdefault(key, []).append(value)
-            if dist.is_main and on_step is not None:
-                on_step(trainer.step_count, stats)
-            stop_now = stop.agreed(dist, device_)
-            if trainer.step_count % options.snap_every == 0 or trainer.step_count >= options.steps or stop_now:
-                snapshot(totals, time.time() - start)
-                totals = {}
-            if stop_now:
-                stopped_early = True
-                break
-    seconds = time.time() - start
-    if dist.is_main and not stopped_early:
-        summary = {"steps": trainer.step_count, "seconds": round(seconds, 1), "pairs": len(images),
-                   "world_size": dist.world_size, "options": dataclasses.asdict(options),
-                   **{f"final_{k}": v for k, v in last.items()}}
-        save_network("pix2pix", trainer.G, out, {"training": summary})
-    dist.barrier()
-    return TrainResult(trainer.step_count, seconds, out, stopped_early, dict(last))
+    return run_image_training(
+        "pix2pix", lambda device_, dist: Pix2PixTrainer(config, options, images, sketches, device_, dist), images, sketches,
+        out, config, options, resume, device, on_step, log, network=lambda trainer: trainer.G,
+        data_wording=f"{len(images)} pairs", data_summary={"pairs": len(images)}, samples=Path("samples"))

@@ -24,7 +24,6 @@ Bundle layout (out), NAME one of cyclegan, unit, ugatit:
 from __future__ import annotations
 
 import dataclasses
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, ClassVar
@@ -34,14 +33,14 @@ import torch
 import torch.distributed as torch_dist
 from torch import Tensor, nn
 
-from generation.checkpoints import checkpoint_exists, load_checkpoint, save_checkpoint
-from generation.device import Distributed, init_distributed, pick_device
+from generation.checkpoints import load_checkpoint, save_checkpoint
+from generation.device import Distributed
 from generation.errors import InputError
-from generation.images import image_grid, save_png
-from generation.registry import network_config, save_network
+from generation.images import image_grid
+from generation.registry import network_config
 from generation.sketch import sketch_as_image, sketch_to_tensor
-from training.loop import StopFlag, TrainResult, append_metrics, assert_same_weights, average_gradients, broadcast_module
-from training.train_pix2pix import check_pairs
+from training.driver import check_pairs, data_on_device, run_image_training
+from training.loop import TrainResult, assert_same_weights, average_gradients, broadcast_module
 
 
 @dataclass
@@ -132,9 +131,7 @@ class UnpairedTrainer:
         check_pairs(images, sketches, config.resolution)
         self.config, self.options, self.dist = config, options, dist
         self.device = torch.device(device)
-        # uint8 on the device; converted per batch (4x less memory than float)
-        self.images = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(self.device)
-        self.sketches = torch.from_numpy(np.ascontiguousarray(sketches)).to(self.device)
+        self.images, self.sketches = data_on_device(images, sketches, self.device)
         self.batch = options.batch // dist.world_size  # per rank
         self.pools: dict[str, ImagePool] = {}
 
@@ -282,59 +279,8 @@ def train_unpaired(trainer_type: type[UnpairedTrainer], images: np.ndarray, sket
     """
     name = trainer_type.name
     config = network_config(name, config) if isinstance(config, str) else config
-    out = Path(out)
-    checkpoint, metrics_file = f"{name}_checkpoint", out / f"{name}_metrics.jsonl"
-    device_ = pick_device(device)
-    dist = init_distributed(device_)
-    if device_.type == "cuda" and dist.enabled:
-        device_ = torch.device("cuda", dist.local_rank)
-    options.validate(dist.world_size)
-    check_pairs(images, sketches, config.resolution)
-    if checkpoint_exists(out, checkpoint) and not resume:
-        raise InputError(f"{out}: already holds a {name} checkpoint; pass --resume to continue it or choose another --out")
-
-    trainer = trainer_type(config, options, images, sketches, device_, dist)
-    if resume and checkpoint_exists(out, checkpoint):
-        trainer.load(out)
-        if dist.is_main:
-            log(f"resumed {out} at step {trainer.step_count}")
-    if dist.is_main:
-        log(f"training {name} {config} on {len(images)} unpaired sketches and images, batch {options.batch} over "
-            f"{dist.world_size} process(es), device {device_} ({torch.get_num_threads()} threads)")
-
-    last: dict[str, float] = {}
-
-    def snapshot(totals: dict[str, list[float]], seconds: float) -> None:
-        trainer.check_consistency()
-        trainer.save(out)
-        if not dist.is_main:
-            return
-        save_png(trainer.sample_grid(), out / "samples" / name / f"step{trainer.step_count:07d}.png")
-        last.clear()
-        last.update({k: round(sum(v) / len(v), 6) for k, v in totals.items() if v})
-        append_metrics(metrics_file, {"step": trainer.step_count, "seconds": round(seconds, 1), **last})
-
-    start, totals = time.time(), {}
-    stopped_early = False
-    with StopFlag() as stop:
-        while trainer.step_count < options.steps:
-            stats = trainer.step()
-            for key, value in stats.items():
-                totals.setdefault(key, []).append(value)
-            if dist.is_main and on_step is not None:
-                on_step(trainer.step_count, stats)
-            stop_now = stop.agreed(dist, device_)
-            if trainer.step_count % options.snap_every == 0 or trainer.step_count >= options.steps or stop_now:
-                snapshot(totals, time.time() - start)
-                totals = {}
-            if stop_now:
-                stopped_early = True
-                break
-    seconds = time.time() - start
-    if dist.is_main and not stopped_early:
-        summary = {"steps": trainer.step_count, "seconds": round(seconds, 1), "images": len(images), "unpaired": True,
-                   "world_size": dist.world_size, "options": dataclasses.asdict(options),
-                   **{f"final_{k}": v for k, v in last.items()}}
-        save_network(name, trainer.translator, out, {"training": summary})
-    dist.barrier()
-    return TrainResult(trainer.step_count, seconds, out, stopped_early, dict(last))
+    return run_image_training(
+        name, lambda device_, dist: trainer_type(config, options, images, sketches, device_, dist), images, sketches,
+        out, config, options, resume, device, on_step, log, network=lambda trainer: trainer.translator,
+        data_wording=f"{len(images)} unpaired sketches and images",
+        data_summary={"images": len(images), "unpaired": True}, samples=Path("samples") / name)
