@@ -1,8 +1,7 @@
 """Fit and measure a bundle's match-quality calibration (`retrieval.quality`).
 
 Fitting queries, searched as `search` does (fused vector, top candidates re-ranked by DICE and the
-aligned sketch) against
-an archive of every image of `--data`:
+aligned sketch) against an archive of every image of `--data`:
     in domain      the split's images drawn by `evaluate`'s free-hand simulator at strengths 0, 1, 2;
                    each of the top TOP hits labelled by the ground truth: the sketched image, or a
                    mask DICE >= CLOSE_DICE percent with it, is a close match
@@ -135,8 +134,8 @@ class HitTable:
 def collect(models: SystemModels, archive: Archive, truth: GroundTruth | None, queries: Queries, name: str,
             options: EvaluationOptions, progress: Callable[[str, int, int], None]) -> HitTable:
     """Search every query as `search` does, in `evaluate`'s order of its `full` method (fused vector,
-    top candidates re-ranked by DICE and the sketch aligned to their contours), and keep the features of its top TOP hits; `truth` labels
-    them (None: out of domain)."""
+    top candidates re-ranked by DICE and the sketch aligned to their contours), and keep the
+    features of its top TOP hits; `truth` labels them (None: out of domain)."""
     sizes, code_mean, classes = vector_part_sizes(models), models.code_mean.cpu(), models.label_classes
     archive_vectors = archive.fused.numpy()
     features, close, first = [], [], []
