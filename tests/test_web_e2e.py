@@ -12,6 +12,7 @@ import shutil
 import socket
 import threading
 import time
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +32,7 @@ from generation.dataset import ImageDataset  # noqa: E402
 from indexing.ingest import index_folders  # noqa: E402
 from retrieval.models import SystemModels  # noqa: E402
 from retrieval.quality import Calibration  # noqa: E402
-from retrieval.search import Retriever  # noqa: E402
+from retrieval.search import Retriever, SearchRequest  # noqa: E402
 from retrieval.server import create_app  # noqa: E402
 from retrieval.vector import ArchiveEmbedder  # noqa: E402
 
@@ -116,12 +117,13 @@ class Recording:
     def __init__(self, inner: Retriever):
         self.inner, self.workspace, self.models, self.calls = inner, inner.workspace, inner.models, []
 
-    def search(self, sketch: Image.Image | None, **options):
-        buffer = io.BytesIO()
-        if sketch is not None:
-            sketch.save(buffer, "PNG")
-        self.calls.append((buffer.getvalue() or None, options))
-        return self.inner.search(sketch, **options)
+    def search_many(self, requests: list[SearchRequest]):
+        for request in requests:
+            buffer = io.BytesIO()
+            if request.sketch is not None:
+                request.sketch.save(buffer, "PNG")
+            self.calls.append((buffer.getvalue() or None, {f.name: getattr(request, f.name) for f in fields(request) if f.name != "sketch"}))
+        return self.inner.search_many(requests)
 
 
 def ink(page) -> int:
