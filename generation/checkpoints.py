@@ -22,6 +22,13 @@ from safetensors.torch import load, load_file, save_file
 from generation.errors import InputError
 
 
+def config_from_dict(cls: type, values: dict[str, Any]) -> Any:
+    """The dataclass `cls` from a saved config's values, leaving out keys it has no field for (a file
+    written by a version with more options)."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in values.items() if k in known})
+
+
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """`write(temporary)` then rename it to `path`: readers see the old file or the new one, never
     half a file. The temporary name is unique, so two processes writing one file cannot mix."""

@@ -23,10 +23,11 @@ logit per 70x70 patch (n_layers = 3). Weights start N(0, 0.02).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 
 from torch import Tensor, nn
 
+from generation.checkpoints import config_from_dict
 from generation.errors import InputError
 from generation.registry import NetworkSpec, register
 from generation.sketch import sketch_as_image
@@ -57,8 +58,7 @@ class CycleGANConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> CycleGANConfig:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in known})
+        return config_from_dict(cls, values)
 
 
 PRESETS: dict[str, CycleGANConfig] = {

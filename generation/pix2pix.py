@@ -47,12 +47,13 @@ same image, independent of what else is in the batch: a deterministic baseline.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
+from generation.checkpoints import config_from_dict
 from generation.errors import InputError
 from generation.registry import NetworkSpec, register
 
@@ -102,8 +103,7 @@ class Pix2PixConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> Pix2PixConfig:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in known})
+        return config_from_dict(cls, values)
 
 
 PRESETS: dict[str, Pix2PixConfig] = {

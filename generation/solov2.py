@@ -26,7 +26,7 @@ more than 1.25x (at 128 px the stride-8 map is 16 px wide; grid 40 would only in
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any, NamedTuple, Sequence
 
 import numpy as np
@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
+from generation.checkpoints import config_from_dict
 from generation.errors import InputError
 from generation.registry import NetworkSpec, load_network, register
 from generation.resnet import ResNet, ResNetConfig, make_norm
@@ -109,8 +110,7 @@ class SOLOv2Config:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> SOLOv2Config:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in known})
+        return config_from_dict(cls, values)
 
 
 def _configure(preset: str, num_classes: int, size: int | None = None) -> SOLOv2Config:

@@ -38,13 +38,14 @@ forces the grouped path everywhere.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from generation.checkpoints import config_from_dict
 from generation.errors import InputError
 from generation.registry import NetworkSpec, register
 
@@ -85,8 +86,7 @@ class StyleGAN2Config:
 
     @classmethod
     def from_dict(cls, values: dict) -> StyleGAN2Config:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in known})
+        return config_from_dict(cls, values)
 
 
 PRESETS: dict[str, StyleGAN2Config] = {

@@ -33,13 +33,14 @@ PyTorch's default initialisation, as the official code.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import spectral_norm
 
+from generation.checkpoints import config_from_dict
 from generation.errors import InputError
 from generation.registry import NetworkSpec, register
 from generation.sketch import sketch_as_image
@@ -67,8 +68,7 @@ class UGATITConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> UGATITConfig:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in known})
+        return config_from_dict(cls, values)
 
     @classmethod
     def at(cls, resolution: int, **changes) -> UGATITConfig:

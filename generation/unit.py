@@ -28,13 +28,14 @@ Kaiming-normal initialisation of convs (the official `init: kaiming`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from generation.checkpoints import config_from_dict
 from generation.errors import InputError
 from generation.registry import NetworkSpec, register
 from generation.sketch import sketch_as_image
@@ -68,8 +69,7 @@ class UNITConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> UNITConfig:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in known})
+        return config_from_dict(cls, values)
 
 
 PRESETS: dict[str, UNITConfig] = {
