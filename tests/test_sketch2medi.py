@@ -27,6 +27,7 @@ from generation.sketch import sketch_from_mask, sketch_to_tensor
 from generation.stylegan2 import Generator
 from training.sketch_cache import SketchCache
 from training.train_all import train_all
+from training.losses import info_nce_loss
 from training.train_sketch2medi import EncoderTrainer, RefinerTrainer, phase_options, train_phase
 
 REPO = Path(__file__).resolve().parents[1]
@@ -107,6 +108,26 @@ def test_refiner_targets_every_non_torgb_conv_and_shares_heads_by_shape():
 def test_encoder_training_lowers_the_similarity_loss(trained_encoder):
     _, losses = trained_encoder
     assert np.mean(losses[-5:]) < 0.85 * np.mean(losses[:5]), losses
+
+
+def test_info_nce_is_low_for_matched_pairs_and_high_for_shuffled_ones():
+    torch.manual_seed(0)
+    codes = torch.randn(16, 8)
+    matched = info_nce_loss(codes, codes + 0.05 * torch.randn(16, 8), temperature=0.1)
+    shuffled = info_nce_loss(codes, codes[torch.randperm(16)], temperature=0.1)
+    assert matched < 0.1 < np.log(16) < shuffled
+
+
+def test_contrastive_term_pulls_two_free_hand_drawings_of_one_image_together(parts):
+    G, C, cache = parts
+    options = phase_options("tiny", "encoder", steps=60, batch=8, freehand=0.5, freehand_strength=2.0, freehand_pool=3,
+                            contrastive=1.0, adversarial=0.0)
+    trainer = EncoderTrainer(G, C, cache, options, CPU, Distributed(), "tiny")
+    assert trainer.pool.shape == (16, 3, 32, 32)
+    again = EncoderTrainer(G, C, cache, options, CPU, Distributed(), "tiny")
+    assert np.array_equal(trainer.pool, again.pool)  # drawn from the seed alone: a resumed run draws the same pool
+    losses = [trainer.step()["contrastive"] for _ in range(options.steps)]
+    assert np.mean(losses[-10:]) < 0.8 * np.mean(losses[:10]), losses
 
 
 def test_refiner_steps_beat_the_encoder_alone_on_training_sketches(parts, trained_encoder):
@@ -201,10 +222,11 @@ def copy_networks(bundle: Path, target: Path, names=("moco", "synthesizer", "gen
     return target
 
 
-def test_encoder_phase_resumes_exactly(tiny_bundle, tmp_path):
+@pytest.mark.parametrize("augment", [{}, dict(freehand=0.5, freehand_pool=2, contrastive=0.5)], ids=["paper", "freehand-contrastive"])
+def test_encoder_phase_resumes_exactly(tiny_bundle, tmp_path, augment):
     data, bundle, _ = tiny_bundle
     whole, parts_ = copy_networks(bundle, tmp_path / "whole"), copy_networks(bundle, tmp_path / "parts")
-    options = dict(steps=8, snap_every=4, log_every=2)
+    options = dict(steps=8, snap_every=4, log_every=2, **augment)
     train_phase("encoder", data, whole, "tiny", phase_options("tiny", "encoder", **options), device="cpu", log=lambda m: None)
     train_phase("encoder", data, parts_, "tiny", phase_options("tiny", "encoder", **{**options, "steps": 4}), device="cpu", log=lambda m: None)
     with pytest.raises(InputError, match="pass --resume"):

@@ -202,6 +202,12 @@ def train_encoder_command(
     lr: float = typer.Option(None, "--lr", min=0.0, callback=finite, help="E's learning rate."),
     freehand: float = typer.Option(None, "--freehand", min=0.0, max=1.0, callback=finite,
                                    help="Probability of a simulated free-hand sketch per pair (default 0, as in the paper)."),
+    freehand_strength: float = typer.Option(None, "--freehand-strength", min=0.0, max=2.0, callback=finite,
+                                            help="Largest free-hand strength drawn (default 1; 2 adds drawing from memory)."),
+    contrastive: float = typer.Option(None, "--contrastive", min=0.0, callback=finite,
+                                      help="Weight of InfoNCE between E's codes of two free-hand drawings of one image (default 0, as in the paper)."),
+    freehand_pool: int = typer.Option(None, "--freehand-pool", min=0,
+                                      help="Free-hand drawings per image drawn once before training (default 0: fresh ones every step; faster on CPU)."),
     adversarial: float = typer.Option(None, "--adversarial", min=0.0, callback=finite, help="Weight of the latent discriminator's loss (paper: 0.1)."),
     split: str = typer.Option("train", "--split", help="Split of split.csv to train on."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
@@ -210,7 +216,8 @@ def train_encoder_command(
 ):
     """Phase 1: train the sketch encoder E with the latent discriminator; works under torchrun."""
     _train_phase_command("encoder", data, bundle, preset, steps, batch, lr, split, device, threads, resume,
-                         freehand=freehand, adversarial=adversarial)
+                         freehand=freehand, freehand_strength=freehand_strength, freehand_pool=freehand_pool,
+                         contrastive=contrastive, adversarial=adversarial)
 
 
 @train_app.command("refiner")

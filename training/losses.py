@@ -63,6 +63,15 @@ class SimilarityLoss(nn.Module):
         return terms
 
 
+def info_nce_loss(anchors: Tensor, positives: Tensor, temperature: float) -> Tensor:
+    """Symmetric InfoNCE over a batch: row i of `anchors` (N, D) should be nearest to row i of
+    `positives` among all N rows (cosine similarity / temperature), and vice versa."""
+    assert anchors.shape == positives.shape and anchors.ndim == 2, f"{tuple(anchors.shape)} vs {tuple(positives.shape)}"
+    logits = F.normalize(anchors, dim=1) @ F.normalize(positives, dim=1).T / temperature
+    targets = torch.arange(len(logits), device=logits.device)
+    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+
+
 def d_logistic_loss(real_logits: Tensor, fake_logits: Tensor) -> Tensor:
     """D's logistic loss: -log sigmoid(D(x)) - log(1 - sigmoid(D(G(z))))."""
     return F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()

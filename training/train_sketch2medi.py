@@ -27,7 +27,7 @@ from generation.checkpoints import checkpoint_exists, load_checkpoint, save_chec
 from generation.device import Distributed, init_distributed, pick_device
 from generation.encoder import LatentDiscriminator, SketchEncoder
 from generation.errors import InputError
-from generation.freehand import freehand_sketch
+from generation.freehand import MAX_STRENGTH, freehand_sketch
 from generation.images import image_grid, save_png
 from generation.moco import FeatureNetwork
 from generation.refiner import Refiner, accumulate
@@ -36,7 +36,7 @@ from generation.resnet import load_backbone_weights
 from generation.sketch import sketch_to_tensor
 from generation.stylegan2 import Generator
 from training.loop import StopFlag, TrainResult, append_metrics, autocast, broadcast_module, optimise
-from training.losses import SimilarityLoss, SimilarityWeights, d_logistic_loss, d_r1_loss, g_nonsaturating_loss
+from training.losses import SimilarityLoss, SimilarityWeights, d_logistic_loss, d_r1_loss, g_nonsaturating_loss, info_nce_loss
 from training.sketch_cache import SketchCache, sketch_cache
 
 
@@ -57,6 +57,14 @@ class PhaseOptions:
     r1_gamma: float = 10.0
     r1_interval: int = 16  # lazy R1, as in e4e
     freehand: float = 0.0  # probability of training on a simulated free-hand sketch (off: the paper)
+    freehand_strength: float = 1.0  # free-hand strengths are drawn uniformly from [0, this] (2: from memory)
+    # Phase 1 only, not in the paper: InfoNCE between E's codes (minus G's mean w) of two free-hand
+    # versions of each sketch, so that E's code can serve as a retrieval key for sloppy drawings.
+    contrastive: float = 0.0
+    contrastive_temperature: float = 0.1
+    # Free-hand drawings per image drawn once before training (0: a fresh drawing every time). The
+    # simulator costs about 20 ms a drawing on one CPU core, as much as a training step's networks.
+    freehand_pool: int = 0
     # Phase 2 only.
     refine_steps: int = 3  # T
     init_from_c: bool = True  # initialise E's / H's trunk from C where the shapes allow
@@ -72,6 +80,12 @@ class PhaseOptions:
             raise InputError("steps, batch and refinement steps must be positive")
         if not 0 <= self.freehand <= 1:
             raise InputError(f"--freehand {self.freehand}: a probability between 0 and 1")
+        if not 0 <= self.freehand_strength <= MAX_STRENGTH:
+            raise InputError(f"--freehand-strength {self.freehand_strength}: between 0 and {MAX_STRENGTH:g}")
+        if self.freehand_pool < 0:
+            raise InputError("--freehand-pool must be >= 0")
+        if self.contrastive < 0 or self.contrastive_temperature <= 0:
+            raise InputError("--contrastive must be >= 0 and its temperature > 0")
 
     @property
     def weights(self) -> SimilarityWeights:
@@ -117,7 +131,17 @@ class PhaseTrainer:
         self.images = torch.from_numpy(cache.images).to(device).permute(0, 3, 1, 2)
         self.sketches = torch.from_numpy(cache.sketches).to(device)
         self.step_count = 0
+        self.pool = self.draw_pool() if options.freehand_pool and (options.freehand or options.contrastive) else None
         self.reseed()
+
+    def draw_pool(self) -> np.ndarray:
+        """(N, K, R, R) uint8: K free-hand drawings of each training mask, a function of the seed only."""
+        rng = np.random.default_rng(self.options.seed + 7919)
+        pool = np.empty((len(self.cache), self.options.freehand_pool, *self.cache.sketches.shape[1:]), np.uint8)
+        for i, mask in enumerate(self.cache.label_maps):
+            for k in range(pool.shape[1]):
+                pool[i, k] = freehand_sketch(mask, float(rng.uniform(0, self.options.freehand_strength)), rng)
+        return pool
 
     def reseed(self) -> None:
         """Randomness as a function of (seed, step, rank): a resumed run repeats the uninterrupted one."""
@@ -127,12 +151,19 @@ class PhaseTrainer:
         torch.manual_seed(seed + 1)
 
     def batch_of(self, indices: Tensor, freehand: float = 0.0) -> tuple[Tensor, Tensor]:
-        """(sketches (B, 1, R, R) ink 1 / paper 0, images (B, 3, R, R) in [-1, 1]) on the device."""
+        """(sketches (B, 1, R, R) ink 1 / paper 0, images (B, 3, R, R) in [-1, 1]) on the device.
+
+        Each sketch is replaced, with probability `freehand`, by a simulated free-hand drawing of its
+        mask at a strength drawn uniformly from [0, options.freehand_strength] (from the pool, if any)."""
         sketches = self.sketches[indices.to(self.device)]
         if freehand:
             for row, i in enumerate(indices.tolist()):
                 if self.np_rng.random() < freehand:
-                    drawn = freehand_sketch(self.cache.label_maps[i], float(self.np_rng.uniform(0, 1)), self.np_rng)
+                    if self.pool is not None:
+                        drawn = self.pool[i, self.np_rng.integers(self.pool.shape[1])]
+                    else:
+                        strength = float(self.np_rng.uniform(0, self.options.freehand_strength))
+                        drawn = freehand_sketch(self.cache.label_maps[i], strength, self.np_rng)
                     sketches[row] = torch.from_numpy(drawn).to(self.device)
         images = self.images[indices.to(self.device)].float() / 127.5 - 1
         return sketch_to_tensor(sketches), images
@@ -191,7 +222,8 @@ class EncoderTrainer(PhaseTrainer):
 
     def step(self) -> dict[str, float]:
         opts, stats = self.options, {}
-        sketches, reals = self.batch_of(self.sample_indices(), opts.freehand)
+        indices = self.sample_indices()
+        sketches, reals = self.batch_of(indices, opts.freehand)
 
         if opts.adversarial > 0:  # D: codes from mapping(z) are real, E's codes are fake
             self.D.requires_grad_(True)
@@ -216,6 +248,13 @@ class EncoderTrainer(PhaseTrainer):
             adversarial = g_nonsaturating_loss(self.D(w))
             loss = loss + opts.adversarial * adversarial
             stats["adversarial"] = adversarial.item()
+        if opts.contrastive > 0:  # a second, always free-hand, drawing of the same masks
+            others, _ = self.batch_of(indices, freehand=1.0)
+            with autocast(self.device, opts.bf16):
+                w_other = self.E(others).float()
+            contrastive = info_nce_loss(w - self.G.w_avg, w_other - self.G.w_avg, opts.contrastive_temperature)
+            loss = loss + opts.contrastive * contrastive
+            stats["contrastive"] = contrastive.item()
         optimise(self.E, self.E_opt, loss, self.dist)
         stats.update({f"sim_{k}": v.item() for k, v in terms.items()}, loss=loss.item())
         self.step_count += 1
