@@ -30,6 +30,8 @@ _NETWORKS: dict[str, tuple[str, str | None]] = {
     "moco": ("generation.moco", "C"),
     "synthesizer": ("generation.solov2", "S"),
     "generator": ("generation.stylegan2", "G"),
+    # G's discriminator: exported beside G so that a later run can continue G's training (--init-from)
+    "discriminator": ("generation.stylegan2", None),
     "encoder": ("generation.encoder", "E"),
     "refiner": ("generation.refiner", "H"),
     # the baselines: exported with a bundle when trained into it, never listed in its manifest

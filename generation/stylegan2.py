@@ -483,3 +483,6 @@ class Discriminator(nn.Module):
 register(NetworkSpec(name="generator", title="generator G (G_ema)", config_from_dict=StyleGAN2Config.from_dict,
                      build=Generator, configure=lambda preset: PRESETS[preset], state_key="G",
                      train_command="train generator"))
+register(NetworkSpec(name="discriminator", title="StyleGAN2 discriminator D", config_from_dict=StyleGAN2Config.from_dict,
+                     build=Discriminator, configure=lambda preset: PRESETS[preset], state_key="D",
+                     train_command="train generator"))

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = [ROOT / "bundles" / "phantom", ROOT / "bundles" / "vocalfolds"]
 # The state key inside each network's files: part of the on-disk format.
 STATE_KEYS = {"moco": "model", "synthesizer": "model", "generator": "G", "encoder": "E", "refiner": "H", "pix2pix": "G",
-              "cyclegan": "G", "unit": "G", "ugatit": "G"}
+              "cyclegan": "G", "unit": "G", "ugatit": "G", "discriminator": "D"}
 REMEDY = "re-export or re-download the bundle"
 
 
@@ -35,7 +35,7 @@ def tiny_networks() -> dict[str, torch.nn.Module]:
     from generation.pix2pix import UNetGenerator
     from generation.refiner import Refiner
     from generation.solov2 import SOLOv2
-    from generation.stylegan2 import Generator
+    from generation.stylegan2 import Discriminator, Generator
     from generation.ugatit import UGATITGenerator
     from generation.unit import UNITGenerator
 
@@ -45,6 +45,7 @@ def tiny_networks() -> dict[str, torch.nn.Module]:
         "moco": MocoEncoder(network_config("moco", "tiny")),
         "synthesizer": SOLOv2(network_config("synthesizer", "tiny", num_classes=2)),
         "generator": G,
+        "discriminator": Discriminator(G.config),
         "encoder": SketchEncoder(network_config("encoder", "tiny", resolution=32, w_dim=G.config.w_dim)),
         "refiner": Refiner(network_config("refiner", "tiny", G=G)),
         "pix2pix": UNetGenerator(network_config("pix2pix", "tiny")),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -296,6 +297,30 @@ def test_checkpoint_resume_restores_progress_and_repeats_the_run(tmp_path, one_t
     assert summary["config"]["resolution"] == 32 and summary["training"]["kimg"] == pytest.approx(0.048)
     assert len((tmp_path / "a" / "generator_metrics.jsonl").read_text().splitlines()) == 3
     assert (tmp_path / "a" / "samples" / "reals.png").is_file()
+
+
+def test_a_run_continues_an_exported_G_and_D_and_counts_their_kimg(tmp_path, one_thread):
+    data = write_toy_dataset(tmp_path / "toy")
+    options = dict(batch=8, snap_kimg=0.016, augment="")
+    quiet = lambda message: None  # noqa: E731
+    train_generator(data, tmp_path / "first", TINY, TrainOptions(kimg=0.032, **options), log=quiet)
+    first_G, first_D = load_network("generator", tmp_path / "first"), load_network("discriminator", tmp_path / "first")
+
+    reals = torch.zeros(2, 3, 32, 32, dtype=torch.uint8)
+    trainer = GANTrainer(TINY, TrainOptions(**options), reals)
+    assert trainer.continue_from(tmp_path / "first") == "G and D" and trainer.kimg == pytest.approx(0.032)
+    for mine, theirs in ((trainer.G, first_G), (trainer.G_ema, first_G), (trainer.D, first_D)):
+        for (name, x), y in zip(mine.state_dict().items(), theirs.state_dict().values()):
+            assert torch.equal(x, y), name
+
+    more = train_generator(data, tmp_path / "second", TINY, TrainOptions(kimg=0.048, **options), init_from=tmp_path / "first", log=quiet)
+    assert more.steps == 2 and more.metrics["kimg"] == pytest.approx(0.048)  # 16 more images, not 48
+    summary = json.loads((tmp_path / "second" / "generator.json").read_text())["training"]
+    assert summary["kimg"] == pytest.approx(0.048) and summary["continued_from"] == str(tmp_path / "first")
+    (tmp_path / "first" / "discriminator.safetensors").unlink()
+    assert "D starts untrained" in GANTrainer(TINY, TrainOptions(**options), reals).continue_from(tmp_path / "first")
+    with pytest.raises(InputError, match="pass the same --preset"):
+        GANTrainer(dataclasses.replace(TINY, w_dim=TINY.w_dim * 2), TrainOptions(**options), reals).continue_from(tmp_path / "first")
 
 
 TORCHRUN = shutil.which("torchrun") or shutil.which("torchrun", path=str(Path(sys.executable).parent))

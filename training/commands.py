@@ -144,6 +144,8 @@ def train_generator_command(
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     threads: int = typer.Option(0, "--threads", min=0, help=THREADS_HELP),
     resume: bool = typer.Option(False, "--resume", help="Continue the checkpoint in --out."),
+    init_from: Path = typer.Option(None, "--init-from", help="Bundle whose exported G (and D) to continue training; "
+                                   "--kimg is then the total, counting its kimg."),
     seed: int = typer.Option(0, "--seed"),
 ):
     """Train the StyleGAN2 generator G; works under torchrun for DDP."""
@@ -152,7 +154,8 @@ def train_generator_command(
     set_threads(threads)
     options = TrainOptions(kimg=kimg, batch=batch, gamma=gamma, pl_weight=pl_weight, mixing=mixing,
                            augment=augment, xflip=xflip, snap_kimg=snap_kimg, seed=seed)
-    run = dict(data=data, out=out, preset=preset, options=options, split=split, device=device, resume=resume, fd_bundle=fd_bundle)
+    run = dict(data=data, out=out, preset=preset, options=options, split=split, device=device, resume=resume, fd_bundle=fd_bundle,
+               init_from=init_from)
     if not is_main_process():
         train_generator(**run, log=quiet)
         return

@@ -11,6 +11,7 @@ ranks' weights stay identical (checked at every snapshot).
 
 Bundle layout (BUNDLE = --out):
     generator.safetensors / .json   G_ema and its config + training summary (written at the end)
+    discriminator.safetensors / .json   D, so that a later run can continue from the bundle (--init-from)
     generator_checkpoint.*          G, D, G_ema, optimisers, progress (every snapshot; --resume)
     samples/reals.png, samples/kimg00100.000.png   fixed-z sample grids of G_ema
     generator_metrics.jsonl         one line per snapshot: kimg, mean losses, timing, FD_C
@@ -224,6 +225,20 @@ class GANTrainer:
         self.nimg, self.step_count = int(meta["nimg"]), int(meta["step"])
         self.reseed()
 
+    def continue_from(self, bundle: Path) -> str:
+        """Start from the bundle's exported G (into G and G_ema) and D; returns what was loaded."""
+        G = load_network("generator", bundle)
+        if G.config != self.config:
+            raise InputError(f"{bundle}: its G was trained with {asdict(G.config)}; pass the same --preset to continue it")
+        for module in (self.G, self.G_ema):
+            module.load_state_dict(G.state_dict())
+        _, meta = load_checkpoint(bundle, "generator")
+        self.nimg = round(float(meta.get("training", {}).get("kimg", 0.0)) * 1000)
+        if not network_exists(bundle, "discriminator"):
+            return "G; D starts untrained: the bundle has no discriminator.safetensors"
+        self.D.load_state_dict(load_network("discriminator", bundle).state_dict())
+        return "G and D"
+
     def check_consistency(self) -> None:
         assert_same_weights((self.G, self.D, self.G_ema), self.dist)
 
@@ -268,13 +283,17 @@ def fd_c_hook(c_bundle: Path | None, reals: Tensor, device: torch.device, count:
 
 def train_generator(data: str | Path, out: str | Path, preset: str | StyleGAN2Config = "cpu",
                     options: TrainOptions | None = None, split: str | None = None, device: str = "auto",
-                    resume: bool = False, fd_bundle: str | Path | None = None,
+                    resume: bool = False, fd_bundle: str | Path | None = None, init_from: str | Path | None = None,
                     on_step: Callable[[float, dict[str, float]], None] | None = None,
                     log: Callable[[str], None] = print) -> TrainResult:
     """Train G on the images of `data` into the bundle folder `out` (see the module docstring).
 
     on_step(kimg, stats) is called on rank 0 after every iteration (for a progress bar). The
     result's metrics hold "kimg", the thousands of real images shown to D.
+
+    init_from: a bundle whose trained G (and D, where it was exported beside G) this run continues:
+    its kimg count carries on from theirs, so `options.kimg` is the total. Without an exported D, D
+    starts untrained. Optimiser states are not exported, so Adam starts afresh.
     """
     from generation.dataset import ImageDataset
 
@@ -296,6 +315,10 @@ def train_generator(data: str | Path, out: str | Path, preset: str | StyleGAN2Co
         trainer.load(out)
         if dist.is_main:
             log(f"resumed {out} at {trainer.kimg:.1f} kimg (step {trainer.step_count})")
+    elif init_from is not None:
+        continued = trainer.continue_from(Path(init_from))
+        if dist.is_main:
+            log(f"continuing G of {init_from} at {trainer.kimg:.1f} kimg ({continued})")
     # FD_C needs C: from --fd-bundle, or from this bundle when C was trained into the same folder.
     fd_c, why_not = fd_c_hook(Path(fd_bundle) if fd_bundle else out, reals, device_) if dist.is_main else (None, "")
     if dist.is_main:
@@ -344,6 +367,9 @@ def train_generator(data: str | Path, out: str | Path, preset: str | StyleGAN2Co
         summary = {"kimg": trainer.kimg, "steps": trainer.step_count, "seconds": round(seconds, 1),
                    "images": len(reals), "data": str(data), "split": split, "world_size": dist.world_size,
                    "options": dataclasses.asdict(options), "r1_gamma": trainer.gamma}
+        if init_from is not None:
+            summary["continued_from"] = str(init_from)
         save_network("generator", trainer.G_ema, out, {"training": summary})
+        save_network("discriminator", trainer.D, out, {"training": summary})
     dist.barrier()
     return TrainResult(trainer.step_count, seconds, out, stopped_early, {"kimg": trainer.kimg})
