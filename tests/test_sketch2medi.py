@@ -25,9 +25,9 @@ from generation.refiner import Refiner, refine
 from generation.registry import network_config
 from generation.sketch import sketch_from_mask, sketch_to_tensor
 from generation.stylegan2 import Generator
+from training.losses import info_nce_loss
 from training.sketch_cache import SketchCache
 from training.train_all import train_all
-from training.losses import info_nce_loss
 from training.train_sketch2medi import EncoderTrainer, RefinerTrainer, phase_options, train_phase
 
 REPO = Path(__file__).resolve().parents[1]
