@@ -33,7 +33,8 @@ from retrieval.oracle import AlignedChamfer, TransformGrid
 from retrieval.rerank import dice_score
 from retrieval.vector import VectorRecipe, fuse_vectors, sketch_field
 
-RECIPES = ((0.9, 0.05, 0.05), (0.8, 0.2, 0.0), (0.75, 0.25, 0.0), (0.7, 0.3, 0.0), (0.6, 0.4, 0.0))
+RECIPES = ((0.9, 0.05, 0.05), (0.8, 0.2, 0.0), (0.75, 0.25, 0.0), (0.7, 0.3, 0.0), (0.6, 0.4, 0.0), (0.5, 0.5, 0.0), (0.4, 0.6, 0.0),
+           (0.25, 0.75, 0.0), (0.5, 0.4, 0.1))
 LAMBDAS = (0.9, 0.97, 1.0)
 WEIGHTS = (0.0, 0.1, 0.3, 0.5)  # of the alignment
 TAUS = (0.5, 1.0, 2.0)

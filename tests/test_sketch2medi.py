@@ -22,7 +22,7 @@ from generation.moco import FeatureNetwork
 from generation.phantom import phantom_sample
 from generation.pipeline import Sketch2MedI
 from generation.refiner import Refiner, refine
-from generation.registry import network_config
+from generation.registry import load_network, network_config
 from generation.sketch import sketch_from_mask, sketch_to_tensor
 from generation.stylegan2 import Generator
 from training.losses import info_nce_loss
@@ -236,6 +236,22 @@ def test_encoder_phase_resumes_exactly(tiny_bundle, tmp_path, augment):
     states_b, _ = load_checkpoint(parts_, "encoder")
     for key, tensor in states_a["E"].items():
         assert torch.equal(tensor, states_b["E"][key]), key
+
+
+def test_a_snapshot_of_an_encoder_run_exports_as_the_bundle_encoder(tiny_bundle, tmp_path):
+    from training.export_checkpoint import export_checkpoint
+
+    data, bundle, _ = tiny_bundle
+    run = copy_networks(bundle, tmp_path / "run")
+    target = copy_networks(bundle, tmp_path / "snapshot", ("moco", "synthesizer", "generator", "encoder"))
+    train_phase("encoder", data, run, "tiny", phase_options("tiny", "encoder", steps=4, snap_every=2), device="cpu", log=lambda m: None)
+    assert export_checkpoint(run, "encoder", target) == 4
+    states, _ = load_checkpoint(run, "encoder_checkpoint")
+    exported = load_network("encoder", target)
+    for name, tensor in exported.state_dict().items():
+        assert torch.equal(tensor, states["E"][name]), name
+    with pytest.raises(InputError, match="cannot export 'moco'"):
+        export_checkpoint(run, "moco", target)
 
 
 def test_phases_refuse_an_incomplete_bundle(tiny_bundle, tmp_path):
