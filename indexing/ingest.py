@@ -20,7 +20,8 @@ server that fails as a whole stops the run with its one-line error, keeping ever
 so that the next run resumes where it stopped.
 
 Under torchrun every rank calls `index_folders` (or `index_dicomweb`); rank 0 does the run and the others embed their
-shares of each batch (`indexing.embedding`).
+shares of each batch (`indexing.embedding`). Only rank 0 opens the workspace and the catalog, also across machines:
+the other nodes need the bundle and the archive (at the same path), not the workspace nor the database.
 """
 
 from __future__ import annotations
@@ -253,6 +254,7 @@ def _index(
 ) -> IndexSummary:
     """One index run over the source `make_source()` gives (made on rank 0, before the workspace is touched)."""
     ranks = Ranks(embedder)
+    ranks.agree()
     if not ranks.is_main:
         return ranks.follow()
     with ranks.lead():
@@ -261,6 +263,7 @@ def _index(
         if index_kind not in KINDS:
             raise InputError(f"unknown index kind {index_kind!r}; use one of {', '.join(KINDS)}")
         source = make_source()  # before the workspace is touched: a wrong path or server leaves it as it was
+        ranks.check_visible(source.roots)
         writer = _Writer(resolve_workspace(workspace), embedder, ranks, db_url, index_kind, verify, on_progress, on_batch)
         try:
             if on_start is not None:
