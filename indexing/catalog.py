@@ -6,7 +6,9 @@ SQLite (the default, in the workspace) runs in WAL mode so that a search process
 index run writes.
 
 Tables:
-    meta     key -> value: schema_version, catalog_id (a uuid), bundle_id, dim
+    meta     key -> value: schema_version, catalog_id (a uuid), bundle_id, dim, generation (bumped by
+             each committed batch that adds or deletes images, so that a search process can tell
+             cheaply that it has something to pick up; absent, 0, in a catalog never written since)
     images   one row per distinct content (sha256 of the file bytes, frame): pixel size, modality,
              time added, the float32 vector as bytes, the mask shape. Ids are never reused
              (AUTOINCREMENT / sequences), so an id always names the same vector.
@@ -300,6 +302,15 @@ class Catalog:
         with self._connect() as c:
             if c.execute(meta_table.update().where(meta_table.c.key == key).values(value=value)).rowcount == 0:
                 c.execute(meta_table.insert().values(key=key, value=value))
+
+    def generation(self) -> int:
+        """The catalog's generation: how many committed batches changed its set of images (`bump_generation`)."""
+        return int(self.get_meta("generation") or 0)
+
+    def bump_generation(self) -> None:
+        """Count a change of the set of images; called inside the batch's transaction, so that the new
+        generation is seen with the images that make it."""
+        self.set_meta("generation", str(self.generation() + 1))
 
     # -- writing -----------------------------------------------------------------------------
 

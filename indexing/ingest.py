@@ -177,6 +177,8 @@ class _Writer:
         with self.catalog.transaction():
             new_ids, new_vectors = self._store(batch, results, summary)
             deleted = self.catalog.prune(batch.orphans)
+            if new_ids or deleted:  # the searches following the catalog (`Workspace.refresh`) see this batch
+                self.catalog.bump_generation()
         # Committed. The index follows (it is a cache), and only then is the batch reported.
         self._update_index(new_ids, new_vectors, deleted)
         summary.removed += len(deleted)
