@@ -549,7 +549,10 @@ def test_replicas_serve_only_committed_images_while_an_index_run_adds_more(tiny_
         shutil.copy(path, archive / path.name)
     catalog = Catalog(catalog_url(workspace, catalog_db), create=False)
     models = model_thread()  # the replicas share the networks, so also the one thread that runs them
-    replicas = [Retriever(workspace, db_url=catalog_db, models=retriever.models) for _ in range(2)]
+    # With PostgreSQL the second replica has a folder of its own, as on another machine: it builds its index from the catalog.
+    elsewhere = workspace if catalog_db is None else tmp_path / "replica"
+    elsewhere.mkdir(exist_ok=True)
+    replicas = [Retriever(folder, db_url=catalog_db, models=retriever.models) for folder in (workspace, elsewhere)]
     clients = [TestClient(create_app(replica, models=models, refresh_s=0), base_url=LOCAL) for replica in replicas]
     failed: list[BaseException] = []
 
