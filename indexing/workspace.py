@@ -6,6 +6,7 @@ A workspace folder (`resolve_workspace`) holds:
     index-<catalog_id>.faiss  the FAISS index (`faiss_path`), a cache derived from the catalog's vectors
     workspace.json          the bundle the vectors were made with, their dimension, where the catalog is
     .lock                   held by the one index run writing the workspace
+                            (and, on PostgreSQL, an advisory lock on the catalog: `Catalog.lock_for_writing`)
 
 The FAISS file is only a cache: it is written atomically (temp file + os.replace), and every opening,
 for indexing or for search, compares its ids with the catalog's and patches it (adds the missing
@@ -261,6 +262,9 @@ def open_workspace_for_writing(
         lock.close()
         raise
     try:
+        if not catalog.lock_for_writing():
+            raise InputError(f"{catalog.shown}: another index run is writing this catalog (from another workspace or machine); "
+                             f"wait for it to finish")
         _bind_bundle(workspace, catalog, bundle_id, dim, bundle_path, db_url)
         for stale in workspace.glob(".*.tmp*"):  # left by a killed save
             stale.unlink(missing_ok=True)

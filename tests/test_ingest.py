@@ -28,7 +28,7 @@ from indexing.catalog import Catalog
 from indexing.embedding import EmbeddedBatch
 from indexing.ingest import IndexSummary, index_folders
 from indexing.vector_index import VectorIndex
-from indexing.workspace import catalog_url, faiss_path, open_workspace_for_search, resolve_workspace
+from indexing.workspace import catalog_url, faiss_path, open_workspace_for_search, open_workspace_for_writing, resolve_workspace
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -438,6 +438,19 @@ def test_resolve_workspace(tmp_path, monkeypatch):
     (tmp_path / "a_file").write_text("")
     with pytest.raises(InputError, match="is a file"):
         resolve_workspace(tmp_path / "a_file")
+
+
+def test_runs_from_two_workspaces_into_one_postgresql_catalog_take_turns(tmp_path):
+    write_images(tmp_path / "archive", 2)
+    with fresh_postgres_database() as url:
+        first = open_workspace_for_writing(tmp_path / "node0", "fake-bundle", 64, db_url=url)
+        try:
+            with pytest.raises(InputError, match=r": another index run is writing this catalog \(from another workspace or machine\); "
+                                                 r"wait for it to finish$"):  # fmt: skip
+                index_folders(tmp_path / "archive", tmp_path / "node1", FakeEmbedder(), db_url=url)
+        finally:
+            first.close()
+        assert index_folders(tmp_path / "archive", tmp_path / "node1", FakeEmbedder(), db_url=url).added == 2
 
 
 # Run under torchrun by test_torchrun_two_ranks_index_like_one_process.
