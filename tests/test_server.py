@@ -564,7 +564,7 @@ def test_replicas_serve_only_committed_images_while_an_index_run_adds_more(tiny_
 
     def search_both() -> None:
         for client in clients:
-            response = client.post("/api/search", data={"like": "1", "k": "100", "rerank": "false"})
+            response = client.post("/api/search", data={"like": "1", "k": "100", "rerank": "false", "group": "none"})
             assert response.status_code == 200, response.text
             hits = response.json()["results"]
             known = set(catalog.ids().tolist())  # read after the answer: ids are never reused, none is deleted here
