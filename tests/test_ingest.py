@@ -440,6 +440,26 @@ def test_resolve_workspace(tmp_path, monkeypatch):
         resolve_workspace(tmp_path / "a_file")
 
 
+def test_a_search_workspace_follows_later_runs_through_the_catalog_generation(tmp_path, db_url):
+    archive_files = write_images(tmp_path / "archive", 3)
+    embedder = FakeEmbedder()
+    index_folders(tmp_path / "archive", tmp_path / "ws", embedder, db_url=db_url, batch_size=2)
+    with open_workspace_for_search(tmp_path / "ws", db_url=db_url) as workspace:
+        assert workspace.generation == workspace.catalog.generation() == 2  # two batches added images
+        assert workspace.refresh() is False
+        archive_files += write_images(tmp_path / "archive", 2, start=3)
+        Image.fromarray(blocky(50)).save(archive_files[0])  # replaced: its old image is deleted
+        index_folders(tmp_path / "archive", tmp_path / "ws", embedder, db_url=db_url, batch_size=2)
+        assert workspace.index.ntotal == 3  # what it opened with, until it refreshes
+        assert workspace.refresh() is True and workspace.refresh() is False
+        np.testing.assert_array_equal(workspace.index.ids(), workspace.catalog.ids())
+        for seed, path in zip([50, 1, 2, 3, 4], archive_files):
+            _, ids = workspace.index.search(embedder.vector(blocky(seed))[None], 1)
+            assert workspace.records_for(ids[0])[int(ids[0, 0])].path == str(path)
+        index_folders(tmp_path / "archive", tmp_path / "ws", embedder, db_url=db_url)  # nothing changes: nor does the generation
+        assert workspace.refresh() is False
+
+
 def test_runs_from_two_workspaces_into_one_postgresql_catalog_take_turns(tmp_path):
     write_images(tmp_path / "archive", 2)
     with fresh_postgres_database() as url:
@@ -553,7 +573,12 @@ def run_two_nodes(tmp_path: Path, archive: Path, db_url: str, node_env: list[dic
                    str(tmp_path / ("ws" if rank == 0 else "ws_node1")), str(tmp_path / "out"), db_url]  # fmt: skip
         environment = {**os.environ, "OMP_NUM_THREADS": "1", "BUNDLE_ID": "fake-bundle", **extra}
         nodes.append(subprocess.Popen(command, cwd=node, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    outputs = [node.communicate(timeout=600)[0] for node in nodes]
+    try:
+        outputs = [node.communicate(timeout=1200)[0] for node in nodes]  # generous: a loaded CI machine starts torch slowly
+    finally:
+        for node in nodes:  # a launch left waiting for its peer must not outlive the test
+            node.kill()
+            node.wait()
     results = []
     for rank in range(2):
         written = tmp_path / "out" / f"rank{rank}.json"
