@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import struct
 import subprocess
 import sys
@@ -572,13 +573,15 @@ def run_two_nodes(tmp_path: Path, archive: Path, db_url: str, node_env: list[dic
                    "--master-port", str(port), str(script), str(TESTS), str(ROOT), str(archive),
                    str(tmp_path / ("ws" if rank == 0 else "ws_node1")), str(tmp_path / "out"), db_url]  # fmt: skip
         environment = {**os.environ, "OMP_NUM_THREADS": "1", "BUNDLE_ID": "fake-bundle", **extra}
-        nodes.append(subprocess.Popen(command, cwd=node, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        nodes.append(subprocess.Popen(command, cwd=node, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                      start_new_session=True))  # fmt: skip
     try:
         outputs = [node.communicate(timeout=1200)[0] for node in nodes]  # generous: a loaded CI machine starts torch slowly
     finally:
-        for node in nodes:  # a launch left waiting for its peer must not outlive the test
-            node.kill()
-            node.wait()
+        for node in nodes:  # a launch left waiting for its peer must not outlive the test, nor its workers
+            if node.poll() is None:
+                os.killpg(node.pid, signal.SIGKILL)
+                node.wait()
     results = []
     for rank in range(2):
         written = tmp_path / "out" / f"rank{rank}.json"
