@@ -616,14 +616,14 @@ def test_two_nodes_index_into_one_postgresql_catalog_like_one_process(tmp_path):
         assert not (tmp_path / "ws_node1").exists()  # only rank 0 opens a workspace
         index_folders(archive, tmp_path / "one", FakeEmbedder(), db_url=one_process, batch_size=2)
         got, want = catalog_contents(two_nodes), catalog_contents(one_process)
+        with Catalog(two_nodes, create=False) as catalog:  # the index file on rank 0's node holds the catalog's ids
+            np.testing.assert_array_equal(VectorIndex.load(faiss_path(tmp_path / "ws", catalog)).ids(), got[0])
     np.testing.assert_array_equal(got[0], want[0])
     np.testing.assert_allclose(got[1], want[1], rtol=0, atol=1e-6)  # the fake embedder is exact; float tolerance for the real one
     assert got[2:4] == want[2:4]
     for a, b in zip(got[4], want[4]):
         np.testing.assert_array_equal(a, b)
     assert got[5] == want[5] == "fake-bundle"
-    with Catalog(two_nodes, create=False) as catalog:  # the index file on rank 0's node holds the catalog's ids
-        np.testing.assert_array_equal(VectorIndex.load(faiss_path(tmp_path / "ws", catalog)).ids(), got[0])
 
 
 @pytest.mark.skipif(TORCHRUN is None, reason="torchrun is not installed")
