@@ -403,6 +403,8 @@ def serve(
     batch_wait_ms: float = typer.Option(10.0, "--batch-wait-ms", min=0, max=1000, callback=finite,
                                         help="How long an idle model waits for more searches to run in one batch with the first (0: no wait)."),
     max_batch: int = typer.Option(16, "--max-batch", min=1, max=256, help="Searches computed together in one batch at most (1: one at a time)."),
+    refresh_s: float = typer.Option(2.0, "--refresh-s", min=0, max=86400, callback=finite,
+                                    help="How often at most a search first picks up images an index run committed since (0: every batch)."),
     device: str = typer.Option("cpu", "--device", help="cpu (default) | auto | cuda | cuda:N"),
     threads: int = typer.Option(0, "--threads", min=0, help="CPU threads for torch (0 = torch's default)."),
     allowed_hosts: str = typer.Option(None, "--allowed-hosts",
@@ -420,7 +422,7 @@ def serve(
     check_bind(host, token)  # before loading any network
     set_threads(threads)
     run_server(workspace, host, port, bundle, db_url, token, device, max_concurrent,
-               allowed_hosts.split(",") if allowed_hosts is not None else None, audit_log, batch_wait_ms, max_batch)
+               allowed_hosts.split(",") if allowed_hosts is not None else None, audit_log, batch_wait_ms, max_batch, refresh_s)
 
 
 @app.command()

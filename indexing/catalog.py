@@ -6,7 +6,9 @@ SQLite (the default, in the workspace) runs in WAL mode so that a search process
 index run writes.
 
 Tables:
-    meta     key -> value: schema_version, catalog_id (a uuid), bundle_id, dim
+    meta     key -> value: schema_version, catalog_id (a uuid), bundle_id, dim, generation (bumped by
+             each committed batch that adds or deletes images, so that a search process can tell
+             cheaply that it has something to pick up; absent, 0, in a catalog never written since)
     images   one row per distinct content (sha256 of the file bytes, frame): pixel size, modality,
              time added, the float32 vector as bytes, the mask shape. Ids are never reused
              (AUTOINCREMENT / sequences), so an id always names the same vector.
@@ -59,6 +61,9 @@ def _add_file_meta(connection: sa.Connection) -> None:
 
 
 MIGRATIONS: list[Callable[[sa.Connection], None]] = [_add_file_identity, _add_file_meta]
+
+# The PostgreSQL advisory lock an index run holds on its catalog's database ("sketch2m" in ASCII).
+WRITER_LOCK_KEY = 0x736B65746368326D
 
 
 @dataclass(frozen=True)
@@ -223,6 +228,7 @@ class Catalog:
             sa.event.listen(self.engine, "connect", _sqlite_connect)
             sa.event.listen(self.engine, "begin", lambda connection: connection.exec_driver_sql("BEGIN"))
         self._connection: sa.Connection | None = None
+        self._writer: sa.Connection | None = None  # holds the PostgreSQL writer lock (`lock_for_writing`)
         try:
             with self.engine.begin() as connection:
                 self.catalog_id = self._open(connection, create)
@@ -264,7 +270,25 @@ class Catalog:
         return values["catalog_id"]
 
     def close(self) -> None:
+        if self._writer is not None:  # ending the session releases its advisory lock
+            self._writer.close()
+            self._writer = None
         self.engine.dispose()
+
+    def lock_for_writing(self) -> bool:
+        """Take the catalog's writer lock for the index run that opened it, until `close()`; False if
+        another run holds it. On PostgreSQL this is a session advisory lock, so that runs from several
+        machines (several workspaces) into one database take turns; elsewhere the workspace's lock
+        file guards the catalog beside it, and this is always True."""
+        if self.engine.dialect.name != "postgresql" or self._writer is not None:
+            return True
+        connection = self.engine.connect()
+        if connection.execute(sa.text("SELECT pg_try_advisory_lock(:key)"), {"key": WRITER_LOCK_KEY}).scalar():
+            connection.commit()
+            self._writer = connection
+            return True
+        connection.close()
+        return False
 
     def __enter__(self) -> Catalog:
         return self
@@ -300,6 +324,15 @@ class Catalog:
         with self._connect() as c:
             if c.execute(meta_table.update().where(meta_table.c.key == key).values(value=value)).rowcount == 0:
                 c.execute(meta_table.insert().values(key=key, value=value))
+
+    def generation(self) -> int:
+        """The catalog's generation: how many committed batches changed its set of images (`bump_generation`)."""
+        return int(self.get_meta("generation") or 0)
+
+    def bump_generation(self) -> None:
+        """Count a change of the set of images; called inside the batch's transaction, so that the new
+        generation is seen with the images that make it."""
+        self.set_meta("generation", str(self.generation() + 1))
 
     # -- writing -----------------------------------------------------------------------------
 

@@ -1,14 +1,25 @@
 """Embedding an index run's new files: what the run needs from the networks, and sharding over torchrun ranks.
 
-Under torchrun, rank 0 plans every batch and is the only process touching the workspace; each rank
-loads and embeds its share of the batch's new files, and rank 0 gathers the results. Rank 0 tells
-the other ranks what to do with one broadcast per step: ("embed", items), ("done", result), or
-("input" | "error", message) when it fails, so that every rank stops with it.
+Under torchrun, rank 0 plans every batch and is the only process touching the workspace and the
+catalog; each rank loads and embeds its share of the batch's new files, and rank 0 gathers the
+results. Rank 0 tells the other ranks what to do with one broadcast per step: ("see", paths),
+("embed", items), ("done", result), or ("input" | "error", message) when it fails, so that every
+rank stops with it.
+
+Across machines (`torchrun --nnodes N`), the other ranks are sent file paths, not pixels: every
+rank opens the files itself, by the absolute path rank 0 found them under, so the archive must be
+at that path on every node (shared storage). Before the first batch every rank checks that it can
+see the folders being indexed (`Ranks.check_visible`), and that it embeds with the same bundle and
+vector weights as rank 0 (`Ranks.agree`): a node that cannot, or that loaded another bundle, stops
+the run with a one-line error naming it, instead of skipping files or storing foreign vectors.
+DICOMweb instances travel inside the broadcast, so only rank 0 talks to the server.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+import socket
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,6 +107,42 @@ class Ranks:
         torch.distributed.broadcast_object_list(box, src=0)
         return box[0]
 
+    def agree(self) -> None:
+        """On every rank, before the run: stop every rank if one embeds with another bundle or vector
+        weights (another `bundle_id`) or dimension than rank 0's, naming it and its host."""
+        if not self.dist.enabled:
+            return
+        mine = (str(self.embedder.bundle_id), int(self.embedder.dim), socket.gethostname())
+        everyone: list = [None] * self.dist.world_size
+        torch.distributed.all_gather_object(everyone, mine)
+        lead_id, lead_dim, lead_host = everyone[0]
+        for rank, (bundle_id, dim, host) in enumerate(everyone):
+            if (bundle_id, dim) != (lead_id, lead_dim):
+                raise InputError(
+                    f"rank {rank} on {host} embeds with bundle {bundle_id!r} ({dim} dimensions), rank 0 on {lead_host} with "
+                    f"{lead_id!r} ({lead_dim}); give every node the same --bundle and --weights"
+                )
+
+    def check_visible(self, paths: Sequence[Path]) -> None:
+        """On rank 0: every rank must see these paths (the folders and files being indexed), since
+        each opens its share of the files itself; else an InputError names the first rank, host and
+        path that cannot."""
+        if not self.dist.enabled or not paths:
+            return
+        self._share(("see", [str(path) for path in paths]))
+        for rank, (host, missing) in enumerate(self._report_visible([str(path) for path in paths])):
+            if missing:
+                raise InputError(
+                    f"rank {rank} on {host} cannot see {missing[0]}: every node opens the archive's files by the path rank 0 "
+                    f"found them under; put the archive on storage all nodes mount at that path, or index from one node"
+                )
+
+    def _report_visible(self, paths: list[str]) -> list[tuple[str, list[str]]]:
+        mine = (socket.gethostname(), [path for path in paths if not os.path.exists(path)])
+        gathered = [None] * self.dist.world_size if self.dist.is_main else None
+        torch.distributed.gather_object(mine, gathered, dst=0)
+        return gathered or []
+
     def embed(self, items: list[Item]) -> dict[Key, Embedded]:
         """On rank 0: every rank embeds its share of `items`; rank 0 gets all the results."""
         self._share(("embed", items))
@@ -124,6 +171,8 @@ class Ranks:
             verb, payload = self._share()
             if verb == "embed":
                 self._embed_share(payload)
+            elif verb == "see":
+                self._report_visible(payload)
             elif verb == "done":
                 return payload
             else:

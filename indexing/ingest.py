@@ -20,7 +20,8 @@ server that fails as a whole stops the run with its one-line error, keeping ever
 so that the next run resumes where it stopped.
 
 Under torchrun every rank calls `index_folders` (or `index_dicomweb`); rank 0 does the run and the others embed their
-shares of each batch (`indexing.embedding`).
+shares of each batch (`indexing.embedding`). Only rank 0 opens the workspace and the catalog, also across machines:
+the other nodes need the bundle and the archive (at the same path), not the workspace nor the database.
 """
 
 from __future__ import annotations
@@ -176,6 +177,8 @@ class _Writer:
         with self.catalog.transaction():
             new_ids, new_vectors = self._store(batch, results, summary)
             deleted = self.catalog.prune(batch.orphans)
+            if new_ids or deleted:  # the searches following the catalog (`Workspace.refresh`) see this batch
+                self.catalog.bump_generation()
         # Committed. The index follows (it is a cache), and only then is the batch reported.
         self._update_index(new_ids, new_vectors, deleted)
         summary.removed += len(deleted)
@@ -253,6 +256,7 @@ def _index(
 ) -> IndexSummary:
     """One index run over the source `make_source()` gives (made on rank 0, before the workspace is touched)."""
     ranks = Ranks(embedder)
+    ranks.agree()
     if not ranks.is_main:
         return ranks.follow()
     with ranks.lead():
@@ -261,6 +265,7 @@ def _index(
         if index_kind not in KINDS:
             raise InputError(f"unknown index kind {index_kind!r}; use one of {', '.join(KINDS)}")
         source = make_source()  # before the workspace is touched: a wrong path or server leaves it as it was
+        ranks.check_visible(source.roots)
         writer = _Writer(resolve_workspace(workspace), embedder, ranks, db_url, index_kind, verify, on_progress, on_batch)
         try:
             if on_start is not None:

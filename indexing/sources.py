@@ -23,6 +23,7 @@ from indexing.files import Discovery, FileRecord, FileStat, Unavailable, discove
 class Source(Protocol):
     names: list  # paths or instance URLs, in the run's order
     skipped: list[tuple[Path | str, str]]  # found unusable before the run: (name, reason)
+    roots: list[Path]  # where every torchrun rank must see the files (`Ranks.check_visible`); none for a server
 
     def tag(self, name) -> str | None:
         """The tag the item's entries get (None: leave the tags as they are)."""
@@ -45,6 +46,8 @@ class FolderSource:
         self.discovery, self.names, self.skipped = discovery, discovery.files, list(discovery.skipped)
         self._tag = tag
         self._tops = sorted(discovery.folders, key=lambda folder: -len(folder.parts))  # the deepest named folder first
+        # The folders named, else the folders of the files named (checking every file would cost a stat each).
+        self.roots = list(discovery.folders) or sorted({path.parent for path in discovery.files})
 
     def tag(self, path: Path) -> str | None:
         if self._tag is not None:
@@ -93,7 +96,7 @@ class DicomWebSource:
     def __init__(self, server: DicomWebServer, filters: DicomWebFilters | None = None, tag: str | None = None):
         self.server, self._tag, self.filters = server, tag, filters or DicomWebFilters()
         self.refs: dict[str, InstanceRef] = {server.instance_url(ref): ref for ref in server.instances(self.filters)}
-        self.names, self.skipped = list(self.refs), []
+        self.names, self.skipped, self.roots = list(self.refs), [], []  # instances travel with the batch to the other ranks
         self._listed_series = {(ref.study_uid, ref.series_uid) for ref in self.refs.values()}
 
     def tag(self, name: str) -> str | None:

@@ -6,6 +6,7 @@ A workspace folder (`resolve_workspace`) holds:
     index-<catalog_id>.faiss  the FAISS index (`faiss_path`), a cache derived from the catalog's vectors
     workspace.json          the bundle the vectors were made with, their dimension, where the catalog is
     .lock                   held by the one index run writing the workspace
+                            (and, on PostgreSQL, an advisory lock on the catalog: `Catalog.lock_for_writing`)
 
 The FAISS file is only a cache: it is written atomically (temp file + os.replace), and every opening,
 for indexing or for search, compares its ids with the catalog's and patches it (adds the missing
@@ -13,7 +14,9 @@ vectors from the catalog, drops ids the catalog no longer has). This is sound be
 never reused, so an id always names the same vector, and because the file is named after the
 catalog's uuid, so it cannot be mistaken for another catalog's. A search that opens the workspace
 while a run is writing sees every batch committed so far (SQLite in WAL mode lets it read during the
-writes).
+writes); a long-running one (`serve`) picks up later batches with `Workspace.refresh`, which follows
+the catalog's generation. Either way the index holds only ids read from the catalog, so a search
+never returns an id the catalog does not know, and never reads a half-written FAISS file.
 """
 
 from __future__ import annotations
@@ -133,12 +136,22 @@ def _synced_index(workspace: Path, catalog: Catalog, kind: str, use_gpu: bool = 
         ids, vectors = catalog.vectors()
         index = VectorIndex.build(vectors, ids, wanted, ef_search=ef_search, use_gpu=use_gpu)
         return index, True
+    return index, _patch(index, catalog, catalog_ids)
+
+
+def _patch(index: VectorIndex, catalog: Catalog, catalog_ids: np.ndarray | None = None) -> bool:
+    """Make `index` hold exactly the catalog's images (`catalog_ids`, read now if not given); True if it changed.
+
+    Only ids read from the catalog go in, with the vectors the catalog holds for them, so the index
+    never holds an id the catalog does not know (one deleted meanwhile is left out of the hits, as
+    `Retriever` shows only hits with a catalog record)."""
+    catalog_ids = catalog.ids() if catalog_ids is None else catalog_ids
     stored = index.ids()
     extra, missing = np.setdiff1d(stored, catalog_ids), np.setdiff1d(catalog_ids, stored)
     index.remove(extra)
     ids, vectors = catalog.vectors(missing)
     index.add(vectors, ids)
-    return index, bool(len(extra) or len(ids))
+    return bool(len(extra) or len(ids))
 
 
 @dataclass
@@ -155,6 +168,7 @@ class Workspace:
     dim: int
     bundle_path: str | None = None  # the bundle folder the index was built with, when recorded
     lock: IO | None = None  # held while an index run writes
+    generation: int = 0  # the catalog's generation the index was last made to match (`refresh`)
 
     def masks_for(self, ids: Iterable[int]) -> dict[int, np.ndarray]:
         """S's label maps (uint8, 0 = background) of these image ids; unknown ids (-1) are left out."""
@@ -163,6 +177,21 @@ class Workspace:
     def records_for(self, ids: Iterable[int]) -> dict[int, ImageRecord]:
         """The catalog records (path, aliases, size, modality, ...) of these image ids."""
         return self.catalog.records(ids)
+
+    def refresh(self) -> bool:
+        """Pick up what index runs committed since this workspace was opened or last refreshed: if the
+        catalog's generation moved, patch the in-memory index to the catalog's images (the FAISS file
+        is not read: it may lag the catalog). True if the generation moved.
+
+        One small read when nothing changed; when something did, the catalog's ids are compared with
+        the index's and the new vectors read, so the cost grows with the archive (docs/SCALING.md).
+        Not safe to run while another thread searches this index: the server runs it on its model thread."""
+        generation = self.catalog.generation()  # before the ids: a batch committed in between is picked up next time
+        if generation == self.generation:
+            return False
+        _patch(self.index, self.catalog)
+        self.generation = generation
+        return True
 
     def save_index(self) -> None:
         """Write the FAISS index to its file (atomically)."""
@@ -206,6 +235,7 @@ def open_workspace_for_search(
         if bundle_id is not None:
             check_bundle(path, stored_bundle, bundle_id, "search with that bundle or re-index into a new workspace",
                          indexed_path=info.get("bundle_path"))  # fmt: skip
+        generation = catalog.generation()  # before the index is synced: see `Workspace.refresh`
         index, changed = _synced_index(path, catalog, "auto", use_gpu, ef_search)
         if changed:  # save the repair for the next search, unless an index run is writing right now
             lock = _try_lock(path)
@@ -215,7 +245,7 @@ def open_workspace_for_search(
     except BaseException:
         catalog.close()
         raise
-    return Workspace(path, catalog, index, stored_bundle, dim, info.get("bundle_path"))
+    return Workspace(path, catalog, index, stored_bundle, dim, info.get("bundle_path"), generation=generation)
 
 
 def open_workspace_for_writing(
@@ -232,6 +262,9 @@ def open_workspace_for_writing(
         lock.close()
         raise
     try:
+        if not catalog.lock_for_writing():
+            raise InputError(f"{catalog.shown}: another index run is writing this catalog (from another workspace or machine); "
+                             f"wait for it to finish")
         _bind_bundle(workspace, catalog, bundle_id, dim, bundle_path, db_url)
         for stale in workspace.glob(".*.tmp*"):  # left by a killed save
             stale.unlink(missing_ok=True)

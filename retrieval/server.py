@@ -32,6 +32,12 @@ C and S run once for the batch (`Retriever.search_many`); each request gets its 
 own error. At most `max_concurrent` searches are admitted (computing or queued for the model); one
 that finds every slot taken waits up to `busy_wait_s` for a slot, then gets 503 with Retry-After.
 
+Following an index run: the workspace is opened once, and before a batch of searches the model
+thread checks, at most every `refresh_s` seconds, whether the catalog's generation moved; if it did,
+the in-memory index is patched to the catalog (`Workspace.refresh`). So several replicas over one
+catalog (PostgreSQL) each serve a state the catalog has committed: every id they return is known to
+the catalog, and one deleted meanwhile is left out of the hits (404 for its pictures).
+
 Memory: uploads and archive images are decoded a bounded number at a time
 (`retrieval.pictures.decoder_thread`), at a reduced scale where the format allows, and downscaled as
 soon as they are decoded; archive images are kept only as small PNGs in a bounded cache.
@@ -97,6 +103,7 @@ IMAGE_SIDE, THUMBNAIL_SIDE = 1024, 192
 MAX_K, MAX_CANDIDATES, MAX_STEPS = 100, 10_000, 10
 MAX_IMAGE_ID = 2**63 - 1  # catalog ids are int64
 BATCH_WAIT_MS, MAX_BATCH = 10.0, 16  # `serve --batch-wait-ms`, `--max-batch` (docs/BENCHMARKS.md: the throughput they bring)
+REFRESH_S = 2.0  # `serve --refresh-s`: how stale a replica may be while an index run writes (one small read per check)
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
 SECURITY_HEADERS = [  # the page loads nothing from elsewhere; the token must not leak in a Referer
     (b"content-security-policy", b"default-src 'self'; img-src 'self' data: blob:; object-src 'none'; frame-ancestors 'none'"),
@@ -346,20 +353,23 @@ def create_app(retriever: Retriever | Callable[[], Retriever], token: str | None
                max_upload_bytes: int = MAX_UPLOAD_BYTES, max_concurrent: int = 32, busy_wait_s: float = 10.0,
                models: ThreadPoolExecutor | None = None, host: str | None = None,
                allowed_hosts: Iterable[str] | None = None, audit_log: AuditLog | None = None,
-               batch_wait_ms: float = BATCH_WAIT_MS, max_batch: int = MAX_BATCH) -> FastAPI:
+               batch_wait_ms: float = BATCH_WAIT_MS, max_batch: int = MAX_BATCH, refresh_s: float = REFRESH_S) -> FastAPI:
     """The web application over one retriever (or a factory, called once on the model thread). It
     does not close the retriever: the caller owns it. `models` is the thread searches run on (see
     `model_thread`; one is made if not given): pass the one the retriever was loaded on. `host` is
     the address served on, `allowed_hosts` the Host header names to answer (see the module docstring).
     With `audit_log`, every search is recorded there (`retrieval.audit`). `batch_wait_ms` and
     `max_batch`: how long an idle model thread waits for more searches to batch with the first, and
-    the most in one batch (`SearchBatcher`; 0 and 1 search one at a time)."""
-    if max_upload_bytes < 1 or max_concurrent < 1 or busy_wait_s < 0:
-        raise InputError("max_upload_bytes and max_concurrent must be positive, busy_wait_s not negative")
+    the most in one batch (`SearchBatcher`; 0 and 1 search one at a time). `refresh_s`: how often at
+    most a batch first picks up what index runs committed since (see the module docstring; 0: before
+    every batch)."""
+    if max_upload_bytes < 1 or max_concurrent < 1 or busy_wait_s < 0 or not refresh_s >= 0:
+        raise InputError("max_upload_bytes and max_concurrent must be positive, busy_wait_s and refresh_s not negative")
     models = models or model_thread()
     # anything with Retriever's search_many, workspace, models
     retriever = models.submit(retriever).result() if callable(retriever) else retriever
-    batcher = SearchBatcher(lambda items: _searched_with_meta(retriever, items), models, batch_wait_ms / 1000, max_batch)
+    follow = _CatalogFollower(retriever.workspace, refresh_s)
+    batcher = SearchBatcher(lambda items: _searched_with_meta(retriever, items, follow), models, batch_wait_ms / 1000, max_batch)
     app = FastAPI(title="sketch2medi", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(_Guard, token=token or None, max_body=max_upload_bytes + FORM_OVERHEAD,
                        hosts=allowed_host_names(token, host, allowed_hosts))
@@ -471,9 +481,25 @@ def _add_search(app: FastAPI, batcher: SearchBatcher, decoder: ThreadPoolExecuto
                           "masks": data_url(mask_overlay(result.labels)) if rerank else None}}
 
 
-def _searched_with_meta(retriever: Retriever, items: list[tuple[SearchRequest, str | None]]) -> list:
+class _CatalogFollower:
+    """Calls `Workspace.refresh` at most every `every_s` seconds; run on the model thread, before a
+    batch of searches, since patching the index while it is searched is not safe."""
+
+    def __init__(self, workspace, every_s: float):
+        self.workspace, self.every_s, self.checked = workspace, every_s, time.monotonic()
+
+    def __call__(self) -> None:
+        now = time.monotonic()
+        if now - self.checked >= self.every_s:
+            self.workspace.refresh()
+            self.checked = now
+
+
+def _searched_with_meta(retriever: Retriever, items: list[tuple[SearchRequest, str | None]], follow: Callable[[], None]) -> list:
     """`grouped_search_many` of (request, group) pairs, each outcome with the catalog's metadata of
-    its hits (read on the model thread, beside the search): (result, groups, meta) or an Exception."""
+    its hits (read on the model thread, beside the search): (result, groups, meta) or an Exception.
+    `follow()` first picks up what index runs committed (`_CatalogFollower`)."""
+    follow()
     outcomes = []
     for outcome in grouped_search_many(retriever, items):
         if not isinstance(outcome, Exception):
@@ -563,9 +589,10 @@ def _add_images(app: FastAPI, retriever: Retriever, decoder: ThreadPoolExecutor)
 def serve(workspace: str | Path | None, host: str, port: int, bundle: str | Path | None = None, db_url: str | None = None,
           token: str | None = None, device: str = "cpu", max_concurrent: int = 32,
           allowed_hosts: Iterable[str] | None = None, audit_log: str | Path | None = None,
-          batch_wait_ms: float = BATCH_WAIT_MS, max_batch: int = MAX_BATCH) -> None:
+          batch_wait_ms: float = BATCH_WAIT_MS, max_batch: int = MAX_BATCH, refresh_s: float = REFRESH_S) -> None:
     """`sketch2medi serve`: check the binding, open the workspace (one-line errors), run uvicorn.
-    token: the access token every request must carry (`access_token()` reads it from the environment)."""
+    token: the access token every request must carry (`access_token()` reads it from the environment);
+    the other arguments as `create_app` takes them."""
     import uvicorn
 
     host = bind_host(host)
@@ -575,7 +602,8 @@ def serve(workspace: str | Path | None, host: str, port: int, bundle: str | Path
     retriever = models.submit(Retriever, workspace, bundle, db_url, device).result()  # loaded where it will run
     with retriever:
         app = create_app(retriever, token=token, max_concurrent=max_concurrent, models=models, host=host,
-                         allowed_hosts=allowed_hosts, audit_log=audit, batch_wait_ms=batch_wait_ms, max_batch=max_batch)
+                         allowed_hosts=allowed_hosts, audit_log=audit, batch_wait_ms=batch_wait_ms, max_batch=max_batch,
+                         refresh_s=refresh_s)
         print(f"sketch2medi: {retriever.workspace.index.ntotal} images; open {page_url(host, port)}" + ("?token=..." if token else ""),
               flush=True)
         config = uvicorn.Config(app, host=host, port=port, log_level="info")  # sets up uvicorn's loggers

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import signal
 import struct
 import subprocess
 import sys
@@ -27,7 +29,7 @@ from indexing.catalog import Catalog
 from indexing.embedding import EmbeddedBatch
 from indexing.ingest import IndexSummary, index_folders
 from indexing.vector_index import VectorIndex
-from indexing.workspace import catalog_url, faiss_path, open_workspace_for_search, resolve_workspace
+from indexing.workspace import catalog_url, faiss_path, open_workspace_for_search, open_workspace_for_writing, resolve_workspace
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -439,6 +441,39 @@ def test_resolve_workspace(tmp_path, monkeypatch):
         resolve_workspace(tmp_path / "a_file")
 
 
+def test_a_search_workspace_follows_later_runs_through_the_catalog_generation(tmp_path, db_url):
+    archive_files = write_images(tmp_path / "archive", 3)
+    embedder = FakeEmbedder()
+    index_folders(tmp_path / "archive", tmp_path / "ws", embedder, db_url=db_url, batch_size=2)
+    with open_workspace_for_search(tmp_path / "ws", db_url=db_url) as workspace:
+        assert workspace.generation == workspace.catalog.generation() == 2  # two batches added images
+        assert workspace.refresh() is False
+        archive_files += write_images(tmp_path / "archive", 2, start=3)
+        Image.fromarray(blocky(50)).save(archive_files[0])  # replaced: its old image is deleted
+        index_folders(tmp_path / "archive", tmp_path / "ws", embedder, db_url=db_url, batch_size=2)
+        assert workspace.index.ntotal == 3  # what it opened with, until it refreshes
+        assert workspace.refresh() is True and workspace.refresh() is False
+        np.testing.assert_array_equal(workspace.index.ids(), workspace.catalog.ids())
+        for seed, path in zip([50, 1, 2, 3, 4], archive_files):
+            _, ids = workspace.index.search(embedder.vector(blocky(seed))[None], 1)
+            assert workspace.records_for(ids[0])[int(ids[0, 0])].path == str(path)
+        index_folders(tmp_path / "archive", tmp_path / "ws", embedder, db_url=db_url)  # nothing changes: nor does the generation
+        assert workspace.refresh() is False
+
+
+def test_runs_from_two_workspaces_into_one_postgresql_catalog_take_turns(tmp_path):
+    write_images(tmp_path / "archive", 2)
+    with fresh_postgres_database() as url:
+        first = open_workspace_for_writing(tmp_path / "node0", "fake-bundle", 64, db_url=url)
+        try:
+            with pytest.raises(InputError, match=r": another index run is writing this catalog \(from another workspace or machine\); "
+                                                 r"wait for it to finish$"):  # fmt: skip
+                index_folders(tmp_path / "archive", tmp_path / "node1", FakeEmbedder(), db_url=url)
+        finally:
+            first.close()
+        assert index_folders(tmp_path / "archive", tmp_path / "node1", FakeEmbedder(), db_url=url).added == 2
+
+
 # Run under torchrun by test_torchrun_two_ranks_index_like_one_process.
 DISTRIBUTED_RUN = """
 import json, os, sys
@@ -487,6 +522,130 @@ def test_torchrun_two_ranks_index_like_one_process(tmp_path):
     np.testing.assert_array_equal(contents[0][0], contents[1][0])
     np.testing.assert_array_equal(contents[0][1], contents[1][1])
     assert contents[0][2] == contents[1][2]
+
+
+# Run on each "node" by the two-node tests: argv = tests, repo, archive, workspace, out folder, catalog URL.
+# BUNDLE_ID names the bundle this node's embedder claims; on a node with HIDDEN_ARCHIVE set, that folder
+# does not exist (as on a machine that does not mount the archive's storage).
+MULTI_NODE_RUN = """
+import json, os, sys
+sys.path[:0] = [sys.argv[1], sys.argv[2]]
+import torch.distributed
+from test_ingest import FakeEmbedder
+from generation.errors import InputError
+from indexing.ingest import index_folders
+
+hidden, exists = os.environ.get("HIDDEN_ARCHIVE"), os.path.exists
+if hidden:
+    os.path.exists = lambda path: not str(path).startswith(hidden) and exists(path)
+embedder = FakeEmbedder(os.environ["BUNDLE_ID"])
+try:
+    summary = index_folders(sys.argv[3], sys.argv[4], embedder, db_url=sys.argv[6], batch_size=2)
+    result = {"added": summary.added, "duplicates": summary.duplicates, "skipped": len(summary.skipped), "embedded": embedder.embedded}
+except InputError as error:
+    result = {"error": str(error)}
+with open(os.path.join(sys.argv[5], f"rank{os.environ['RANK']}.json"), "w") as handle:
+    json.dump(result, handle)
+if torch.distributed.is_initialized():
+    torch.distributed.destroy_process_group()
+"""
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def run_two_nodes(tmp_path: Path, archive: Path, db_url: str, node_env: list[dict[str, str]]) -> list[dict]:
+    """`torchrun --nnodes 2` twice on loopback, one process per node, each from its own folder with its
+    own environment additions; rank 0 is given tmp_path/ws as the workspace, rank 1 tmp_path/ws_node1."""
+    script = tmp_path / "multi_node_run.py"
+    script.write_text(MULTI_NODE_RUN)
+    (tmp_path / "out").mkdir()
+    port, nodes = free_port(), []
+    for rank, extra in enumerate(node_env):
+        node = tmp_path / f"node{rank}"
+        node.mkdir()
+        command = [TORCHRUN, "--nnodes", "2", "--node-rank", str(rank), "--nproc-per-node", "1", "--master-addr", "127.0.0.1",
+                   "--master-port", str(port), str(script), str(TESTS), str(ROOT), str(archive),
+                   str(tmp_path / ("ws" if rank == 0 else "ws_node1")), str(tmp_path / "out"), db_url]  # fmt: skip
+        environment = {**os.environ, "OMP_NUM_THREADS": "1", "BUNDLE_ID": "fake-bundle", **extra}
+        nodes.append(subprocess.Popen(command, cwd=node, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                      start_new_session=True))  # fmt: skip
+    try:
+        outputs = [node.communicate(timeout=1200)[0] for node in nodes]  # generous: a loaded CI machine starts torch slowly
+    finally:
+        for node in nodes:  # a launch left waiting for its peer must not outlive the test, nor its workers
+            if node.poll() is None:
+                os.killpg(node.pid, signal.SIGKILL)
+                node.wait()
+    results = []
+    for rank in range(2):
+        written = tmp_path / "out" / f"rank{rank}.json"
+        assert written.is_file(), outputs[rank][-3000:]
+        results.append(json.loads(written.read_text()))
+    return results
+
+
+def catalog_contents(db_url: str) -> tuple:
+    """Everything a run writes to the catalog, without the time each image was added."""
+    with Catalog(db_url, create=False) as catalog:
+        ids, vectors = catalog.vectors()
+        records = catalog.records(ids)
+        rows = [(r.id, r.path, r.frame, r.sha256, r.size, r.mtime_ns, r.width, r.height, r.modality, r.aliases, r.meta)
+                for r in (records[i] for i in ids)]  # fmt: skip
+        masks = catalog.label_maps(ids)
+        return ids, vectors, rows, catalog.entries(), [masks[i] for i in ids], catalog.get_meta("bundle_id")
+
+
+@pytest.mark.skipif(TORCHRUN is None, reason="torchrun is not installed")
+@pytest.mark.slow  # starts two torchrun processes
+def test_two_nodes_index_into_one_postgresql_catalog_like_one_process(tmp_path):
+    archive = tmp_path / "archive"
+    write_images(archive, 9)
+    shutil.copy(archive / "image_004.png", archive / "same_as_4.png")
+    (archive / "broken.png").write_text("x")
+    with fresh_postgres_database() as two_nodes, fresh_postgres_database() as one_process:
+        ranks = run_two_nodes(tmp_path, archive, two_nodes, [{}, {}])
+        embedded = [rank.pop("embedded") for rank in ranks]
+        assert ranks[0] == ranks[1] == {"added": 9, "duplicates": 1, "skipped": 1}  # each node returns rank 0's summary
+        assert min(embedded) > 0 and sum(embedded) == 9  # both nodes embedded a share, nothing twice
+        assert not (tmp_path / "ws_node1").exists()  # only rank 0 opens a workspace
+        index_folders(archive, tmp_path / "one", FakeEmbedder(), db_url=one_process, batch_size=2)
+        got, want = catalog_contents(two_nodes), catalog_contents(one_process)
+        with Catalog(two_nodes, create=False) as catalog:  # the index file on rank 0's node holds the catalog's ids
+            np.testing.assert_array_equal(VectorIndex.load(faiss_path(tmp_path / "ws", catalog)).ids(), got[0])
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_allclose(got[1], want[1], rtol=0, atol=1e-6)  # the fake embedder is exact; float tolerance for the real one
+    assert got[2:4] == want[2:4]
+    for a, b in zip(got[4], want[4]):
+        np.testing.assert_array_equal(a, b)
+    assert got[5] == want[5] == "fake-bundle"
+
+
+@pytest.mark.skipif(TORCHRUN is None, reason="torchrun is not installed")
+@pytest.mark.slow  # starts two torchrun processes
+@pytest.mark.parametrize("problem", ["another bundle", "no archive"])
+def test_a_node_with_another_bundle_or_without_the_archive_stops_the_run_naming_it(tmp_path, problem):
+    archive = tmp_path / "archive"
+    write_images(archive, 4)
+    node1 = {"BUNDLE_ID": "other-bundle"} if problem == "another bundle" else {"HIDDEN_ARCHIVE": str(archive)}
+    with fresh_postgres_database() as url:
+        ranks = run_two_nodes(tmp_path, archive, url, [{}, node1])
+        with sa.create_engine(url).connect() as connection:
+            assert sa.inspect(connection).get_table_names() == []  # stopped before the catalog was opened
+    assert ranks[0] == ranks[1]  # every rank stops with the same one-line error
+    if problem == "another bundle":
+        expected = (r"rank 1 on \S+ embeds with bundle 'other-bundle' \(64 dimensions\), rank 0 on \S+ with 'fake-bundle' \(64\); "
+                    r"give every node the same --bundle and --weights")  # fmt: skip
+    else:
+        expected = (rf"rank 1 on \S+ cannot see {re.escape(str(archive.resolve()))}: every node opens the archive's files by the path "
+                    r"rank 0 found them under; put the archive on storage all nodes mount at that path, or index from one node")  # fmt: skip
+    assert re.fullmatch(expected, ranks[0]["error"]), ranks[0]["error"]
+    assert not (tmp_path / "ws").exists()
 
 
 # -- DICOM -------------------------------------------------------------------------------------------

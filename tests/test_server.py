@@ -515,3 +515,83 @@ def test_labelled_search_and_a_class_the_bundle_lacks(client, retriever, sketch)
                                                              "`python cli.py classes` lists"}
     info = client.get("/api/info").json()
     assert [row["index"] for row in info["classes"]] == [0, 1, 2, 3, 4]
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def catalog_db(request):
+    """None (the workspace's own SQLite catalog), or a fresh database on the test PostgreSQL server."""
+    if request.param == "sqlite":
+        yield None
+    else:
+        from conftest import fresh_postgres_database
+
+        with fresh_postgres_database() as url:
+            yield url
+
+
+@pytest.mark.slow  # an index run beside two servers
+def test_replicas_serve_only_committed_images_while_an_index_run_adds_more(tiny_chain, retriever, tmp_path, catalog_db):
+    import shutil
+
+    from indexing.catalog import Catalog
+    from indexing.vector_index import VectorIndex
+    from indexing.workspace import catalog_url, faiss_path
+    from retrieval.server import model_thread
+
+    data, bundle, _ = tiny_chain
+    originals = sorted((data / "images").iterdir())
+    archive, workspace = tmp_path / "archive", tmp_path / "ws"
+    archive.mkdir()
+    for path in originals[:6]:
+        shutil.copy(path, archive / path.name)
+    index_folders(archive, workspace, ArchiveEmbedder(retriever.models), db_url=catalog_db, batch_size=8)
+    for path in originals[6:]:  # these arrive while the replicas serve
+        shutil.copy(path, archive / path.name)
+    catalog = Catalog(catalog_url(workspace, catalog_db), create=False)
+    models = model_thread()  # the replicas share the networks, so also the one thread that runs them
+    # With PostgreSQL the second replica has a folder of its own, as on another machine: it builds its index from the catalog.
+    elsewhere = workspace if catalog_db is None else tmp_path / "replica"
+    elsewhere.mkdir(exist_ok=True)
+    replicas = [Retriever(folder, db_url=catalog_db, models=retriever.models) for folder in (workspace, elsewhere)]
+    clients = [TestClient(create_app(replica, models=models, refresh_s=0), base_url=LOCAL) for replica in replicas]
+    failed: list[BaseException] = []
+
+    def index_the_rest():  # networks of its own: the replicas' are busy on their thread
+        try:
+            index_folders(archive, workspace, ArchiveEmbedder(SystemModels(bundle, "cpu")), db_url=catalog_db, batch_size=2)
+        except BaseException as error:
+            failed.append(error)
+
+    def search_both() -> None:
+        for client in clients:
+            response = client.post("/api/search", data={"like": "1", "k": "100", "rerank": "false", "group": "none"})
+            assert response.status_code == 200, response.text
+            hits = response.json()["results"]
+            known = set(catalog.ids().tolist())  # read after the answer: ids are never reused, none is deleted here
+            assert {hit["id"] for hit in hits} <= known
+            for hit in hits[:3]:
+                assert client.get(hit["thumbnail"]).status_code == 200
+            counts.append(len(hits))
+        saved = VectorIndex.load(faiss_path(workspace, catalog))  # never a half-written file
+        assert set(saved.ids().tolist()) <= set(catalog.ids().tolist())
+
+    counts: list[int] = []
+    run = threading.Thread(target=index_the_rest)
+    try:
+        search_both()
+        run.start()
+        while run.is_alive():
+            search_both()
+        run.join()
+        search_both()
+    finally:
+        if run.ident is not None:
+            run.join()
+        for client in clients:
+            client.close()
+        for replica in replicas:
+            replica.close()
+        catalog.close()
+    assert not failed, failed
+    assert counts[:2] == [6, 6] and counts[-2:] == [len(originals)] * 2  # each replica picked up every committed batch
+    assert counts == sorted(counts)  # and never went back to an older state
