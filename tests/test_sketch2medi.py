@@ -289,7 +289,8 @@ def test_export_halves_the_weights_and_keeps_the_images(tiny_bundle, tmp_path):
     assert result.exit_code == 0, result.output
     shipped = tmp_path / "shipped"
     assert sorted(p.name for p in shipped.iterdir()) == sorted(
-        [f"{n}.{x}" for n in ("moco", "synthesizer", "generator", "encoder", "refiner") for x in ("json", "safetensors")] + ["bundle.json"])
+        [f"{n}.{x}" for n in ("moco", "synthesizer", "generator", "discriminator", "encoder", "refiner") for x in ("json", "safetensors")]
+        + ["bundle.json"])  # D travels with G, so that G's training can continue from the exported bundle
     assert all(t.dtype in (torch.float16, torch.int64) for t in load_file(str(shipped / "generator.safetensors")).values())
     manifest = json.loads((shipped / "bundle.json").read_text())
     assert manifest["exported"]["dtype"] == "float16" and manifest["bundle_id"] != json.loads((bundle / "bundle.json").read_text())["bundle_id"]
