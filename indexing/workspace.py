@@ -4,6 +4,7 @@ A workspace folder (`resolve_workspace`) holds:
 
     catalog.sqlite          the catalog (unless --db-url names another database): the source of truth
     index-<catalog_id>.faiss  the FAISS index (`faiss_path`), a cache derived from the catalog's vectors
+                            (one file for every kind; search maps an ivfpq index's lists from it)
     workspace.json          the bundle the vectors were made with, their dimension, where the catalog is
     .lock                   held by the one index run writing the workspace
 
