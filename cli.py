@@ -249,7 +249,7 @@ def index(
     bundle: Path = typer.Option(None, "--bundle", help="Bundle made by `train all` (default: $SKETCH2MEDI_BUNDLE, else the shipped one)."),
     db_url: str = typer.Option(None, "--db-url", "--db", help=DB_HELP),
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Images per batch (each batch is committed before it is reported)."),
-    index_kind: str = typer.Option("auto", "--index", help="auto (exact up to 100k images, then HNSW) | flat | ivf | hnsw."),
+    index_kind: str = typer.Option("auto", "--index", help="auto (exact up to 100k images, HNSW up to 2M, then ivfpq) | flat | ivf | hnsw | ivfpq."),
     weights: str = typer.Option(None, "--weights", help=f"Vector weights, e.g. {WEIGHTS_TEXT} (default: the bundle's search.json, else that; docs/SEARCH.md)."),
     verify: bool = typer.Option(False, "--verify", help="Re-hash every file, also those whose size, mtime, inode and ctime are unchanged."),
     tag: str = typer.Option(None, "--tag", help="Tag recorded with every file (default: the top folder's name) or instance (default: none)."),

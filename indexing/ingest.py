@@ -39,8 +39,8 @@ from indexing.dicomweb import DicomWebFilters, DicomWebServer
 from indexing.embedding import Embedded, Embedder, Item, Key, Ranks
 from indexing.files import FileRecord, SourceFailed, Unavailable, reason
 from indexing.sources import DicomWebSource, Source, folder_source
-from indexing.vector_index import KINDS, VectorIndex, target_kind
-from indexing.workspace import open_workspace_for_writing, resolve_workspace
+from indexing.vector_index import KINDS, target_kind
+from indexing.workspace import index_from_catalog, open_workspace_for_writing, resolve_workspace
 
 # The FAISS file is rewritten after this many new vectors, or a quarter of the index if more: a
 # kill loses no data either way, only the time to patch the file again from the catalog.
@@ -124,8 +124,7 @@ class _Writer:
         index = self.workspace.index
         wanted = target_kind(self.index_kind, index.kind, index.ntotal - len(self.doomed))
         if wanted != index.kind:
-            ids, vectors = self.catalog.vectors()
-            self.workspace.index = VectorIndex.build(vectors, ids, wanted)
+            self.workspace.index = index_from_catalog(self.catalog, wanted)
             self.unsaved += 1
         if self.unsaved:
             self.save()
@@ -236,7 +235,7 @@ class _Writer:
             index.remove(np.asarray(self.doomed, np.int64))
             self.doomed = []
         if new_ids:
-            index.add(np.stack(new_vectors), np.asarray(new_ids, np.int64))
+            index.add(np.stack(new_vectors), np.asarray(new_ids, np.int64), known_new=True)  # catalog ids are never reused
         self.unsaved += len(new_ids) + len(deleted)
         if self.unsaved >= max(SAVE_EVERY, index.ntotal // 4):
             self.save()

@@ -4,6 +4,7 @@ A workspace folder (`resolve_workspace`) holds:
 
     catalog.sqlite          the catalog (unless --db-url names another database): the source of truth
     index-<catalog_id>.faiss  the FAISS index (`faiss_path`), a cache derived from the catalog's vectors
+                            (one file for every kind; search maps an ivfpq index's lists from it)
     workspace.json          the bundle the vectors were made with, their dimension, where the catalog is
     .lock                   held by the one index run writing the workspace
                             (and, on PostgreSQL, an advisory lock on the catalog: `Catalog.lock_for_writing`)
@@ -33,7 +34,11 @@ import numpy as np
 
 from generation.errors import InputError
 from indexing.catalog import Catalog, ImageRecord, masked_url
-from indexing.vector_index import VectorIndex, target_kind
+from indexing.vector_index import VectorIndex, target_kind, training_size
+
+# Vectors read from the catalog at a time when an index is built batch by batch (ivfpq: 10M vectors
+# of 640-d are 25.6 GB, far more than the index's 0.9 GB).
+BUILD_BATCH = 100_000
 
 ENV_WORKSPACE = "SKETCH2MEDI_WORKSPACE"
 CATALOG_FILE = "catalog.sqlite"
@@ -125,7 +130,7 @@ def _synced_index(workspace: Path, catalog: Catalog, kind: str, use_gpu: bool = 
     index = None
     if path.is_file():
         try:
-            index = VectorIndex.load(path, ef_search=ef_search, use_gpu=use_gpu)
+            index = VectorIndex.load(path, ef_search=ef_search, use_gpu=use_gpu, exact_vectors=catalog.vectors)
         except InputError:
             index = None  # damaged: rebuilt below
         if index is not None and index.dim != dim:
@@ -133,9 +138,7 @@ def _synced_index(workspace: Path, catalog: Catalog, kind: str, use_gpu: bool = 
     catalog_ids = catalog.ids()
     wanted = target_kind(kind, index.kind if index else None, len(catalog_ids))
     if index is None or index.kind != wanted:
-        ids, vectors = catalog.vectors()
-        index = VectorIndex.build(vectors, ids, wanted, ef_search=ef_search, use_gpu=use_gpu)
-        return index, True
+        return index_from_catalog(catalog, wanted, catalog_ids, ef_search=ef_search, use_gpu=use_gpu), True
     return index, _patch(index, catalog, catalog_ids)
 
 
@@ -144,14 +147,35 @@ def _patch(index: VectorIndex, catalog: Catalog, catalog_ids: np.ndarray | None 
 
     Only ids read from the catalog go in, with the vectors the catalog holds for them, so the index
     never holds an id the catalog does not know (one deleted meanwhile is left out of the hits, as
-    `Retriever` shows only hits with a catalog record)."""
+    `Retriever` shows only hits with a catalog record). Vectors are read BUILD_BATCH at a time."""
     catalog_ids = catalog.ids() if catalog_ids is None else catalog_ids
     stored = index.ids()
     extra, missing = np.setdiff1d(stored, catalog_ids), np.setdiff1d(catalog_ids, stored)
     index.remove(extra)
-    ids, vectors = catalog.vectors(missing)
-    index.add(vectors, ids)
-    return bool(len(extra) or len(ids))
+    added = 0
+    for start in range(0, len(missing), BUILD_BATCH):
+        ids, vectors = catalog.vectors(missing[start : start + BUILD_BATCH])
+        index.add(vectors, ids, known_new=True)
+        added += len(ids)
+    return bool(len(extra) or added)
+
+
+def index_from_catalog(catalog: Catalog, kind: str, ids: np.ndarray | None = None, *, ef_search: int = 64,
+                       use_gpu: bool = False) -> VectorIndex:  # fmt: skip
+    """A new index of `kind` over the catalog's vectors (`ids`: the catalog's ids, when known), read
+    BUILD_BATCH at a time: the cells and codes are learnt from a random sample, then every vector is added.
+    Searches of an ivfpq index re-score their candidates with the catalog's exact vectors."""
+    ids = catalog.ids() if ids is None else ids
+    dim = int(catalog.get_meta("dim") or 0)
+    sample_ids = np.sort(np.random.default_rng(0).permutation(ids)[: training_size(kind, len(ids))])
+    _, sample = catalog.vectors(sample_ids) if len(sample_ids) else (None, np.zeros((0, dim), np.float32))
+    index = VectorIndex.trained(kind, sample, len(ids), dim, ef_search=ef_search, use_gpu=use_gpu,
+                                exact_vectors=catalog.vectors if kind == "ivfpq" else None)  # fmt: skip
+    del sample
+    for start in range(0, len(ids), BUILD_BATCH):
+        batch_ids, vectors = catalog.vectors(ids[start : start + BUILD_BATCH])
+        index.add(vectors, batch_ids, known_new=True)
+    return index
 
 
 @dataclass

@@ -22,6 +22,7 @@ import sqlalchemy as sa
 from conftest import fresh_postgres_database
 from PIL import Image
 
+import indexing.vector_index as vector_index
 from generation.bundle import write_manifest
 from generation.errors import InputError
 from indexing import files
@@ -1060,3 +1061,28 @@ def test_a_large_image_is_recorded_with_its_own_size(tmp_path):
         assert (record.height, record.width) == (2 * files.INDEX_SIDE, 3 * files.INDEX_SIDE)
         reduced, _ = files.load_reduced(archive / "large.png")
         assert workspace.index.search(embedder.vector(reduced)[None], 1)[0][0, 0] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_an_ivfpq_index_is_built_patched_and_rescored_from_the_catalog(tmp_path, monkeypatch):
+    archive_files = write_images(tmp_path / "archive", 300)
+    embedder = FakeEmbedder()
+    index_folders(tmp_path / "archive", tmp_path / "ws", embedder, index_kind="ivfpq", batch_size=100)
+    assert_consistent(tmp_path / "ws", None, archive_files)
+    for path in archive_files[:5]:
+        path.unlink()
+    archive_files = archive_files[5:] + write_images(tmp_path / "archive", 5, start=300)
+    summary = index_folders(tmp_path / "archive", tmp_path / "ws", embedder)  # auto keeps ivfpq and patches it
+    assert (summary.added, summary.removed) == (5, 5)
+    assert_consistent(tmp_path / "ws", None, archive_files)
+    with open_workspace_for_search(tmp_path / "ws") as workspace:
+        assert workspace.index.kind == "ivfpq" and workspace.index.ntotal == 300
+        firsts, seeds = [], range(5, 305)
+        for seed, path in zip(seeds, archive_files):
+            scores, ids = workspace.index.search(embedder.vector(blocky(seed))[None], 5)
+            firsts.append(workspace.records_for(ids[0, :1]).get(int(ids[0, 0])).path == str(path) and abs(scores[0, 0] - 1) < 1e-5)
+        assert np.mean(firsts) >= 0.9  # found first, with the exact score re-computed from the catalog's vector
+
+    monkeypatch.setattr(vector_index, "IVFPQ_THRESHOLD", 200)  # so that `auto` needs no millions of images
+    index_folders(tmp_path / "archive", tmp_path / "auto", embedder)
+    with open_workspace_for_search(tmp_path / "auto") as workspace:
+        assert workspace.index.kind == "ivfpq"
