@@ -53,7 +53,10 @@ def main() -> None:
     parser.add_argument("--network", required=True, choices=sorted(CHECKPOINTS), help="Which network to export.")
     parser.add_argument("--into", type=Path, required=True, help="Bundle folder to write NAME.safetensors/.json into.")
     args = parser.parse_args()
-    step = export_checkpoint(args.checkpoint, args.network, args.into)
+    try:
+        step = export_checkpoint(args.checkpoint, args.network, args.into)
+    except InputError as error:
+        raise SystemExit(f"error: {error}")
     print(f"exported {args.network} at step {step} into {args.into}")
 
 
