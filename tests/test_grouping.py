@@ -114,8 +114,8 @@ def test_cli_search_groups_and_leaves_ungrouped_results_unchanged(tiny_chain, tm
     assert search(tmp_path / "plain", "--group", "patient")["groups"][0]["by"] == "image"
     result = runner.invoke(app, ["search", str(sketch), "--workspace", str(tmp_path / "ws"), "--group", "ward", "--device", "cpu"])
     assert result.exit_code == 2 and "--group 'ward': use one of patient, study, series, none" in result.output
-    table = runner.invoke(app, ["search", str(sketch), "-k", "2", "--workspace", str(tmp_path / "ws"), "--device", "cpu"])
-    assert table.exit_code == 0 and "x3" in table.output, table.output  # the scene of study 1.1, its 3 frames as one
+    table = runner.invoke(app, ["search", str(sketch), "-k", "10", "--workspace", str(tmp_path / "ws"), "--device", "cpu"])
+    assert table.exit_code == 0 and "x3" in table.output, table.output  # every group: the scene of study 1.1 shows its 3 frames as one
 
 
 def test_the_near_duplicate_rule_is_the_most_recalling_one_that_folds_mostly_same_view_pairs(tmp_path):

@@ -21,11 +21,12 @@ def tiny_parts() -> tuple[Generator, FeatureNetwork]:
 @pytest.mark.parametrize("space", ["w", "w+"])
 def test_inversion_recovers_images_that_G_made(space):
     G, C = tiny_parts()
+    torch.manual_seed(0)  # G's noise inputs: the run must not depend on what ran before it
     with torch.no_grad():
         w0 = G.mapping(torch.randn(4, G.config.z_dim, generator=torch.Generator().manual_seed(1)))
         targets = G(w0)
         start_error = (G(G.w_avg.expand(4, -1)) - targets).square().mean()
-    result = invert(G, C, targets, steps=150, space=space)
+    result = invert(G, C, targets, steps=300, space=space)
     error = (result.images - targets).square().mean()
     assert result.last_loss < 0.25 * result.first_loss
     assert error < 0.1 * start_error  # the reconstruction, not only the loss, approaches G(w0)
