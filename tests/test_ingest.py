@@ -491,13 +491,18 @@ torch.distributed.destroy_process_group()
 """
 
 
-@pytest.mark.skipif(TORCHRUN is None, reason="torchrun is not installed")
-@pytest.mark.slow  # starts two torchrun processes
-def test_torchrun_two_ranks_index_like_one_process(tmp_path):
-    archive = tmp_path / "archive"
+def write_sharded_archive(archive: Path) -> Path:
+    """Nine images, a copy of one of them and a broken file: what the ranks of a run share out."""
     write_images(archive, 9)
     shutil.copy(archive / "image_004.png", archive / "same_as_4.png")
     (archive / "broken.png").write_text("x")
+    return archive
+
+
+@pytest.mark.skipif(TORCHRUN is None, reason="torchrun is not installed")
+@pytest.mark.slow  # starts two torchrun processes
+def test_torchrun_two_ranks_index_like_one_process(tmp_path):
+    archive = write_sharded_archive(tmp_path / "archive")
     script = tmp_path / "distributed_run.py"
     script.write_text(DISTRIBUTED_RUN)
     (tmp_path / "out").mkdir()
@@ -605,10 +610,7 @@ def catalog_contents(db_url: str) -> tuple:
 @pytest.mark.skipif(TORCHRUN is None, reason="torchrun is not installed")
 @pytest.mark.slow  # starts two torchrun processes
 def test_two_nodes_index_into_one_postgresql_catalog_like_one_process(tmp_path):
-    archive = tmp_path / "archive"
-    write_images(archive, 9)
-    shutil.copy(archive / "image_004.png", archive / "same_as_4.png")
-    (archive / "broken.png").write_text("x")
+    archive = write_sharded_archive(tmp_path / "archive")
     with fresh_postgres_database() as two_nodes, fresh_postgres_database() as one_process:
         ranks = run_two_nodes(tmp_path, archive, two_nodes, [{}, {}])
         embedded = [rank.pop("embedded") for rank in ranks]
