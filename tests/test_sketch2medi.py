@@ -146,6 +146,27 @@ def test_refiner_steps_beat_the_encoder_alone_on_training_sketches(parts, traine
     assert after < before
 
 
+def test_refiner_trains_on_the_free_hand_drawings_it_is_given(parts, trained_encoder):
+    G, C, cache = parts
+    E, _ = trained_encoder
+    options = phase_options("tiny", "refiner", steps=2, freehand=1.0, freehand_strength=2.0, freehand_pool=2)
+    trainer = RefinerTrainer(G, C, cache, options, CPU, Distributed(), "tiny", E)
+    assert trainer.pool.shape == (16, 2, 32, 32)
+    seen, batch_of = [], trainer.batch_of
+
+    def recording(indices, freehand=0.0):
+        sketches, reals = batch_of(indices, freehand)
+        seen.append((indices, sketches))
+        return sketches, reals
+
+    trainer.batch_of = recording
+    trainer.step()
+    (indices, sketches), = seen
+    for row, i in enumerate(indices.tolist()):  # every sketch of the batch is one of its image's pool drawings
+        drawings = sketch_to_tensor(torch.from_numpy(trainer.pool[i]))
+        assert any(torch.equal(sketches[row], drawing) for drawing in drawings), row
+
+
 @pytest.fixture
 def tiny_bundle(tiny_chain):
     return tiny_chain

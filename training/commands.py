@@ -195,6 +195,15 @@ def _train_phase_command(phase: str, data: Path, bundle: Path, preset: str, step
     echo_result(result, f"step {result.steps}", f"trained {phase} for {result.steps} steps", f"{phase}.safetensors")
 
 
+# Shared by E's and H's trainers: both learn from simulated free-hand sketches the same way.
+FREEHAND_OPTION = typer.Option(None, "--freehand", min=0.0, max=1.0, callback=finite,
+                               help="Probability of a simulated free-hand sketch per pair (default 0, as in the paper).")
+FREEHAND_STRENGTH_OPTION = typer.Option(None, "--freehand-strength", min=0.0, max=2.0, callback=finite,
+                                        help="Largest free-hand strength drawn (default 1; 2 adds drawing from memory).")
+FREEHAND_POOL_OPTION = typer.Option(None, "--freehand-pool", min=0,
+                                    help="Free-hand drawings per image drawn once before training (default 0: fresh ones every step; faster on CPU).")
+
+
 @train_app.command("encoder")
 def train_encoder_command(
     data: Path = typer.Option(..., "--data", help="Dataset folder (the images G was trained on)."),
@@ -203,14 +212,11 @@ def train_encoder_command(
     steps: int = typer.Option(None, "--steps", min=1, help="Training steps (default: the preset's)."),
     batch: int = typer.Option(None, "--batch", min=1, help="Global batch size."),
     lr: float = typer.Option(None, "--lr", min=0.0, callback=finite, help="E's learning rate."),
-    freehand: float = typer.Option(None, "--freehand", min=0.0, max=1.0, callback=finite,
-                                   help="Probability of a simulated free-hand sketch per pair (default 0, as in the paper)."),
-    freehand_strength: float = typer.Option(None, "--freehand-strength", min=0.0, max=2.0, callback=finite,
-                                            help="Largest free-hand strength drawn (default 1; 2 adds drawing from memory)."),
+    freehand: float = FREEHAND_OPTION,
+    freehand_strength: float = FREEHAND_STRENGTH_OPTION,
     contrastive: float = typer.Option(None, "--contrastive", min=0.0, callback=finite,
                                       help="Weight of InfoNCE between E's codes of two free-hand drawings of one image (default 0, as in the paper)."),
-    freehand_pool: int = typer.Option(None, "--freehand-pool", min=0,
-                                      help="Free-hand drawings per image drawn once before training (default 0: fresh ones every step; faster on CPU)."),
+    freehand_pool: int = FREEHAND_POOL_OPTION,
     adversarial: float = typer.Option(None, "--adversarial", min=0.0, callback=finite, help="Weight of the latent discriminator's loss (paper: 0.1)."),
     split: str = typer.Option("train", "--split", help="Split of split.csv to train on."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
@@ -232,6 +238,9 @@ def train_refiner_command(
     batch: int = typer.Option(None, "--batch", min=1, help="Global batch size."),
     lr: float = typer.Option(None, "--lr", min=0.0, callback=finite, help="H's learning rate."),
     refine_steps: int = typer.Option(None, "--refine-steps", min=1, help="Refinement steps T (paper: 3)."),
+    freehand: float = FREEHAND_OPTION,
+    freehand_strength: float = FREEHAND_STRENGTH_OPTION,
+    freehand_pool: int = FREEHAND_POOL_OPTION,
     split: str = typer.Option("train", "--split", help="Split of split.csv to train on."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     threads: int = typer.Option(0, "--threads", min=0, help=THREADS_HELP),
@@ -239,7 +248,7 @@ def train_refiner_command(
 ):
     """Phase 2: train the refiner H with E, G, S frozen; works under torchrun."""
     _train_phase_command("refiner", data, bundle, preset, steps, batch, lr, split, device, threads, resume,
-                         refine_steps=refine_steps)
+                         refine_steps=refine_steps, freehand=freehand, freehand_strength=freehand_strength, freehand_pool=freehand_pool)
 
 
 @train_app.command("all")

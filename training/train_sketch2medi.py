@@ -313,7 +313,7 @@ class RefinerTrainer(PhaseTrainer):
         As in HyperStyle, each step sees the previous image and offsets detached, so step t's loss
         trains H's step-t prediction; the gradients of all T losses are summed into one update.
         """
-        sketches, reals = self.batch_of(self.sample_indices())
+        sketches, reals = self.batch_of(self.sample_indices(), self.options.freehand)
         with torch.no_grad(), autocast(self.device, self.options.bf16):
             w = self.E(sketches).float()
             image = self.G(w)
