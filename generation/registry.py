@@ -39,6 +39,8 @@ _NETWORKS: dict[str, tuple[str, str | None]] = {
     "cyclegan": ("generation.cyclegan", None),
     "unit": ("generation.unit", None),
     "ugatit": ("generation.ugatit", None),
+    # the sketch-domain classifier of the match-quality calibration: not part of the bundle id (vectors do not depend on it)
+    "domain": ("generation.domain", None),
 }
 NETWORK_NAMES = tuple(_NETWORKS)
 BUNDLE_NETWORKS = {key: name for name, (_, key) in _NETWORKS.items() if key is not None}  # bundle.json key -> name

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from generation.dataset import ImageDataset
 from generation.errors import InputError
-from generation.images import tensor_to_images
+from generation.images import file_sha256, tensor_to_images
 from generation.sketch import draw_strokes
 from retrieval.defaults import DEFAULT_LAMBDA
 from retrieval.evaluate import (
@@ -51,7 +51,7 @@ from retrieval.evaluate import (
 )
 from retrieval.metrics import dice_matrix
 from retrieval.models import SystemModels
-from retrieval.quality import CALIBRATION_FILE, FEATURES, Calibration, hit_features, load_calibration
+from retrieval.quality import CALIBRATION_FILE, DOMAIN_FILE, FEATURES, Calibration, hit_features, load_calibration
 from retrieval.rerank import dice_score
 from retrieval.search import load_sketch, vector_part_sizes
 from retrieval.vector import VectorRecipe, fuse_vectors, sketch_field
@@ -146,11 +146,12 @@ def collect(models: SystemModels, archive: Archive, truth: GroundTruth | None, q
         embeddings = F.normalize(models.C.embed(images.to(models.device)), dim=1).cpu()
         labels = models.S.predict_label_map(list(tensor_to_images(images)))
         vectors = fuse_vectors(sketch_field(sketches), result.w.cpu() - code_mean, embeddings, options.recipe)
+        domains = models.domain_logits(sketches)
         for row, vector in enumerate(vectors):
             hits = rerank_order(archive_vectors @ vector, labels[row], archive.labels, options.candidates, options.lam, classes,
                                 sketches[row], options.alignment)[:TOP]
             dice = np.array([dice_score(labels[row], archive.labels[i], classes) for i in hits])
-            features.append(hit_features(vector, archive_vectors[hits], dice, sizes))
+            features.append(hit_features(vector, archive_vectors[hits], dice, sizes, None if domains is None else domains[row]))
             if truth is not None:
                 target = queries.target[start + row]
                 close.append((truth.relevance[target][hits] >= CLOSE_DICE) | (hits == target))
@@ -249,7 +250,8 @@ def fit(data: str | Path, split: str, bundle: str | Path | None, phantom: str | 
         raise InputError("the fitting queries' hits lack a feature for some hits only; fit with re-ranking and the workspace's vector weights")
     mean, scale, weights, bias = fit_logistic(features[:, present], close)
     used = tuple(name for name, kept in zip(FEATURES, present) if kept)
-    calibration = Calibration(sets.models.bundle_id, mean, scale, weights, bias, 1.0, CLOSE_DICE, features=used)
+    domain_sha256 = file_sha256(sets.models.bundle / DOMAIN_FILE) if "domain" in used else None
+    calibration = Calibration(sets.models.bundle_id, mean, scale, weights, bias, 1.0, CLOSE_DICE, features=used, domain_sha256=domain_sha256)
     in_domain_best = np.concatenate([best_quality(calibration, t) for t in sets.tables if t.close is not None])
     calibration.threshold = choose_threshold(in_domain_best, in_domain_rate)
     calibration.fitted_on = {"bundle": str(sets.models.bundle), "data": str(data), "split": split, "phantom": str(phantom), "scribble_seed": scribble_seed,

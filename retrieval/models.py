@@ -5,6 +5,7 @@ from __future__ import annotations
 from functools import cached_property
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from generation.bundle import bundle_id_of, default_bundle, network_entries
@@ -13,6 +14,7 @@ from generation.errors import InputError
 from generation.moco import FeatureNetwork
 from generation.pipeline import Sketch2MedI
 from generation.registry import load_network, network_exists
+from generation.sketch import sketch_to_tensor
 from generation.solov2 import SOLOv2
 from retrieval.quality import Calibration, load_calibration
 
@@ -37,6 +39,20 @@ class SystemModels:
         """BUNDLE/calibration.json, read when first asked for (by search, not by indexing); None
         when the bundle has none."""
         return load_calibration(self.bundle, self.bundle_id)
+
+    @cached_property
+    def domain(self):
+        """The sketch-domain classifier (`generation.domain`), read when first asked for; None when
+        the bundle has none."""
+        return load_network("domain", self.bundle, self.device) if network_exists(self.bundle, "domain") else None
+
+    @torch.no_grad()
+    def domain_logits(self, sketches: np.ndarray) -> np.ndarray | None:
+        """Canonical uint8 sketches (N, R, R) -> float (N,) logits, > 0 for the archive's anatomy;
+        None without a classifier."""
+        if self.domain is None:
+            return None
+        return self.domain(sketch_to_tensor(sketches).to(self.device)).float().cpu().numpy()
 
     @property
     def resolution(self) -> int:

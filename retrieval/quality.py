@@ -12,9 +12,13 @@ so they do not depend on how the final score orders the hits:
     code    cosine of the two E codes (offsets from E's mean code)
     image   cosine of C's embeddings (of x_hat, and of the archive image)
     dice    DICE / 100 of S(x_hat) and the hit's stored masks (absent with --no-rerank)
+    domain  the sketch-domain classifier's logit of the query sketch (`generation.domain`, clipped
+            to +-DOMAIN_CLIP), the same for every hit of a search: whether the sketch depicts the
+            archive's anatomy at all (absent where the bundle has no domain.safetensors)
 
 BUNDLE/calibration.json is not a network file, so it is no part of the bundle id; it records the
-bundle id it was fitted for, and one fitted for other weights is refused when loaded.
+bundle id it was fitted for (and the sha256 of domain.safetensors, which is no part of the bundle
+id either), and one fitted for other weights is refused when loaded.
 """
 
 from __future__ import annotations
@@ -27,12 +31,15 @@ import numpy as np
 
 from generation.checkpoints import atomic_write
 from generation.errors import InputError
+from generation.images import file_sha256
 
 CALIBRATION_FILE = "calibration.json"
 FORMAT = "sketch2medi-calibration"
 FORMAT_VERSION = 1
-FEATURES = ("field", "code", "image", "dice")
+FEATURES = ("field", "code", "image", "dice", "domain")
+DOMAIN_CLIP = 8.0  # logits beyond this say no more, and would dominate the standardised features
 NO_CLOSE_MATCH = "no close match"
+DOMAIN_FILE = "domain.safetensors"
 
 
 def no_close_match_notice(best: float, threshold: float) -> str:
@@ -41,11 +48,13 @@ def no_close_match_notice(best: float, threshold: float) -> str:
             f"the results are the nearest archive images, not images like the sketch")
 
 
-def hit_features(query: np.ndarray, hits: np.ndarray, dice: np.ndarray | None, sizes: tuple[int, int, int]) -> np.ndarray:
-    """query (D,) and hits (n, D) search vectors, dice (n,) percent or None -> (n, len(FEATURES)) float64.
+def hit_features(query: np.ndarray, hits: np.ndarray, dice: np.ndarray | None, sizes: tuple[int, int, int],
+                 domain: float | None = None) -> np.ndarray:
+    """query (D,) and hits (n, D) search vectors, dice (n,) percent or None, the query sketch's
+    domain logit or None -> (n, len(FEATURES)) float64.
 
     sizes: the lengths of the vector's three parts (field, code, embedding). A part of weight 0 in
-    the vector recipe, or DICE without re-ranking, gives NaN."""
+    the vector recipe, DICE without re-ranking, or no domain logit gives NaN."""
     assert query.ndim == 1 and hits.ndim == 2 and hits.shape[1] == query.shape[0] == sum(sizes), (query.shape, hits.shape, sizes)
     columns, start = [], 0
     for size in sizes:
@@ -55,6 +64,7 @@ def hit_features(query: np.ndarray, hits: np.ndarray, dice: np.ndarray | None, s
             columns.append(np.where(norms > 0, h @ q / norms, np.nan))
         start += size
     columns.append(np.full(len(hits), np.nan) if dice is None else np.asarray(dice, np.float64) / 100)
+    columns.append(np.full(len(hits), np.nan if domain is None else float(np.clip(domain, -DOMAIN_CLIP, DOMAIN_CLIP))))
     return np.stack(columns, axis=1)
 
 
@@ -74,6 +84,7 @@ class Calibration:
     # The FEATURES the model uses, in their order: those the fitting queries' vectors have (a part
     # of weight 0 in the vector recipe is left out).
     features: tuple[str, ...] = FEATURES
+    domain_sha256: str | None = None  # of the domain.safetensors fitted with, when "domain" is a feature
 
     def quality(self, features: np.ndarray) -> np.ndarray | None:
         """(n, len(FEATURES)) -> (n,) probabilities in [0, 1]; None when a feature it uses is missing (NaN)."""
@@ -87,7 +98,7 @@ class Calibration:
     def to_json(self) -> dict:
         return {"format": FORMAT, "format_version": FORMAT_VERSION, "bundle_id": self.bundle_id, "features": list(self.features),
                 "mean": self.mean.tolist(), "scale": self.scale.tolist(), "weights": self.weights.tolist(), "bias": self.bias,
-                "threshold": self.threshold, "close_dice": self.close_dice, "fitted_on": self.fitted_on}
+                "threshold": self.threshold, "close_dice": self.close_dice, "domain_sha256": self.domain_sha256, "fitted_on": self.fitted_on}
 
     def save(self, bundle: str | Path) -> Path:
         path = Path(bundle) / CALIBRATION_FILE
@@ -96,8 +107,8 @@ class Calibration:
 
 
 def load_calibration(bundle: str | Path, bundle_id: str) -> Calibration | None:
-    """BUNDLE/calibration.json; None when there is none. Refused (InputError) when damaged or fitted
-    for other weights than `bundle_id`."""
+    """BUNDLE/calibration.json; None when there is none. Refused (InputError) when damaged, fitted
+    for other weights than `bundle_id`, or fitted with another domain.safetensors than the bundle's."""
     path = Path(bundle) / CALIBRATION_FILE
     if not path.is_file():
         return None
@@ -110,11 +121,15 @@ def load_calibration(bundle: str | Path, bundle_id: str) -> Calibration | None:
             raise InputError(f"{path}: not a {FORMAT} v{FORMAT_VERSION} file with features among {', '.join(FEATURES)}; {refit}")
         mean, scale, weights = (np.array(data[key], np.float64).reshape(-1) for key in ("mean", "scale", "weights"))
         calibration = Calibration(str(data["bundle_id"]), mean, scale, weights, float(data["bias"]), float(data["threshold"]),
-                                  float(data["close_dice"]), dict(data.get("fitted_on") or {}), tuple(used))
+                                  float(data["close_dice"]), dict(data.get("fitted_on") or {}), tuple(used), data.get("domain_sha256"))
     except (ValueError, KeyError, TypeError, AttributeError) as error:
         raise InputError(f"{path}: damaged calibration ({error}); {refit}") from None
     if not all(len(v) == len(used) for v in (mean, scale, weights)) or not (scale > 0).all():
         raise InputError(f"{path}: damaged calibration (expected {len(used)} values, one per feature, positive scales); {refit}")
     if calibration.bundle_id != bundle_id:
         raise InputError(f"{path}: fitted for the bundle {calibration.bundle_id}, not for these weights ({bundle_id}); {refit}")
+    if "domain" in calibration.features:
+        classifier = Path(bundle) / DOMAIN_FILE
+        if not classifier.is_file() or file_sha256(classifier) != calibration.domain_sha256:
+            raise InputError(f"{path}: fitted with another sketch-domain classifier than {classifier}; {refit}")
     return calibration

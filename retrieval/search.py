@@ -419,7 +419,7 @@ class Retriever:
                     None if c.aligned_chamfer is None else round(c.aligned_chamfer, 3),
                     None if c.class_match is None else round(c.class_match, 6))
                 for rank, c in enumerate((c for c in ranked if c.image_id in records), start=1)][: r.k]
-        no_close_match = self._rate_quality(query.vector[0], hits, {c.image_id: c.dice for c in ranked})
+        no_close_match = self._rate_quality(query, hits, {c.image_id: c.dice for c in ranked})
         timings = watch.timings
         timings["total"] = round(sum(timings.values()), 3)
         return SearchResult(hits, timings, query.sketch, query.image, query.labels, search_filter.text if search_filter else None,
@@ -427,7 +427,7 @@ class Retriever:
                             tuple(query.labelled.drawn) if query.labelled is not None else (), no_close_match,
                             None if self.calibration is None else self.calibration.threshold)
 
-    def _rate_quality(self, query: np.ndarray, hits: list[Hit], dice: dict[int, float | None]) -> bool | None:
+    def _rate_quality(self, query: _Query, hits: list[Hit], dice: dict[int, float | None]) -> bool | None:
         """Set each hit's quality from the calibration; whether the best is below its threshold.
         None (and no quality) without a calibration, without hits or without a feature (`hit_features`)."""
         if self.calibration is None or not hits:
@@ -435,8 +435,11 @@ class Retriever:
         found, vectors = self.workspace.catalog.vectors([hit.id for hit in hits])
         by_id = dict(zip(found.tolist(), vectors))
         hit_dice = [dice[hit.id] for hit in hits]
-        features = hit_features(query, np.stack([by_id[hit.id] for hit in hits]), None if None in hit_dice else np.array(hit_dice),
-                                vector_part_sizes(self.models))
+        domain = None
+        if "domain" in self.calibration.features and query.sketch is not None:
+            domain = float(self.models.domain_logits(query.sketch[None])[0])
+        features = hit_features(query.vector[0], np.stack([by_id[hit.id] for hit in hits]), None if None in hit_dice else np.array(hit_dice),
+                                vector_part_sizes(self.models), domain)
         quality = self.calibration.quality(features)
         if quality is None:
             return None

@@ -43,8 +43,9 @@ def test_logistic_fit_is_calibrated_and_ignores_an_uninformative_feature():
     informative, noise = rng.uniform(0, 1, 4000), rng.normal(0, 1, 4000)
     close = rng.uniform(0, 1, 4000) < 1 / (1 + np.exp(-10 * (informative - 0.6)))
     mean, scale, weights, bias = fit_logistic(np.stack([informative, noise], axis=1), close)
-    calibration = Calibration("x", np.r_[mean, 0, 0], np.r_[scale, 1, 1], np.r_[weights, 0, 0], bias, 0.5, 50.0)
-    quality = calibration.quality(np.stack([informative, noise, np.zeros(4000), np.zeros(4000)], axis=1))
+    pad = len(FEATURES) - 2
+    calibration = Calibration("x", np.r_[mean, [0] * pad], np.r_[scale, [1] * pad], np.r_[weights, [0] * pad], bias, 0.5, 50.0)
+    quality = calibration.quality(np.concatenate([np.stack([informative, noise], axis=1), np.zeros((4000, pad))], axis=1))
     assert weights[0] > 1 and abs(weights[1]) < 0.1 * weights[0]
     assert quality.mean() == pytest.approx(close.mean(), abs=0.01)  # a logistic fit's mean matches its labels'
     for low in (0.0, 0.4, 0.6, 0.8):  # and so do its bins of the informative feature
@@ -90,10 +91,10 @@ def test_calibration_file_round_trip_and_refusals(tmp_path):
     loaded = load_calibration(tmp_path, "abc")
     assert loaded.threshold == 0.42 and np.array_equal(loaded.weights, calibration.weights)
     assert loaded.features == ("field", "code", "dice")
-    features = np.array([[0.92, 0.1, np.nan, 0.3]])  # a workspace without C's part: the model does not use it
+    features = np.array([[0.92, 0.1, np.nan, 0.3, np.nan]])  # a workspace without C's part: the model does not use it
     assert loaded.quality(features)[0] == pytest.approx(1 / (1 + np.exp(-1)))
-    assert loaded.quality(np.array([[0.92, 0.1, 0.5, np.nan]])) is None  # no DICE (--no-rerank): no quality
-    everything = Calibration("abc", np.zeros(4), np.ones(4), np.ones(4), 0.0, 0.5, 50.0)
+    assert loaded.quality(np.array([[0.92, 0.1, 0.5, np.nan, np.nan]])) is None  # no DICE (--no-rerank): no quality
+    everything = Calibration("abc", np.zeros(len(FEATURES)), np.ones(len(FEATURES)), np.ones(len(FEATURES)), 0.0, 0.5, 50.0)
     assert everything.quality(features) is None  # it uses C's part, which these vectors lack
     with pytest.raises(InputError, match=r"fitted for the bundle abc, not for these weights \(def\); fit it again with "
                                          r"`python -m retrieval.calibrate fit --bundle"):

@@ -280,6 +280,39 @@ def train_all_command(
     typer.echo(f"bundle ready: {out} (bundle.json lists its networks and training)")
 
 
+@train_app.command("domain")
+def train_domain_command(
+    data: Path = typer.Option(..., "--data", help="Dataset folder with masks (the archive's anatomy)."),
+    bundle: Path = typer.Option(..., "--bundle", help="Bundle with G; domain.safetensors is written into it."),
+    preset: str = typer.Option("cpu", "--preset", help="tiny (tests) | cpu (about 3 minutes on one thread) | paper (256 px)."),
+    steps: int = typer.Option(None, "--steps", min=1, help="Training steps (default: the preset's)."),
+    negatives: str = typer.Option("phantom", "--negatives", help="The other anatomy drawn as out of domain besides scribbles: phantom "
+                                  "(generated phantoms), a dataset folder with masks, or none (scribbles alone; for a phantom archive)."),
+    negative_seed: int = typer.Option(None, "--negative-seed", min=0, help="Seed of the out-of-domain drawings (default 5)."),
+    split: str = typer.Option("train", "--split", help="Split of split.csv whose masks are drawn."),
+    threads: int = typer.Option(0, "--threads", min=0, help=THREADS_HELP),
+):
+    """Train the sketch-domain classifier that lets a search say "no close match" for a sketch of
+    another anatomy or a scribble; fit the calibration again afterwards (`python -m retrieval.calibrate fit`)."""
+    import dataclasses
+    import sys
+
+    from generation.errors import InputError
+    from training.train_domain import PRESET_OPTIONS, train_domain
+
+    set_threads(threads)
+    if preset not in PRESET_OPTIONS:
+        raise InputError(f"unknown preset {preset!r}; choose one of {', '.join(PRESET_OPTIONS)}")
+    changes = {key: value for key, value in (("steps", steps), ("negative_seed", negative_seed), ("negatives", negatives)) if value is not None}
+    options = dataclasses.replace(PRESET_OPTIONS[preset], **changes)
+    with progress_bar() as progress:
+        task = progress.add_task(f"domain ({preset})", total=options.steps)
+        result = train_domain(data, bundle, preset, options, split, command=" ".join(["sketch2medi", *sys.argv[1:]]),
+                              on_step=lambda step, loss: progress.update(task, completed=step, description=f"domain loss {loss:.3f}"),
+                              log=literal_printer(progress.console))
+    echo_result(result, f"step {result.steps}", f"trained the sketch-domain classifier for {result.steps} steps", "domain.safetensors")
+
+
 @train_app.command("pix2pix")
 def train_pix2pix_command(
     data: Path = typer.Option(..., "--data", help="Dataset folder (the images G was trained on)."),

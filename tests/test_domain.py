@@ -1,0 +1,80 @@
+"""The sketch-domain classifier: trained on the archive's drawings against scribbles, it tells them apart."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from generation.domain import DomainConfig, SketchDomainClassifier
+from generation.errors import InputError
+from generation.registry import load_network
+from generation.sketch import sketch_to_tensor
+from retrieval.calibrate import scribble_queries
+from retrieval.quality import FEATURES, hit_features, load_calibration
+from training.train_domain import DomainOptions, in_domain_pool, random_similarity, train_domain
+
+
+def test_the_classifier_refuses_a_sketch_of_another_size():
+    model = SketchDomainClassifier(DomainConfig(32, (8, 16)))
+    assert model(torch.zeros(2, 1, 32, 32)).shape == (2,)
+    with pytest.raises(AssertionError, match=r"expected \(N, 1, 32, 32\)"):
+        model(torch.zeros(2, 1, 64, 64))
+
+
+def test_random_similarity_keeps_drawings_binary_and_moves_them():
+    sketches = torch.zeros(4, 1, 32, 32)
+    sketches[:, :, 8:24, 15:17] = 1  # a vertical bar
+    moved = random_similarity(sketches, np.random.default_rng(0))
+    assert set(moved.unique().tolist()) <= {0.0, 1.0}
+    assert not torch.equal(moved, sketches) and moved.sum() > 0
+
+
+@pytest.fixture(scope="module")
+def trained_domain(tiny_chain, tmp_path_factory):
+    import shutil
+
+    data, bundle, _ = tiny_chain
+    target = tmp_path_factory.mktemp("domain")
+    for suffix in (".json", ".safetensors"):
+        shutil.copy(bundle / f"generator{suffix}", target / f"generator{suffix}")
+    options = DomainOptions(steps=400, batch=32, drawings=2, negatives="none")
+    return data, target, train_domain(data, target, "tiny", options, split="train", log=lambda message: None)
+
+
+def test_training_lowers_the_loss_and_separates_the_archives_drawings_from_scribbles(trained_domain):
+    data, bundle, result = trained_domain
+    assert result.metrics["last_loss"] < 0.5 * result.metrics["first_loss"], result.metrics
+    model = load_network("domain", bundle)
+    from generation.dataset import ImageDataset
+
+    drawings = in_domain_pool(ImageDataset(data, "test"), 1, model.config.resolution, seed=9)  # images it never saw
+    scribbles = np.stack(scribble_queries(9, len(drawings), model.config.resolution).sketches)
+    with torch.no_grad():
+        inside, outside = model(sketch_to_tensor(drawings)), model(sketch_to_tensor(scribbles))
+    assert (inside > 0).float().mean() > 0.7 and (outside < 0).float().mean() > 0.7, (inside, outside)
+    assert json.loads((bundle / "domain.json").read_text())["training"]["options"]["negatives"] == "none"
+
+
+def test_the_domain_logit_is_a_feature_of_every_hit_clipped():
+    sizes = (2, 2, 2)
+    query, hits = np.ones(6, np.float32), np.ones((3, 6), np.float32)
+    features = hit_features(query, hits, np.array([10.0, 20.0, 30.0]), sizes, domain=50.0)
+    assert np.all(features[:, FEATURES.index("domain")] == 8.0)
+    assert np.isnan(hit_features(query, hits, None, sizes)[:, FEATURES.index("domain")]).all()
+
+
+def test_a_calibration_fitted_with_another_domain_classifier_is_refused(trained_domain, tmp_path):
+    from generation.images import file_sha256
+    from retrieval.quality import Calibration
+
+    _, bundle, _ = trained_domain
+    calibration = Calibration("id", np.zeros(1), np.ones(1), np.ones(1), 0.0, 0.5, 50.0, features=("domain",),
+                              domain_sha256=file_sha256(bundle / "domain.safetensors"))
+    calibration.save(bundle)
+    assert load_calibration(bundle, "id").domain_sha256 == calibration.domain_sha256
+    calibration.domain_sha256 = "0" * 64
+    calibration.save(bundle)
+    with pytest.raises(InputError, match="fitted with another sketch-domain classifier"):
+        load_calibration(bundle, "id")
+    (bundle / "calibration.json").unlink()
