@@ -44,7 +44,7 @@ DOMAIN_FILE = "domain.safetensors"
 
 def no_close_match_notice(best: float, threshold: float) -> str:
     """The line a search says above its results when its best hit is below the threshold."""
-    return (f"{NO_CLOSE_MATCH}: the best result's match quality {best:.2f} is below {threshold:.2f}; "
+    return (f"{NO_CLOSE_MATCH}: the best result's match quality {best:.3f} is below {threshold:.3f}; "
             f"the results are the nearest archive images, not images like the sketch")
 
 

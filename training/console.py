@@ -94,7 +94,7 @@ def print_results(hits, labels: list[str], note: str | None = None) -> None:
     table.add_column("path", no_wrap=True)
     for hit, label in zip(hits, labels):
         table.add_row(str(hit.rank), str(hit.id), f"{hit.score:.4f}", f"{hit.similarity:.4f}", "-" if hit.dice is None else f"{hit.dice:.1f}",
-                      "-" if hit.quality is None else f"{hit.quality:.2f}", Text(label))
+                      "-" if hit.quality is None else f"{hit.quality:.3f}", Text(label))
     if note:
         typer.echo(note)
     _print_wide(table)

@@ -584,7 +584,7 @@ function select(hit, meta, button) {
   if (meta.tag) known.push(`tag ${meta.tag}`);
   $("detail-caption").textContent = `#${hit.rank}  ${hit.path}${frame} — score ${format(hit.score, 3)}, `
     + `similarity ${format(hit.similarity, 3)}, DICE ${format(hit.dice, 1)}`
-    + (hit.quality === null || hit.quality === undefined ? "" : `, match quality ${format(hit.quality, 2)}`)
+    + (hit.quality === null || hit.quality === undefined ? "" : `, match quality ${format(hit.quality, 3)}`)
     + (known.length ? ` — ${known.join(", ")}` : "");
   const trace = $("detail-template");
   trace.hidden = false;
