@@ -9,7 +9,8 @@ with `negatives` "none", scribbles alone (for a phantom archive, for instance). 
 an upload (`retrieval.search.load_sketch`). The phantom and scribble seeds (`negative_seed`) are
 streams of their own, apart from those `retrieval.calibrate` fits and measures with.
 
-Both pools are drawn once (seeded); a tenth of each is held out and its accuracy reported. Each
+Both pools are drawn once (seeded); a tenth of each is held out and its accuracy reported (drawings
+of the same masks as the training ones, so a check of the fit, not of how it generalises). Each
 step trains on a batch of half in-domain, half out-of-domain drawings (binary cross-entropy, Adam),
 each moved by a random similarity transform (`random_similarity`: rotation up to 15 degrees, scale
 0.8-1.25, shift up to a tenth of the frame). Without it the classifier learns the training videos'
