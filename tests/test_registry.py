@@ -23,13 +23,14 @@ ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = [ROOT / "bundles" / "phantom", ROOT / "bundles" / "vocalfolds"]
 # The state key inside each network's files: part of the on-disk format.
 STATE_KEYS = {"moco": "model", "synthesizer": "model", "generator": "G", "encoder": "E", "refiner": "H", "pix2pix": "G",
-              "cyclegan": "G", "unit": "G", "ugatit": "G", "discriminator": "D"}
+              "cyclegan": "G", "unit": "G", "ugatit": "G", "discriminator": "D", "domain": "domain"}
 REMEDY = "re-export or re-download the bundle"
 
 
 def tiny_networks() -> dict[str, torch.nn.Module]:
     """One randomly initialised tiny instance of every registered network (what `build` makes)."""
     from generation.cyclegan import ResnetGenerator
+    from generation.domain import SketchDomainClassifier
     from generation.encoder import SketchEncoder
     from generation.moco import MocoEncoder
     from generation.pix2pix import UNetGenerator
@@ -52,6 +53,7 @@ def tiny_networks() -> dict[str, torch.nn.Module]:
         "cyclegan": ResnetGenerator(network_config("cyclegan", "tiny")),
         "unit": UNITGenerator(network_config("unit", "tiny")),
         "ugatit": UGATITGenerator(network_config("ugatit", "tiny")),
+        "domain": SketchDomainClassifier(network_config("domain", "tiny")),
     }
 
 
