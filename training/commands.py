@@ -284,7 +284,7 @@ def train_all_command(
 def train_domain_command(
     data: Path = typer.Option(..., "--data", help="Dataset folder with masks (the archive's anatomy)."),
     bundle: Path = typer.Option(..., "--bundle", help="Bundle with G; domain.safetensors is written into it."),
-    preset: str = typer.Option("cpu", "--preset", help="tiny (tests) | cpu (about 3 minutes on one thread) | paper (256 px)."),
+    preset: str = typer.Option("cpu", "--preset", help="tiny (tests) | cpu (about 16 minutes on one shared thread, most of it drawing) | paper (256 px)."),
     steps: int = typer.Option(None, "--steps", min=1, help="Training steps (default: the preset's)."),
     negatives: str = typer.Option("phantom", "--negatives", help="The other anatomy drawn as out of domain besides scribbles: phantom "
                                   "(generated phantoms), a dataset folder with masks, or none (scribbles alone; for a phantom archive)."),
@@ -294,17 +294,12 @@ def train_domain_command(
 ):
     """Train the sketch-domain classifier that lets a search say "no close match" for a sketch of
     another anatomy or a scribble; fit the calibration again afterwards (`python -m retrieval.calibrate fit`)."""
-    import dataclasses
     import sys
 
-    from generation.errors import InputError
-    from training.train_domain import PRESET_OPTIONS, train_domain
+    from training.train_domain import domain_options, train_domain
 
     set_threads(threads)
-    if preset not in PRESET_OPTIONS:
-        raise InputError(f"unknown preset {preset!r}; choose one of {', '.join(PRESET_OPTIONS)}")
-    changes = {key: value for key, value in (("steps", steps), ("negative_seed", negative_seed), ("negatives", negatives)) if value is not None}
-    options = dataclasses.replace(PRESET_OPTIONS[preset], **changes)
+    options = domain_options(preset, steps=steps, negative_seed=negative_seed, negatives=negatives)
     with progress_bar() as progress:
         task = progress.add_task(f"domain ({preset})", total=options.steps)
         result = train_domain(data, bundle, preset, options, split, command=" ".join(["sketch2medi", *sys.argv[1:]]),

@@ -23,7 +23,7 @@ started again.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -62,6 +62,13 @@ class DomainOptions:
 
 
 PRESET_OPTIONS = {"tiny": DomainOptions(steps=60, batch=16, drawings=2), "cpu": DomainOptions(), "paper": DomainOptions(steps=6000)}
+
+
+def domain_options(preset: str, **overrides) -> DomainOptions:
+    """The preset's options with `overrides` (None values ignored: the preset's stands)."""
+    if preset not in PRESET_OPTIONS:
+        raise InputError(f"unknown preset {preset!r}; choose one of {', '.join(PRESET_OPTIONS)}")
+    return replace(PRESET_OPTIONS[preset], **{key: value for key, value in overrides.items() if value is not None})
 
 
 def _normalised(drawing: np.ndarray, resolution: int) -> np.ndarray | None:
@@ -130,9 +137,7 @@ def train_domain(data: str | Path, bundle: str | Path, preset: str = "cpu", opti
                  log: Callable[[str], None] = print) -> TrainResult:
     """Train BUNDLE/domain.safetensors at the resolution of the bundle's G; returns what it did
     (metrics: held-out accuracy in and out of domain, pool sizes)."""
-    if preset not in PRESET_OPTIONS:
-        raise InputError(f"unknown preset {preset!r}; choose one of {', '.join(PRESET_OPTIONS)}")
-    options = options or PRESET_OPTIONS[preset]
+    options = options or domain_options(preset)
     bundle, start = Path(bundle), time.perf_counter()
     resolution = load_network("generator", bundle).config.resolution
     dataset = ImageDataset(data, split)
