@@ -4,8 +4,8 @@ A search always returns the nearest archive images, even for a scribble or a dra
 organ, and the similarity of the best hit barely tells those apart from sloppy drawings of the
 right anatomy: E maps every sketch into the archive's W space, and a few curves lie near some
 archive contour whatever they depict. This small CNN looks at the sketch itself and gives one
-logit, > 0 for "drawn from this archive's anatomy". `retrieval.quality` uses it as a feature of
-every hit's match quality, so a search for a sketch out of the archive's domain says "no close
+logit, > 0 for "drawn from this archive's anatomy". `retrieval.quality` turns it into P(in domain),
+a factor of every hit's match quality, so a search for a sketch out of the archive's domain says "no close
 match". Trained by `training.train_domain` (`python cli.py train domain`).
 
 Input: the canonical sketch as float (N, 1, R, R), ink 1 and paper 0 (`sketch_to_tensor`), R the
@@ -15,7 +15,7 @@ counts, and so does how much of the frame is drawn), then Linear to one logit.
 
     preset  R    channels                    parameters
     tiny    32   8, 16                       1.3k
-    cpu     64   16, 32, 64, 64              61k
+    cpu     64   16, 32, 64, 64, 64          98k
     paper   256  16, 32, 64, 128, 128, 128   0.39M
 
 BUNDLE/domain.safetensors is not one of the networks a bundle's id is made of (the search vectors
@@ -37,7 +37,7 @@ from generation.registry import NetworkSpec, register
 @dataclass(frozen=True)
 class DomainConfig:
     resolution: int = 64  # the bundle's sketch resolution
-    channels: tuple[int, ...] = (16, 32, 64, 64)  # one stride-2 block each
+    channels: tuple[int, ...] = (16, 32, 64, 64, 64)  # one stride-2 block each
 
     def __post_init__(self) -> None:
         if not self.channels or self.resolution % 2 ** len(self.channels):
@@ -48,7 +48,7 @@ class DomainConfig:
         return config_from_dict(cls, {**values, "channels": tuple(values.get("channels", cls.channels))})
 
 
-PRESETS = {"tiny": DomainConfig(32, (8, 16)), "cpu": DomainConfig(64, (16, 32, 64, 64)),
+PRESETS = {"tiny": DomainConfig(32, (8, 16)), "cpu": DomainConfig(64, (16, 32, 64, 64, 64)),
            "paper": DomainConfig(256, (16, 32, 64, 128, 128, 128))}
 
 

@@ -7,10 +7,13 @@ aligned sketch) against an archive of every image of `--data`:
                    mask DICE >= CLOSE_DICE percent with it, is a close match
     out of domain  the same simulator's sketches of a phantom dataset (`--phantom`: another anatomy)
                    and random scribbles (`--scribble-seed`): no hit is a close match
-The quality model is a logistic regression of the hits' features (`retrieval.quality.FEATURES`),
-fitted by Newton's method with a small L2 penalty on standardised features. The threshold is the
-largest best-hit quality that leaves at most `--in-domain-rate` (default 5 %) of the in-domain
-fitting queries below it: the most out-of-domain queries flagged for that rate.
+The quality model (`retrieval.quality`) is two logistic regressions, fitted by Newton's method with
+a small L2 penalty on standardised features: P(close | in domain) of the in-domain queries' hits'
+features (`HIT_FEATURES`), and P(in domain) of every query's domain logit (the `DomainGate`). Where
+the bundle has no sketch-domain classifier there is no gate, and the hit model is fitted on the
+out-of-domain queries' hits too. The threshold is the largest best-hit quality
+that leaves at most `--in-domain-rate` (default 5 %) of the in-domain fitting queries below it: the
+most out-of-domain queries flagged for that rate.
 
     python -m retrieval.calibrate fit --data DATA --split val --bundle BUNDLE --phantom PHANTOM [--scribble-seed 1]
     python -m retrieval.calibrate measure --data DATA --split test --bundle BUNDLE --phantom PHANTOM [--scribble-seed 0] [--sketches DRAWN]
@@ -51,7 +54,7 @@ from retrieval.evaluate import (
 )
 from retrieval.metrics import dice_matrix
 from retrieval.models import SystemModels
-from retrieval.quality import CALIBRATION_FILE, DOMAIN_FILE, FEATURES, Calibration, hit_features, load_calibration
+from retrieval.quality import CALIBRATION_FILE, DOMAIN_FILE, FEATURES, HIT_FEATURES, Calibration, DomainGate, hit_features, load_calibration
 from retrieval.rerank import dice_score
 from retrieval.search import load_sketch, vector_part_sizes
 from retrieval.vector import VectorRecipe, fuse_vectors, sketch_field
@@ -243,15 +246,24 @@ def fit(data: str | Path, split: str, bundle: str | Path | None, phantom: str | 
     models = SystemModels(bundle, device)
     options = with_bundle_recipe(options, models)
     sets = query_sets(models, data, split, phantom, scribble_seed, None, options, progress or (lambda *_: None), scribbles)
-    features = np.concatenate([t.features.reshape(-1, len(FEATURES)) for t in sets.tables])
-    close = np.concatenate([(t.close if t.close is not None else np.zeros(t.features.shape[:2], bool)).reshape(-1) for t in sets.tables])
+    logits = np.concatenate([t.features[:, 0, FEATURES.index("domain")] for t in sets.tables])
+    gated = not np.isnan(logits).any()  # the bundle has a sketch-domain classifier
+    # With the gate, the hit model learns closeness among in-domain hits; without it, out-of-domain
+    # hits (never close) are all it has to learn what no close match looks like.
+    hit_sets = [t for t in sets.tables if t.close is not None or not gated]
+    features = np.concatenate([t.features.reshape(-1, len(FEATURES)) for t in hit_sets])[:, : len(HIT_FEATURES)]
+    close = np.concatenate([(t.close if t.close is not None else np.zeros(t.features.shape[:2], bool)).reshape(-1) for t in hit_sets])
     present = ~np.isnan(features).all(axis=0)  # a vector part of weight 0 is left out of the model
     if not present.any() or np.isnan(features[:, present]).any():
         raise InputError("the fitting queries' hits lack a feature for some hits only; fit with re-ranking and the workspace's vector weights")
     mean, scale, weights, bias = fit_logistic(features[:, present], close)
-    used = tuple(name for name, kept in zip(FEATURES, present) if kept)
-    domain_sha256 = file_sha256(sets.models.bundle / DOMAIN_FILE) if "domain" in used else None
-    calibration = Calibration(sets.models.bundle_id, mean, scale, weights, bias, 1.0, CLOSE_DICE, features=used, domain_sha256=domain_sha256)
+    used = tuple(name for name, kept in zip(HIT_FEATURES, present) if kept)
+    calibration = Calibration(sets.models.bundle_id, mean, scale, weights, bias, 1.0, CLOSE_DICE, features=used)
+    if gated:
+        drawn_in_domain = np.concatenate([np.full(len(t.features), t.close is not None) for t in sets.tables])
+        gate_mean, gate_scale, gate_weight, gate_bias = fit_logistic(logits[:, None], drawn_in_domain)
+        weight = float(gate_weight[0] / gate_scale[0])  # un-standardised: bias + weight * logit
+        calibration.domain = DomainGate(weight, float(gate_bias - weight * gate_mean[0]), file_sha256(sets.models.bundle / DOMAIN_FILE))
     in_domain_best = np.concatenate([best_quality(calibration, t) for t in sets.tables if t.close is not None])
     calibration.threshold = choose_threshold(in_domain_best, in_domain_rate)
     calibration.fitted_on = {"bundle": str(sets.models.bundle), "data": str(data), "split": split, "phantom": str(phantom), "scribble_seed": scribble_seed,

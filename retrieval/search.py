@@ -436,7 +436,7 @@ class Retriever:
         by_id = dict(zip(found.tolist(), vectors))
         hit_dice = [dice[hit.id] for hit in hits]
         domain = None
-        if "domain" in self.calibration.features and query.sketch is not None:
+        if self.calibration.domain is not None and query.sketch is not None:
             domain = float(self.models.domain_logits(query.sketch[None])[0])
         features = hit_features(query.vector[0], np.stack([by_id[hit.id] for hit in hits]), None if None in hit_dice else np.array(hit_dice),
                                 vector_part_sizes(self.models), domain)

@@ -66,14 +66,14 @@ def test_the_domain_logit_is_a_feature_of_every_hit_clipped():
 
 def test_a_calibration_fitted_with_another_domain_classifier_is_refused(trained_domain, tmp_path):
     from generation.images import file_sha256
-    from retrieval.quality import Calibration
+    from retrieval.quality import Calibration, DomainGate
 
     _, bundle, _ = trained_domain
-    calibration = Calibration("id", np.zeros(1), np.ones(1), np.ones(1), 0.0, 0.5, 50.0, features=("domain",),
-                              domain_sha256=file_sha256(bundle / "domain.safetensors"))
+    gate = DomainGate(1.0, 0.0, file_sha256(bundle / "domain.safetensors"))
+    calibration = Calibration("id", np.zeros(1), np.ones(1), np.ones(1), 0.0, 0.5, 50.0, features=("field",), domain=gate)
     calibration.save(bundle)
-    assert load_calibration(bundle, "id").domain_sha256 == calibration.domain_sha256
-    calibration.domain_sha256 = "0" * 64
+    assert load_calibration(bundle, "id").domain == gate
+    calibration.domain = DomainGate(1.0, 0.0, "0" * 64)
     calibration.save(bundle)
     with pytest.raises(InputError, match="fitted with another sketch-domain classifier"):
         load_calibration(bundle, "id")

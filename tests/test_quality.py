@@ -23,7 +23,16 @@ from indexing.ingest import index_folders
 from retrieval.calibrate import choose_threshold, fit, fit_logistic, scribble
 from retrieval.evaluate import EvaluationOptions
 from retrieval.models import SystemModels
-from retrieval.quality import CALIBRATION_FILE, FEATURES, NO_CLOSE_MATCH, Calibration, hit_features, load_calibration
+from retrieval.quality import (
+    CALIBRATION_FILE,
+    FEATURES,
+    HIT_FEATURES,
+    NO_CLOSE_MATCH,
+    Calibration,
+    DomainGate,
+    hit_features,
+    load_calibration,
+)
 from retrieval.search import JSON_SCHEMA_VERSION, Retriever
 from retrieval.server import create_app
 from retrieval.vector import ArchiveEmbedder, VectorRecipe, fuse_vectors
@@ -43,14 +52,25 @@ def test_logistic_fit_is_calibrated_and_ignores_an_uninformative_feature():
     informative, noise = rng.uniform(0, 1, 4000), rng.normal(0, 1, 4000)
     close = rng.uniform(0, 1, 4000) < 1 / (1 + np.exp(-10 * (informative - 0.6)))
     mean, scale, weights, bias = fit_logistic(np.stack([informative, noise], axis=1), close)
-    pad = len(FEATURES) - 2
+    pad = len(HIT_FEATURES) - 2
     calibration = Calibration("x", np.r_[mean, [0] * pad], np.r_[scale, [1] * pad], np.r_[weights, [0] * pad], bias, 0.5, 50.0)
-    quality = calibration.quality(np.concatenate([np.stack([informative, noise], axis=1), np.zeros((4000, pad))], axis=1))
+    quality = calibration.quality(np.concatenate([np.stack([informative, noise], axis=1), np.zeros((4000, pad + 1))], axis=1))
     assert weights[0] > 1 and abs(weights[1]) < 0.1 * weights[0]
     assert quality.mean() == pytest.approx(close.mean(), abs=0.01)  # a logistic fit's mean matches its labels'
     for low in (0.0, 0.4, 0.6, 0.8):  # and so do its bins of the informative feature
         chosen = (informative >= low) & (informative < low + 0.2)
         assert quality[chosen].mean() == pytest.approx(close[chosen].mean(), abs=0.06)
+
+
+def test_quality_is_the_domain_probability_times_the_hit_model():
+    calibration = field_calibration("x", 0.5)
+    calibration.domain = DomainGate(2.0, 1.0, "0" * 64)
+    features = np.array([[0.9, 0.1, np.nan, 0.3, 3.0], [0.9, 0.1, np.nan, 0.3, -8.0], [0.94, 0.1, np.nan, 0.3, -8.0]])
+    quality = calibration.quality(features)
+    in_domain = 1 / (1 + np.exp(-np.array([7.0, -15.0, -15.0])))
+    assert np.allclose(quality, in_domain * 1 / (1 + np.exp(-np.array([0.0, 0.0, 2.0]))))
+    assert quality[2] < 1e-6  # however close the hit, a sketch of another anatomy has no close match
+    assert calibration.quality(np.c_[features[:, :4], [np.nan] * 3]) is None  # gated, no logit: no quality
 
 
 def test_threshold_leaves_at_most_the_rate_of_in_domain_queries_below_it():
@@ -94,13 +114,16 @@ def test_calibration_file_round_trip_and_refusals(tmp_path):
     features = np.array([[0.92, 0.1, np.nan, 0.3, np.nan]])  # a workspace without C's part: the model does not use it
     assert loaded.quality(features)[0] == pytest.approx(1 / (1 + np.exp(-1)))
     assert loaded.quality(np.array([[0.92, 0.1, 0.5, np.nan, np.nan]])) is None  # no DICE (--no-rerank): no quality
-    everything = Calibration("abc", np.zeros(len(FEATURES)), np.ones(len(FEATURES)), np.ones(len(FEATURES)), 0.0, 0.5, 50.0)
+    everything = Calibration("abc", np.zeros(len(HIT_FEATURES)), np.ones(len(HIT_FEATURES)), np.ones(len(HIT_FEATURES)), 0.0, 0.5, 50.0)
     assert everything.quality(features) is None  # it uses C's part, which these vectors lack
     with pytest.raises(InputError, match=r"fitted for the bundle abc, not for these weights \(def\); fit it again with "
                                          r"`python -m retrieval.calibrate fit --bundle"):
         load_calibration(tmp_path, "def")
-    path.write_text('{"format": "sketch2medi-calibration", "format_version": 1, "features": ' + json.dumps(list(FEATURES)) + "}")
+    path.write_text('{"format": "sketch2medi-calibration", "format_version": 2, "features": ' + json.dumps(list(HIT_FEATURES)) + "}")
     with pytest.raises(InputError, match="damaged calibration"):
+        load_calibration(tmp_path, "abc")
+    path.write_text('{"format": "sketch2medi-calibration", "format_version": 1, "features": ' + json.dumps(list(FEATURES)) + "}")
+    with pytest.raises(InputError, match="fitted by an earlier version, with the domain logit as a hit feature; fit it again with"):
         load_calibration(tmp_path, "abc")
     path.write_text("{not json")
     with pytest.raises(InputError, match="damaged calibration"):
