@@ -77,6 +77,10 @@ def hit_features(query: np.ndarray, hits: np.ndarray, dice: np.ndarray | None, s
     return np.stack(columns, axis=1)
 
 
+def sigmoid(z: np.ndarray) -> np.ndarray:
+    return 1 / (1 + np.exp(-z))
+
+
 @dataclass
 class DomainGate:
     """P(in domain) = sigmoid(bias + weight * the clipped domain logit), for the classifier whose
@@ -87,7 +91,7 @@ class DomainGate:
     sha256: str
 
     def probability(self, logits: np.ndarray) -> np.ndarray:
-        return 1 / (1 + np.exp(-(self.bias + self.weight * logits)))
+        return sigmoid(self.bias + self.weight * logits)
 
 
 @dataclass
@@ -118,7 +122,7 @@ class Calibration:
         domain = features[:, FEATURES.index("domain")]
         if np.isnan(used).any() or (self.domain is not None and np.isnan(domain).any()):
             return None
-        quality = 1 / (1 + np.exp(-(self.bias + ((used - self.mean) / self.scale) @ self.weights)))
+        quality = sigmoid(self.bias + ((used - self.mean) / self.scale) @ self.weights)
         return quality if self.domain is None else quality * self.domain.probability(domain)
 
     def to_json(self) -> dict:
