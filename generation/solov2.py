@@ -251,8 +251,10 @@ class SOLOv2(nn.Module):
     # -- inference ---------------------------------------------------------------------------
 
     @torch.no_grad()
-    def predict(self, images: np.ndarray | Sequence[np.ndarray], batch_size: int = 16) -> list[list[Instance]]:
-        """Instances of each RGB uint8 image (H, W, 3), sorted by score; masks at the image's size.
+    def predict(self, images: np.ndarray | Sequence[np.ndarray], batch_size: int = 16, min_score: float = 0.0,
+                mask_size: int | None = None) -> list[list[Instance]]:
+        """Instances of each RGB uint8 image (H, W, 3) with score >= `min_score`, sorted by score;
+        masks at the image's size, then area-resized to (mask_size, mask_size) if given.
 
         Each image is resized (not cropped) to the model's square input; masks are resized back.
         """
@@ -265,9 +267,9 @@ class SOLOv2(nn.Module):
             for start in range(0, len(images), batch_size):
                 chunk = images[start : start + batch_size]
                 batch = torch.stack([_resize_image(image, self.config.size) for image in chunk]).to(device)
-                output = self(self.normalize(batch))
+                output = self(self.normalize(batch).contiguous(memory_format=torch.channels_last))
                 for i, image in enumerate(chunk):
-                    results.append(postprocess(output, i, self.config, image.shape[:2]))
+                    results.append(postprocess(output, i, self.config, image.shape[:2], min_score, mask_size))
         finally:
             self.train(was_training)
         return results
@@ -288,10 +290,9 @@ class SOLOv2(nn.Module):
         images = _check_images(images)
         sketches = np.empty((len(images), size, size), np.uint8)
         labels = np.empty((len(images), size, size), np.uint8)
-        for i, instances in enumerate(self.predict(images, batch_size)):
-            resized = [Instance(m.class_index, _resize_mask(m.mask, size), m.score) for m in instances]
-            sketches[i] = sketch_of(resized, (size, size), min_score)
-            labels[i] = label_map(resized, (size, size), min_score)
+        for i, instances in enumerate(self.predict(images, batch_size, min_score, mask_size=size)):
+            sketches[i] = sketch_of(instances, (size, size), min_score)
+            labels[i] = label_map(instances, (size, size), min_score)
         return sketches, labels
 
 
@@ -328,11 +329,19 @@ def _resize_image(image: np.ndarray, size: int) -> Tensor:
     return x
 
 
-def _resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
-    if mask.shape == (size, size):
-        return mask
-    resized = Image.fromarray(mask.astype(np.uint8) * 255).resize((size, size), Image.BOX if size < mask.shape[0] else Image.NEAREST)
-    return np.asarray(resized) >= 128
+def _area_resize(masks: Tensor, size: int) -> np.ndarray:
+    """Boolean masks (N, H, W) -> (N, size, size): area (box) downscaling or nearest-neighbour
+    upscaling, then at least half covered. A whole factor is one average pooling of all the masks,
+    which gives exactly PIL's box-filtered pixels; other sizes go through PIL mask by mask."""
+    count, height, width = masks.shape
+    if (height, width) == (size, size):
+        return masks.cpu().numpy()
+    factor = height // size
+    if height == width and factor > 1 and height == factor * size:
+        return (F.avg_pool2d(masks[:, None].float(), factor)[:, 0] >= 0.5).cpu().numpy()
+    method = Image.BOX if size < height else Image.NEAREST
+    resized = [Image.fromarray(mask.astype(np.uint8) * 255).resize((size, size), method) for mask in masks.cpu().numpy()]
+    return np.stack([np.asarray(image) >= 128 for image in resized]) if resized else np.zeros((0, size, size), bool)
 
 
 def points_nms(heat: Tensor) -> Tensor:
@@ -368,8 +377,10 @@ def matrix_nms(masks: Tensor, labels: Tensor, scores: Tensor, kernel: str = "gau
     return scores * decay.min(0).values
 
 
-def postprocess(output: SOLOv2Output, index: int, config: SOLOv2Config, out_shape: tuple[int, int]) -> list[Instance]:
-    """Instances of image `index` of a batch output, masks resized to `out_shape`."""
+def postprocess(output: SOLOv2Output, index: int, config: SOLOv2Config, out_shape: tuple[int, int], min_score: float = 0.0,
+                mask_size: int | None = None) -> list[Instance]:
+    """Instances of image `index` of a batch output with score >= `min_score`, masks resized to
+    `out_shape`, then area-resized to (mask_size, mask_size) if given (`_area_resize`)."""
     heats = [points_nms(c[index : index + 1].sigmoid())[0] for c in output.categories]
     scores_all = torch.cat([h.flatten(1).T for h in heats])  # (cells, C)
     kernels = torch.cat([k[index].flatten(1).T for k in output.kernels])  # (cells, E)
@@ -392,7 +403,7 @@ def postprocess(output: SOLOv2Output, index: int, config: SOLOv2Config, out_shap
     order = scores.argsort(descending=True)[: config.nms_pre]
     probabilities, binary, scores, classes = probabilities[order], binary[order], scores[order], classes[order]
     scores = matrix_nms(binary, classes, scores, config.nms_kernel, config.nms_sigma)
-    keep = scores >= config.update_threshold
+    keep = scores >= max(config.update_threshold, min_score)
     probabilities, scores, classes = probabilities[keep], scores[keep], classes[keep]
     order = scores.argsort(descending=True)[: config.max_instances]
     probabilities, scores, classes = probabilities[order], scores[order], classes[order]
@@ -401,7 +412,8 @@ def postprocess(output: SOLOv2Output, index: int, config: SOLOv2Config, out_shap
     full = F.interpolate(probabilities[None], size=(config.size, config.size), mode="bilinear", align_corners=False)
     if tuple(out_shape) != (config.size, config.size):
         full = F.interpolate(full, size=tuple(out_shape), mode="bilinear", align_corners=False)
-    masks = (full[0] > config.mask_threshold).cpu().numpy()
+    masks = full[0] > config.mask_threshold
+    masks = masks.cpu().numpy() if mask_size is None else _area_resize(masks, mask_size)
     return [Instance(int(c) + 1, m, float(s)) for c, m, s in zip(classes.tolist(), masks, scores.tolist())]
 
 

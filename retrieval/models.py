@@ -30,8 +30,9 @@ class SystemModels:
         for name in ("synthesizer", "moco"):  # refuse before loading either
             if not network_exists(self.bundle, name):
                 raise InputError(f"{self.bundle}: has no {name}.safetensors; train it with `train {name}` (or `train all`)")
-        self.S: SOLOv2 = load_network("synthesizer", self.bundle, self.device)
-        self.C: FeatureNetwork = load_network("moco", self.bundle, self.device)
+        # Channels-last: the convolutions' fastest layout on CPUs (docs/BENCHMARKS.md, indexing).
+        self.S: SOLOv2 = load_network("synthesizer", self.bundle, self.device).to(memory_format=torch.channels_last)
+        self.C: FeatureNetwork = load_network("moco", self.bundle, self.device).to(memory_format=torch.channels_last)
         self.bundle_id = bundle_id_of(network_entries(self.bundle))
 
     @cached_property

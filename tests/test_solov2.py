@@ -271,3 +271,15 @@ def test_bundle_round_trip_and_sketch_folder(overfit, tmp_path):
     (source / "broken.png").write_bytes(b"not a png")
     with pytest.raises(InputError):
         sketch_folder(source / "broken.png", tmp_path / "out", tmp_path / "bundle", size=64, device="cpu")
+
+
+@pytest.mark.parametrize(("side", "size"), [(128, 64), (192, 64), (64, 64), (100, 64), (32, 64)])
+def test_mask_resizing_matches_pil_box_and_nearest(side, size):
+    """The average pooling used for whole factors gives exactly PIL's box-filtered pixels (at least
+    half covered); other sizes go through PIL itself."""
+    from generation.solov2 import _area_resize
+
+    masks = np.random.default_rng(side).random((6, side, side)) < np.linspace(0.1, 0.9, 6)[:, None, None]
+    method = Image.BOX if size < side else Image.NEAREST
+    expected = np.stack([np.asarray(Image.fromarray(m.astype(np.uint8) * 255).resize((size, size), method)) >= 128 for m in masks])
+    np.testing.assert_array_equal(_area_resize(torch.from_numpy(masks), size), expected)
