@@ -1,26 +1,31 @@
 """The ivfpq index at millions of vectors: build time, peak RSS, bytes per vector, latency and recall.
 
     python bench/bench_ivfpq.py --sizes 1000000 --threads 2 --scratch /tmp/ivfpq-bench --out ivfpq.json
-    python bench/bench_ivfpq.py --sizes 1000000 --real-vectors vectors.npy --scratch /tmp/ivfpq-bench
+    python bench/bench_ivfpq.py --sizes 1000000 --workspace WORKSPACE --scratch /tmp/ivfpq-bench
 
 For each database size N and each source, N unit vectors of dimension `--dim` (default 640, the
 `cpu` bundle's) are generated `--chunk` at a time into a raw float32 file under `--scratch` (never
 all in RAM: 10M vectors are 25.6 GB), standing in for the catalog:
   clustered  a mixture of `--clusters` Gaussians around random unit centres (as bench_faiss.py)
-  real       the rows of `--real-vectors` (an .npy of archive vectors, e.g. exported from a
-             catalog) cycled and each moved by Gaussian noise of norm `--real-noise`, renormalised
+  real       the vectors of an indexed archive (`--workspace`: its catalog) cycled and each moved
+             by Gaussian noise of norm `--real-noise`, renormalised; each copy keeps its image's
+             stored masks (S's), so the searches are also re-ranked by DICE as search re-ranks them
 The index is built as indexing builds a large archive (`indexing.vector_index.VectorIndex.trained`
 on a random sample of `training_size` vectors, then `add` chunk by chunk), saved, and loaded back
 as search loads it (the inverted lists mapped from the file). Queries (`--queries`): half held-out
 vectors of the source, half database vectors plus noise of norm `--noise`. The truth is an exact
 top-k by a chunked brute-force scan of the file. Searches re-score their candidates with the exact
 vectors read from the file (as search reads them from the catalog), for each `--refine` value
-(1: the codes' estimates alone) and each `--nprobe` value.
+(1: the codes' estimates alone) and each `--nprobe` value. For the real source, each setting is
+also searched as search does: `--candidates` hits re-ranked by lambda x similarity + (1 - lambda) x
+DICE / 100 with the query image's masks (`retrieval.rerank`; the alignment term needs the sketch,
+so it is left out), and compared with the same re-ranking of the exact top `--candidates`.
 
 Measured per (source, N): build seconds (train, add), the index file's bytes per vector, peak RSS
 after building and, separately, the RSS added by loading and searching the mapped file; per setting
 single-query latency p50/p95 (`--latency-queries` one at a time, through VectorIndex.search) and
-recall@k. faiss runs with `--threads` threads; a single query runs on one.
+recall@k (and for the real source, the candidate search's latency and recall@k after the re-rank).
+faiss runs with `--threads` threads; a single query runs on one.
 """
 
 from __future__ import annotations
@@ -39,6 +44,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.machine import add_common_arguments, describe, finish, peak_rss_mib, percentiles, set_threads  # noqa: E402
 from indexing.vector_index import VectorIndex, training_size  # noqa: E402
+from indexing.workspace import open_workspace_for_search  # noqa: E402
+from retrieval.defaults import DEFAULT_CANDIDATES, DEFAULT_LAMBDA  # noqa: E402
+from retrieval.metrics import dice_matrix  # noqa: E402
+from retrieval.rerank import rerank_score  # noqa: E402
 
 
 def _ints(text: str) -> list[int]:
@@ -60,6 +69,45 @@ def rss_mib() -> dict[str, float]:
     return fields
 
 
+def archive_vectors_and_masks(workspace: Path) -> tuple[np.ndarray, np.ndarray]:
+    """An indexed archive's vectors (M, dim) and S's label maps (M, H, W) uint8, in id order."""
+    opened = open_workspace_for_search(workspace)
+    try:
+        ids, vectors = opened.catalog.vectors()
+        maps = opened.masks_for(ids.tolist())
+    finally:
+        opened.close()
+    if not len(ids):
+        raise SystemExit(f"{workspace}: the catalog holds no vectors; index an archive into it first")
+    shape = next(iter(maps.values())).shape if maps else (1, 1)
+    masks = np.stack([maps.get(int(i), np.zeros(shape, np.uint8)) for i in ids])
+    return unit(vectors.astype(np.float32)), masks
+
+
+def reranked_top(queries: np.ndarray, query_masks: np.ndarray, candidates: np.ndarray, vectors: "VectorFile", masks: np.ndarray,
+                 k: int, lam: float) -> np.ndarray:
+    """Each query's top k of its candidates (ids, -1 = none) by search's re-ranking score, with the
+    exact similarity and the DICE of the candidate's masks (database row i has masks[i % M]) with the
+    query's; ties go to the lower id, as in search."""
+    classes = int(max(masks.max(), query_masks.max())) + 1
+    top = np.full((len(queries), k), -1, np.int64)
+    for q, row in enumerate(candidates):
+        ids = np.unique(row[row >= 0])
+        if not len(ids):
+            continue
+        ids, stored = vectors.rows(ids)
+        dice = np.nan_to_num(dice_matrix(query_masks[q][None], masks[ids % len(masks)], classes)[0])
+        score = rerank_score(stored @ queries[q], dice, lam)
+        order = np.lexsort((ids, -score))[:k]
+        top[q, : len(order)] = ids[order]
+    return top
+
+
+def overlap(found: np.ndarray, truth: np.ndarray) -> float:
+    """Mean share of each truth row (ids >= 0) that the found row holds."""
+    return round(float(np.mean([len(np.intersect1d(f[f >= 0], t[t >= 0])) / max(1, (t >= 0).sum()) for f, t in zip(found, truth)])), 4)
+
+
 class Source:
     """Unit vectors of one source, drawn `count` at a time from a seeded generator."""
 
@@ -69,9 +117,9 @@ class Source:
         if name == "clustered":
             self.centres = unit(self.rng.standard_normal((args.clusters, args.dim), dtype=np.float32))
         else:
-            self.real = unit(np.load(args.real_vectors).astype(np.float32))
-            if self.real.ndim != 2 or self.real.shape[1] != args.dim:
-                raise SystemExit(f"{args.real_vectors}: expected vectors of shape (M, {args.dim}), got {self.real.shape}")
+            self.real, self.masks = archive_vectors_and_masks(args.workspace)
+            if self.real.shape[1] != args.dim:
+                raise SystemExit(f"{args.workspace}: its vectors have {self.real.shape[1]} dimensions; pass --dim {self.real.shape[1]}")
             self.next_row = 0
 
     def draw(self, count: int) -> np.ndarray:
@@ -137,12 +185,20 @@ def bench_size(name: str, n: int, args: argparse.Namespace) -> dict:
     generate_s = time.perf_counter() - start
     held_out = source.draw(args.queries - args.queries // 2)
     rng = np.random.default_rng([args.seed, n])
-    _, picked = vectors.rows(rng.choice(n, args.queries // 2, replace=False))
+    picked_ids, picked = vectors.rows(rng.choice(n, args.queries // 2, replace=False))
     perturbed = unit((picked + rng.standard_normal(picked.shape, dtype=np.float32) * (args.noise / np.sqrt(args.dim))).astype(np.float32))
-    queries = np.concatenate([held_out, perturbed])[rng.permutation(args.queries)]
+    order = rng.permutation(args.queries)
+    queries = np.concatenate([held_out, perturbed])[order]
+    rerank = name == "real"
+    wide_k = max(args.k, args.candidates) if rerank else args.k
     start = time.perf_counter()
-    truth = exact_top(vectors, n, queries, args.k, args.chunk)
+    truth_wide = exact_top(vectors, n, queries, wide_k, args.chunk)
+    truth = truth_wide[:, : args.k]
     truth_s = time.perf_counter() - start
+    if rerank:  # the masks of each query's image: held-out copies continue the database's cycle of rows
+        rows = np.concatenate([n + np.arange(len(held_out)), picked_ids])[order] % len(source.masks)
+        query_masks = source.masks[rows]
+        truth_reranked = reranked_top(queries, query_masks, truth_wide, vectors, source.masks, args.k, DEFAULT_LAMBDA)
 
     start = time.perf_counter()
     sample_ids = np.sort(rng.permutation(n)[: training_size("ivfpq", n)])
@@ -158,6 +214,8 @@ def bench_size(name: str, n: int, args: argparse.Namespace) -> dict:
               "generate_s": round(generate_s, 1), "exact_scan_s": round(truth_s, 1), "train_s": round(train_s, 1),
               "build_s": round(build_s, 1), "build_peak_rss_mib": peak_rss_mib(), "build_rss_mib": rss_mib(),
               "file_bytes": index_path.stat().st_size, "bytes_per_vector": round(index_path.stat().st_size / n, 1)}
+    if rerank:
+        record["archive_images"] = len(source.real)
     del index, ivf
     gc.collect()
     before = rss_mib()
@@ -173,8 +231,18 @@ def bench_size(name: str, n: int, args: argparse.Namespace) -> dict:
                 loaded.search(query[None], args.k)
                 latencies.append((time.perf_counter() - begin) * 1000)
             _, found = loaded.search(queries, args.k)
-            record["searches"].append({"nprobe": nprobe, "refine": refine, "latency_ms": percentiles(latencies),
-                                       "recall": recall(found, truth)})
+            row = {"nprobe": nprobe, "refine": refine, "latency_ms": percentiles(latencies), "recall": recall(found, truth)}
+            if rerank:
+                latencies = []
+                for query in queries[: args.latency_queries]:
+                    begin = time.perf_counter()
+                    loaded.search(query[None], args.candidates)
+                    latencies.append((time.perf_counter() - begin) * 1000)
+                _, candidates = loaded.search(queries, args.candidates)
+                row["candidates_latency_ms"] = percentiles(latencies)
+                row["recall_reranked"] = overlap(reranked_top(queries, query_masks, candidates, vectors, source.masks, args.k, DEFAULT_LAMBDA),
+                                                 truth_reranked)
+            record["searches"].append(row)
     after = rss_mib()
     record["search_rss_added_mib"] = {key: round(after[key] - before[key], 1) for key in after}
     if not args.keep:
@@ -185,7 +253,9 @@ def bench_size(name: str, n: int, args: argparse.Namespace) -> dict:
 
 def run(args: argparse.Namespace) -> dict:
     set_threads(args.threads)
-    sources = ["clustered"] + (["real"] if args.real_vectors else [])
+    sources = args.sources or ["clustered"] + (["real"] if args.workspace else [])
+    if "real" in sources and not args.workspace:
+        raise SystemExit("--sources real: name the indexed archive with --workspace")
     results = []
     for n in args.sizes:
         for name in sources:
@@ -200,6 +270,8 @@ def run(args: argparse.Namespace) -> dict:
             "bytes_per_vector: the saved index file (codes, ids, the OPQ rotation, the cells' centroids and codebooks) / N.",
             "refine 1: the codes' estimated scores alone; refine r: the top r x k candidates re-scored with the exact "
             "vectors, read row by row from the vector file (search reads them from the catalog).",
+            "real source only: candidates_latency_ms, one query at a time asking for --candidates hits; recall_reranked, the "
+            "top k after search's DICE re-rank (no alignment term) of those candidates against the same re-rank of the exact top --candidates.",
             "search_rss_added_mib: resident memory added by loading the index (lists mapped from the file, RssFile) "
             "and running every search setting.",
         ],
@@ -213,12 +285,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--queries", type=int, default=500, help="queries for recall")
     p.add_argument("--latency-queries", type=int, default=200, help="queries timed one at a time")
     p.add_argument("--k", type=int, default=10)
+    p.add_argument("--candidates", type=int, default=DEFAULT_CANDIDATES, help="hits re-ranked by DICE (real source), as search")
     p.add_argument("--nprobe", type=_ints, default=[8, 16, 32, 64], help="cells visited per query, comma-separated")
     p.add_argument("--refine", type=_ints, default=[1, 4, 10], help="candidates re-scored exactly per hit, comma-separated")
     p.add_argument("--clusters", type=int, default=1024, help="mixture components of `clustered`")
     p.add_argument("--spread", type=float, default=1.0, help="norm of a clustered point's offset from its centre (before renormalising)")
     p.add_argument("--noise", type=float, default=0.5, help="norm of the noise added to database vectors to make queries")
-    p.add_argument("--real-vectors", type=Path, help="an .npy (M, dim) of real archive vectors to replicate with noise")
+    p.add_argument("--sources", type=lambda text: [part for part in text.split(",") if part], default=None,
+                   help="clustered,real (default: clustered, and real with --workspace)")
+    p.add_argument("--workspace", type=Path, help="an indexed archive whose vectors (and S's masks) are replicated with noise")
     p.add_argument("--real-noise", type=float, default=0.3, help="norm of the noise moving each replicated real vector")
     p.add_argument("--chunk", type=int, default=100_000, help="vectors generated, scanned and added at a time")
     p.add_argument("--scratch", type=Path, default=Path("bench-ivfpq-scratch"), help="folder for the vector and index files")

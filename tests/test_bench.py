@@ -2,8 +2,9 @@
 
 import json
 
-from bench import bench_faiss, bench_index, bench_index_memory, bench_search
+from bench import bench_faiss, bench_index, bench_index_memory, bench_ivfpq, bench_search
 from indexing.ingest import index_folders
+from indexing.workspace import open_workspace_for_search
 from retrieval.models import SystemModels
 from retrieval.vector import ArchiveEmbedder
 
@@ -46,6 +47,24 @@ def test_search_reports_stages_flops_and_memory(tiny_chain, tmp_path):
     assert all(result["flops"][stage]["gflop"] > 0 for stage in ("E", "G", "H1", "C", "S"))
     assert result["batched"]["queries_per_s"] > 0 and result["peak_rss_mib"] > 0
     assert {"applies", "p50_met", "rss_met"} <= result["target"].keys() and not result["target"]["applies"]
+
+
+def test_ivfpq_replicates_an_archive_and_scores_the_dice_re_rank(tiny_chain, tmp_path):
+    data, bundle, _ = tiny_chain
+    index_folders(data / "images", tmp_path / "ws", ArchiveEmbedder(SystemModels(bundle, "cpu")), batch_size=8)
+    workspace = open_workspace_for_search(tmp_path / "ws")
+    dim = workspace.dim
+    workspace.close()
+    result = bench_ivfpq.main(["--sizes", "600", "--sources", "real", "--workspace", str(tmp_path / "ws"), "--dim", str(dim),
+                               "--queries", "20", "--latency-queries", "2", "--k", "5", "--candidates", "20",
+                               "--nprobe", "1000", "--refine", "1,120", "--scratch", str(tmp_path / "scratch"), *PEAK])
+    [record] = result["results"]
+    assert record["source"] == "real" and record["archive_images"] == 24 and record["bytes_per_vector"] > 0
+    codes, exact = record["searches"]
+    assert {"latency_ms", "recall", "candidates_latency_ms", "recall_reranked"} <= codes.keys()
+    # every cell visited and all 600 vectors re-scored: the exact top k, before and after the re-rank
+    assert exact["refine"] == 120 and exact["recall"] == 1.0 and exact["recall_reranked"] == 1.0
+    assert 0 <= codes["recall_reranked"] <= 1
 
 
 def test_index_reports_throughput_and_parts(tiny_chain, tmp_path):

@@ -284,7 +284,7 @@ def train_all_command(
 def train_domain_command(
     data: Path = typer.Option(..., "--data", help="Dataset folder with masks (the archive's anatomy)."),
     bundle: Path = typer.Option(..., "--bundle", help="Bundle with G; domain.safetensors is written into it."),
-    preset: str = typer.Option("cpu", "--preset", help="tiny (tests) | cpu (about 10 minutes on one thread) | paper (256 px)."),
+    preset: str = typer.Option("cpu", "--preset", help="tiny (tests) | cpu (about 18 minutes on one thread) | paper (256 px)."),
     steps: int = typer.Option(None, "--steps", min=1, help="Training steps (default: the preset's)."),
     negatives: str = typer.Option("phantom", "--negatives", help="The other anatomy drawn as out of domain besides scribbles: phantom "
                                   "(generated phantoms), a dataset folder with masks, or none (scribbles alone; for a phantom archive)."),
