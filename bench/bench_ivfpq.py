@@ -103,6 +103,16 @@ def reranked_top(queries: np.ndarray, query_masks: np.ndarray, candidates: np.nd
     return top
 
 
+def one_at_a_time(index: VectorIndex, queries: np.ndarray, k: int) -> dict:
+    """Latency percentiles (ms) of searching `queries` one by one for k hits."""
+    latencies = []
+    for query in queries:
+        begin = time.perf_counter()
+        index.search(query[None], k)
+        latencies.append((time.perf_counter() - begin) * 1000)
+    return percentiles(latencies)
+
+
 def overlap(found: np.ndarray, truth: np.ndarray) -> float:
     """Mean share of each truth row (ids >= 0) that the found row holds."""
     return round(float(np.mean([len(np.intersect1d(f[f >= 0], t[t >= 0])) / max(1, (t >= 0).sum()) for f, t in zip(found, truth)])), 4)
@@ -225,21 +235,12 @@ def bench_size(name: str, n: int, args: argparse.Namespace) -> dict:
         for nprobe in args.nprobe:
             loaded.set_search_effort(nprobe=nprobe, refine=refine)
             loaded.search(queries[:1], args.k)  # warm-up
-            latencies = []
-            for query in queries[: args.latency_queries]:
-                begin = time.perf_counter()
-                loaded.search(query[None], args.k)
-                latencies.append((time.perf_counter() - begin) * 1000)
+            latency = one_at_a_time(loaded, queries[: args.latency_queries], args.k)
             _, found = loaded.search(queries, args.k)
-            row = {"nprobe": nprobe, "refine": refine, "latency_ms": percentiles(latencies), "recall": recall(found, truth)}
+            row = {"nprobe": nprobe, "refine": refine, "latency_ms": latency, "recall": recall(found, truth)}
             if rerank:
-                latencies = []
-                for query in queries[: args.latency_queries]:
-                    begin = time.perf_counter()
-                    loaded.search(query[None], args.candidates)
-                    latencies.append((time.perf_counter() - begin) * 1000)
+                row["candidates_latency_ms"] = one_at_a_time(loaded, queries[: args.latency_queries], args.candidates)
                 _, candidates = loaded.search(queries, args.candidates)
-                row["candidates_latency_ms"] = percentiles(latencies)
                 row["recall_reranked"] = overlap(reranked_top(queries, query_masks, candidates, vectors, source.masks, args.k, DEFAULT_LAMBDA),
                                                  truth_reranked)
             record["searches"].append(row)
