@@ -28,11 +28,10 @@ Weight offsets for the refiner H (HyperStyle): `G(ws, weight_deltas={name: delta
 named layer's weight theta by (1 + delta) per sample before modulation and demodulation. delta is
 (N, out, in, k, k) or broadcastable to it, e.g. (N, out, in, 1, 1) (per-channel, repeated over the
 kernel window) or (N, out, 1, 1, 1). Layers with a delta run as a grouped convolution with one
-weight per sample. Zero deltas give exactly the same output as no deltas when G is in eval mode
-(both then run the grouped path; G is frozen while H trains). In train mode, layers without a delta
-use the faster shared-weight path (input scaled by the style, output by the demodulation
-coefficients) which differs from the grouped one only by float rounding; `fused_modconv=True`
-forces the grouped path everywhere.
+weight per sample. Layers without a delta use the faster shared-weight path (input scaled by the
+style, output by the demodulation coefficients), which differs from the grouped one only by float
+rounding; `fused_modconv=True` forces the grouped path everywhere (then zero deltas give exactly the
+output of no deltas).
 """
 
 from __future__ import annotations
@@ -231,7 +230,7 @@ class ModulatedConv2d(nn.Module):
         styles = self.affine(w)  # (N, in)
         weight = self.weight * self.weight_gain
         if fused is None:
-            fused = delta is not None or not self.training
+            fused = delta is not None  # one weight for the batch is faster wherever the weights are shared (docs/BENCHMARKS.md)
         if delta is not None:
             assert delta.ndim == 5 and delta.shape[0] in (1, batch), f"delta {tuple(delta.shape)} for batch {batch}"
             weight = weight * (1 + delta)  # (N, out, in, k, k) by broadcasting, checked by torch

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import numpy as np
 from PIL import Image
@@ -59,6 +60,22 @@ def mask_outlines(label_maps: Sequence[np.ndarray], resolution: int) -> np.ndarr
     return np.where(border & (centre > 0), INK, PAPER).astype(np.uint8)
 
 
+@lru_cache(maxsize=8)
+def alignment_matcher(resolution: int, alignment: Alignment) -> AlignedChamfer:
+    """The alignment's matcher for sketches of `resolution` px, against no candidates yet (give
+    them with `AlignedChamfer.against`; kept, as it is the same for every query); it works at `alignment.reduction` where that divides the
+    resolution, else at full resolution."""
+    reduction = alignment.reduction if resolution % alignment.reduction == 0 else 1
+    return AlignedChamfer(np.zeros((0, resolution, resolution), np.uint8), alignment.grid, reduction)
+
+
+def matched_distances(query: np.ndarray, matcher: AlignedChamfer) -> np.ndarray:
+    """uint8 (R, R) query sketch against a matcher's candidates -> float (N,) aligned chamfer
+    distances in pixels of R; inf where either side has no contour."""
+    assert query.shape == (matcher.resolution,) * 2, query.shape
+    return matcher.distances(query) * matcher.reduction if len(matcher.blank) else np.zeros(0)
+
+
 def aligned_distances(query: np.ndarray, label_maps: Sequence[np.ndarray], alignment: Alignment) -> np.ndarray:
     """uint8 (R, R) query sketch, the N candidates' uint8 label maps (any size) -> float (N,) aligned
     chamfer distances in pixels of R; inf where either side has no contour (never raises on a
@@ -67,9 +84,8 @@ def aligned_distances(query: np.ndarray, label_maps: Sequence[np.ndarray], align
     assert query.shape == (resolution, resolution), query.shape
     if not len(label_maps):
         return np.zeros(0)
-    reduction = alignment.reduction if resolution % alignment.reduction == 0 else 1
-    matcher = AlignedChamfer(mask_outlines(label_maps, resolution), alignment.grid, reduction)
-    return matcher.distances(query) * reduction
+    matcher = alignment_matcher(resolution, alignment)
+    return matched_distances(query, matcher.against(*matcher.spectra(mask_outlines(label_maps, resolution))))
 
 
 def alignment_scores(distances: np.ndarray, tau: float) -> np.ndarray:

@@ -20,6 +20,7 @@ that many pixels): at 2, 35 transforms against 536 archive images take 1-2 s per
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 
@@ -54,13 +55,8 @@ class AlignedChamfer:
         self.side = resolution // reduction
         self.reach = max(1, math.ceil(grid.shift * self.side))  # the largest shift, pixels of the reduced grid
         self.pad = 2 * self.reach
-        ink = np.pad(self._pooled_ink(outlines), ((0, 0), (self.pad, self.pad), (self.pad, self.pad)))
-        self.blank = ~ink.any(axis=(1, 2))
-        transforms = np.stack([ndimage.distance_transform_edt(~m) if m.any() else np.zeros(m.shape) for m in ink])
-        counts = np.maximum(ink.sum(axis=(1, 2)), 1)[:, None, None]
-        self.canvas = ink.shape[1:]
-        self.archive_transforms = torch.fft.rfft2(torch.from_numpy(transforms.astype(np.float32)))
-        self.archive_ink = torch.fft.rfft2(torch.from_numpy((ink / counts).astype(np.float32)))
+        self.canvas = (self.side + 2 * self.pad,) * 2
+        self.blank, self.archive_transforms, self.archive_ink = self.spectra(outlines)
         # Only the shifts up to `reach` are needed: an inverse DFT evaluated at those offsets alone,
         # as two small matrix products (rows, then the half spectrum's columns, doubled where
         # their conjugates were left out), is far cheaper than the whole inverse FFT.
@@ -72,6 +68,30 @@ class AlignedChamfer:
         weights = np.where((half == 0) | (2 * half == size), 1.0, 2.0) / size**2
         columns = weights[:, None] * np.exp(2j * np.pi * np.outer(half, offsets) / size)
         self.columns = torch.from_numpy(columns.astype(np.complex64))
+
+    def spectra(self, outlines: np.ndarray) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
+        """The archive side of the matching for uint8 (N, R, R) outlines: blank (N,) bool, and the
+        spectra of their distance transforms and of their ink (normalised to sum 1), complex (N, h, w)."""
+        assert outlines.shape[1:] == (self.resolution,) * 2, f"outlines of {outlines.shape} for a {self.resolution} px matcher"
+        ink = np.pad(self._pooled_ink(outlines), ((0, 0), (self.pad, self.pad), (self.pad, self.pad)))
+        blank = ~ink.any(axis=(1, 2))
+        transforms = np.zeros(ink.shape)
+        for row in np.flatnonzero(~blank):
+            transforms[row] = ndimage.distance_transform_edt(~ink[row])
+        counts = np.maximum(ink.sum(axis=(1, 2)), 1)[:, None, None]
+        if not len(ink):  # MKL's FFT refuses an empty batch
+            empty = torch.zeros((0, self.canvas[0], self.canvas[1] // 2 + 1), dtype=torch.complex64)
+            return blank, empty, empty.clone()
+        return (blank, torch.fft.rfft2(torch.from_numpy(transforms.astype(np.float32))),
+                torch.fft.rfft2(torch.from_numpy((ink / counts).astype(np.float32))))
+
+    def against(self, blank: np.ndarray, transforms: torch.Tensor, ink: torch.Tensor) -> AlignedChamfer:
+        """This matcher (grid, reduction, resolution) against another archive, given as rows of
+        `spectra` (kept from earlier calls, for instance)."""
+        assert len(blank) == len(transforms) == len(ink) and transforms.shape[1:] == self.archive_transforms.shape[1:]
+        other = copy.copy(self)
+        other.blank, other.archive_transforms, other.archive_ink = blank, transforms, ink
+        return other
 
     def _pooled_ink(self, sketches: np.ndarray) -> np.ndarray:
         """(..., R, R) uint8 -> (..., R / reduction, R / reduction) bool: any ink in each block."""

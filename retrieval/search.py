@@ -29,13 +29,14 @@ from generation.normalize import normalize_sketch
 from indexing.files import load
 from indexing.filters import SearchFilter
 from indexing.workspace import check_bundle, open_workspace_for_search
-from retrieval.align import Alignment, aligned_distances, alignment_scores, final_score
+from retrieval.align import Alignment, alignment_matcher, alignment_scores, final_score, mask_outlines, matched_distances
+from retrieval.candidates import CandidateCache
 from retrieval.defaults import DEFAULT_CANDIDATES, DEFAULT_LAMBDA
 from retrieval.labelled import LabelWeights, check_classes, class_fields, class_match, labelled_scores
+from retrieval.metrics import dice_matrix
 from retrieval.models import SystemModels
 from retrieval.quality import hit_features
 from retrieval.relevance import Rocchio
-from retrieval.rerank import dice_score
 from retrieval.vector import FIELD_GRID, RECIPE_SEPARATOR, ArchiveEmbedder, VectorRecipe, archive_parts, fuse_vectors, sketch_field
 
 JSON_SCHEMA_VERSION = 3
@@ -226,6 +227,7 @@ class Retriever:
             self.models = models
             self.calibration = models.calibration  # a damaged or mismatched one is refused here, before any search
             self.embedder = ArchiveEmbedder(models, VectorRecipe.parse(stored.split(RECIPE_SEPARATOR)[1]))
+            self.candidates = CandidateCache(self.workspace, models.resolution)  # what re-ranking reads of the candidates
             check_bundle(self.workspace.path, stored, self.embedder.bundle_id,
                          "search with the bundle it was built with (another bundle makes other vectors) or re-index into a new workspace",
                          indexed_path=self.workspace.bundle_path, bundle_path=models.bundle)  # fmt: skip
@@ -459,15 +461,15 @@ class Retriever:
 
     def _reranked(self, found: list[tuple[int, float]], query: _Query, lam: float, alignment: Alignment | None) -> list[Candidate]:
         """(image id, similarity) pairs -> candidates by the final score (ties: lower id first)."""
-        masks = self.workspace.masks_for([i for i, _ in found])
-        classes = self.models.label_classes
-        blank = np.zeros_like(query.labels)  # a candidate without stored masks: DICE 0, no contours
-        stored = [masks.get(image_id, blank) for image_id, _ in found]
+        ids, side = [i for i, _ in found], (self.models.resolution,) * 2
+        labels = query.labels if query.labels.shape == side else np.asarray(Image.fromarray(query.labels).resize(side, Image.NEAREST))
+        stored = self.candidates.label_maps(ids)
         similarity = np.array([s for _, s in found], np.float64)
-        dice = np.array([dice_score(query.labels, labels, classes) for labels in stored], np.float64)
+        dice = np.nan_to_num(dice_matrix(labels[None], stored, self.models.label_classes)[0]) if ids else np.zeros(0)
         distances = None
-        if alignment is not None and query.sketch is not None and stored:
-            distances = aligned_distances(query.sketch, stored, alignment)
+        if alignment is not None and query.sketch is not None and ids:
+            matcher = self.candidates.matcher(ids, alignment_matcher(side[0], alignment), lambda maps: mask_outlines(maps, side[0]))
+            distances = matched_distances(query.sketch, matcher)
         scores = final_score(similarity, dice, lam, None if distances is None else alignment_scores(distances, alignment.tau),
                              0.0 if alignment is None else alignment.weight)
         ranked = [Candidate(float(scores[n]), float(similarity[n]), float(dice[n]), image_id,

@@ -4,9 +4,11 @@ import math
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from generation.sketch import INK, PAPER
-from retrieval.align import Alignment, aligned_distances, alignment_scores, final_score, mask_outlines
+from retrieval.align import Alignment, aligned_distances, alignment_matcher, alignment_scores, final_score, mask_outlines, matched_distances
+from retrieval.candidates import CandidateCache
 from retrieval.oracle import TransformGrid
 
 
@@ -67,3 +69,37 @@ def test_final_score_weighs_the_alignment_against_similarity_and_dice():
     assert final_score(0.8, 50.0, 0.9) == pytest.approx(0.9 * 0.8 + 0.1 * 0.5)
     assert final_score(0.8, 50.0, 0.9, 0.25, 0.4) == pytest.approx(0.6 * (0.9 * 0.8 + 0.1 * 0.5) + 0.4 * 0.25)
     assert final_score(0.8, 50.0, 0.9, 0.25, 0.0) == pytest.approx(final_score(0.8, 50.0, 0.9))
+
+
+class CountingWorkspace:
+    """What `CandidateCache` reads of a workspace: stored label maps by id, and the catalog's generation."""
+
+    def __init__(self, masks: dict[int, np.ndarray]):
+        self.masks, self.generation, self.reads = masks, 0, []
+
+    def masks_for(self, ids):
+        self.reads.append(sorted(ids))
+        return {i: self.masks[i] for i in ids if i in self.masks}
+
+
+def test_candidate_cache_gives_what_a_fresh_read_gives_and_reads_each_image_once():
+    size = 64
+    masks = {0: ellipse_map(size, (32, 32), (20, 8)), 1: ellipse_map(size, (20, 40), (8, 18)),
+             2: ellipse_map(32, (16, 16), (6, 6)), 3: ellipse_map(size, (40, 30), (10, 14))}  # 2 stored at 32 px
+    workspace = CountingWorkspace(masks)
+    cache = CandidateCache(workspace, size, capacity=3)
+    ids = [2, 0, 9]  # 9 has no stored masks
+    expected = np.stack([np.asarray(Image.fromarray(masks[2]).resize((size, size), Image.NEAREST)), masks[0], np.zeros((size, size), np.uint8)])
+    assert np.array_equal(cache.label_maps(ids), expected)
+    sketch = mask_outlines([ellipse_map(size, (34, 31), (21, 8), 5)], size)[0]
+    alignment = Alignment()
+    matcher = cache.matcher(ids, alignment_matcher(size, alignment), lambda maps: mask_outlines(maps, size))
+    assert np.array_equal(matched_distances(sketch, matcher), aligned_distances(sketch, [masks[i] if i in masks else expected[2] for i in ids], alignment))
+    assert workspace.reads == [[0, 2, 9]]  # the matcher used the kept label maps
+    cache.label_maps([0, 2])
+    assert workspace.reads == [[0, 2, 9]]
+    cache.label_maps([3])  # beyond capacity: 9, the least recently used, is dropped
+    cache.label_maps([9, 0])
+    assert workspace.reads[1:] == [[3], [9]]
+    workspace.generation += 1  # an index run committed: everything is read again
+    assert np.array_equal(cache.label_maps([0]), masks[0][None]) and workspace.reads[-1] == [0]

@@ -8,7 +8,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageDraw
 from scipy import ndimage
+from skimage import morphology
 
+from generation import normalize
 from generation.errors import InputError
 from generation.images import open_image
 from generation.normalize import WORK_SIDE, normalize_sketch, normalize_sketch_file, reduce_to_work_side
@@ -138,6 +140,39 @@ def test_filled_shapes_are_rejected():
     ImageDraw.Draw(image).ellipse((30, 30, 170, 170), fill=0)
     with pytest.raises(InputError, match="photograph or filled shapes"):
         normalize_sketch(image)
+
+
+def stroke_mask(side: int, width: int, shape: str) -> np.ndarray:
+    image = Image.new("1", (side, side), 0)
+    draw = ImageDraw.Draw(image)
+    if shape == "lines":
+        for k in range(1, 4):
+            draw.line([(side * k // 4, side // 8), (side * k // 5, side * 7 // 8)], fill=1, width=width)
+    else:
+        draw.ellipse((side // 4, side // 4, side * 3 // 4, side * 3 // 4), fill=1)
+    return np.asarray(image, dtype=bool)
+
+
+@pytest.mark.parametrize("side, width", [(1024, 3), (1024, 24), (700, 9)])
+def test_large_drawings_stroke_width_is_measured_within_the_reduction_factor(side, width):
+    strokes = stroke_mask(side, width, "lines")
+    full = strokes.sum() / morphology.thin(strokes).sum()
+    assert abs(normalize.mean_stroke_width(strokes) - full) <= side // normalize.WIDTH_SIDE
+    small = stroke_mask(250, width, "lines")
+    assert normalize.mean_stroke_width(small) == small.sum() / morphology.thin(small).sum()  # measured as it is
+
+
+def test_a_large_filled_shape_measures_wider_than_any_stroke():
+    assert normalize.mean_stroke_width(stroke_mask(1024, 0, "disc")) > 0.05 * 1024
+
+
+def test_large_filled_shapes_are_rejected_and_large_drawings_kept():
+    image = Image.new("L", (1500, 1200), 255)
+    ImageDraw.Draw(image).ellipse((300, 300, 1200, 900), fill=0)
+    with pytest.raises(InputError, match="photograph or filled shapes"):
+        normalize_sketch(image)
+    lines = Image.fromarray(np.where(stroke_mask(1500, 4, "lines"), 0, 255).astype(np.uint8))
+    assert (normalize_sketch(lines, 64) == INK).any()
 
 
 def test_real_endoscopy_image_is_rejected_as_sketch(vocalfolds):

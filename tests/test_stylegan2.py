@@ -154,10 +154,12 @@ def zero_deltas(G: Generator, batch: int, full: bool = True) -> dict[str, torch.
 def test_zero_deltas_reproduce_the_output_exactly():
     G = seeded_generator().eval()
     ws = G.sample_ws(3, mixing=0.5)
-    reference = G(ws)
+    reference = G(ws, fused_modconv=True)  # every layer on the grouped path, as layers with deltas
     assert torch.equal(G(ws, weight_deltas=zero_deltas(G, 3)), reference)
     assert torch.equal(G(ws, weight_deltas=zero_deltas(G, 3, full=False)), reference)  # (N, out, in, 1, 1)
-    G.train()  # train mode: layers without deltas take the shared-weight path; equal up to rounding
+    # By default layers without deltas take the shared-weight path: equal up to rounding.
+    assert torch.allclose(G(ws, weight_deltas=zero_deltas(G, 3)), G(ws), atol=1e-5)
+    G.train()
     assert torch.allclose(G(ws, weight_deltas=zero_deltas(G, 3)), G(ws), atol=1e-5)
 
 
@@ -170,12 +172,12 @@ def test_a_delta_acts_only_through_its_layer_and_sample():
                 name = f"{block.name}.{layer}"
                 getattr(block, layer).register_forward_hook(lambda m, i, o, name=name: outputs.__setitem__(name, o))
     ws = G.sample_ws(2)
-    G(ws)
+    G(ws, fused_modconv=True)  # the grouped path everywhere, so that untouched samples are reproduced exactly
     before = dict(outputs)
     info = G.conv_layers()["b16.conv1"]
     delta = torch.zeros(2, *info.shape)
     delta[0] = 0.5 * torch.randn(info.shape)  # sample 0 only
-    image = G(ws, weight_deltas={"b16.conv1": delta})
+    image = G(ws, weight_deltas={"b16.conv1": delta}, fused_modconv=True)
     order = list(G.conv_layers())
     for name in order[: order.index("b16.conv1")]:
         assert torch.equal(outputs[name], before[name]), name
