@@ -407,6 +407,8 @@ def serve(
                                     help="How often at most a search first picks up images an index run committed since (0: every batch)."),
     device: str = typer.Option("cpu", "--device", help="cpu (default) | auto | cuda | cuda:N"),
     threads: int = typer.Option(0, "--threads", min=0, help="CPU threads for torch (0 = torch's default)."),
+    compile_networks: bool = typer.Option(False, "--compile", help="Compile the networks with torch.compile before serving, with "
+                                          "--max-batch 1 only: one search about 1.25x faster on CPUs (docs/BENCHMARKS.md); a few minutes at start."),
     allowed_hosts: str = typer.Option(None, "--allowed-hosts",
                                       help="Comma-separated host names to answer, * for any (default without a token: loopback and --host)."),
     audit_log: Path = typer.Option(None, "--audit-log", help="Append one JSON line per search to this file: time, client, token identity, "
@@ -422,7 +424,8 @@ def serve(
     check_bind(host, token)  # before loading any network
     set_threads(threads)
     run_server(workspace, host, port, bundle, db_url, token, device, max_concurrent,
-               allowed_hosts.split(",") if allowed_hosts is not None else None, audit_log, batch_wait_ms, max_batch, refresh_s)
+               allowed_hosts.split(",") if allowed_hosts is not None else None, audit_log, batch_wait_ms, max_batch, refresh_s,
+               compile_networks)
 
 
 @app.command()

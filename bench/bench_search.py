@@ -180,9 +180,11 @@ def run(args: argparse.Namespace) -> dict:
                                  args.strengths, args.seed, models.resolution)
         untimed = min(args.warmup, len(drawings) - 1)
         warmup, sketches = drawings[:untimed], drawings[untimed:]
+        flops = count_flops(models, load_sketch(sketches[0], models.resolution), steps)  # on the eager networks
+        if args.compile:
+            models.compile()  # compiled during the warm-up searches
         stages, end_to_end = time_searches(retriever, warmup, sketches, args)
         qps = batched_qps(retriever, sketches, args)
-        flops = count_flops(models, load_sketch(sketches[0], models.resolution), steps)
         index_kind = retriever.workspace.index.kind
     rss = peak_rss_mib()
     peak = measure_peak(args.threads, args.matmul_size, args.copy_mb)
@@ -232,6 +234,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="refinement steps (default: the bundle's)")
     p.add_argument("--batch", type=int, default=16, help="batch size of the batched-throughput measurement")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compile", action="store_true", help="search with the networks compiled (`SystemModels.compile`)")
     add_common_arguments(p)
     return p
 

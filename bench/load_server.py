@@ -92,10 +92,12 @@ def start_server(args) -> tuple[str, subprocess.Popen]:
         command += ["--batch-wait-ms", str(args.batch_wait_ms)]
     if args.max_batch is not None:
         command += ["--max-batch", str(args.max_batch)]
+    if args.compile:
+        command += ["--compile"]
     env = {k: v for k, v in os.environ.items() if k != "SKETCH2MEDI_TOKEN"}
     server = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
+    deadline = time.monotonic() + (900 if args.compile else 180)
     while time.monotonic() < deadline:
         if server.poll() is not None:
             sys.exit(f"error: the server exited: {server.stderr.read().strip().splitlines()[-1:]}")
@@ -184,6 +186,7 @@ def main() -> None:
     parser.add_argument("-k", type=int, default=10, help="Results per search.")
     parser.add_argument("--threads", type=int, default=1, help="With --workspace: torch threads of the server.")
     parser.add_argument("--max-concurrent", type=int, default=4, help="With --workspace: the server's search slots.")
+    parser.add_argument("--compile", action="store_true", help="With --workspace: serve with --compile.")
     parser.add_argument("--batch-wait-ms", type=float, help="With --workspace: the server's batch wait (default: serve's).")
     parser.add_argument("--max-batch", type=int, help="With --workspace: the server's largest batch (default: serve's).")
     parser.add_argument("--json", action="store_true", help="Print the report as JSON.")

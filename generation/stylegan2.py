@@ -28,10 +28,10 @@ Weight offsets for the refiner H (HyperStyle): `G(ws, weight_deltas={name: delta
 named layer's weight theta by (1 + delta) per sample before modulation and demodulation. delta is
 (N, out, in, k, k) or broadcastable to it, e.g. (N, out, in, 1, 1) (per-channel, repeated over the
 kernel window) or (N, out, 1, 1, 1). Layers with a delta run as a grouped convolution with one
-weight per sample. Layers without a delta use the faster shared-weight path (input scaled by the
-style, output by the demodulation coefficients), which differs from the grouped one only by float
-rounding; `fused_modconv=True` forces the grouped path everywhere (then zero deltas give exactly the
-output of no deltas).
+weight per sample, the style scaling the input and the demodulation the output. Layers without a
+delta use one weight for the batch (the same scalings around a plain convolution). Both differ from
+StyleGAN2's fused form (the style and demodulation folded into each sample's kernel,
+`fused_modconv=True` for the layers without a delta) only by float rounding.
 """
 
 from __future__ import annotations
@@ -229,19 +229,22 @@ class ModulatedConv2d(nn.Module):
         assert in_channels == self.weight.shape[1] and w.shape[0] == batch, (tuple(x.shape), tuple(w.shape))
         styles = self.affine(w)  # (N, in)
         weight = self.weight * self.weight_gain
-        if fused is None:
-            fused = delta is not None  # one weight for the batch is faster wherever the weights are shared (docs/BENCHMARKS.md)
         if delta is not None:
             assert delta.ndim == 5 and delta.shape[0] in (1, batch), f"delta {tuple(delta.shape)} for batch {batch}"
-            weight = weight * (1 + delta)  # (N, out, in, k, k) by broadcasting, checked by torch
-            assert weight.shape[1:] == self.weight.shape, f"delta {tuple(delta.shape)} for weight {tuple(self.weight.shape)}"
-        elif not fused:
+            return self._forward_per_sample(x, styles, weight, delta)
+        if not fused:  # one weight for the whole batch: the faster path (docs/BENCHMARKS.md)
             return self._forward_shared(x, styles, weight)
 
         # Grouped conv: one modulated (and demodulated) kernel per sample.
         weight = weight.expand(batch, -1, -1, -1, -1) * styles[:, None, :, None, None]
         if self.demodulate:
             weight = weight * torch.rsqrt(weight.square().sum(dim=(2, 3, 4), keepdim=True) + 1e-8)
+        return self._grouped(x, weight)
+
+    def _grouped(self, x: Tensor, weight: Tensor) -> Tensor:
+        """x (N, in, H, W) convolved with weight (N, out, in, k, k), sample by sample, as one grouped conv."""
+        batch, in_channels, height, width = x.shape
+        out_channels, k = weight.shape[1], weight.shape[-1]
         x = x.reshape(1, batch * in_channels, height, width)
         if self.up:  # transposed conv takes (in, out) kernels
             weight = weight.transpose(1, 2).reshape(batch * in_channels, out_channels, k, k)
@@ -249,6 +252,19 @@ class ModulatedConv2d(nn.Module):
             return blur(x.reshape(batch, out_channels, *x.shape[2:]), padding=1, gain=4.0)
         x = F.conv2d(x, weight.reshape(batch * out_channels, in_channels, k, k), padding=k // 2, groups=batch)
         return x.reshape(batch, out_channels, height, width)
+
+    def _forward_per_sample(self, x: Tensor, styles: Tensor, weight: Tensor, delta: Tensor) -> Tensor:
+        """The layer with weights theta (1 + delta) per sample. The style scales the input and the
+        demodulation the output rather than each sample's kernel: the same result up to rounding, with
+        one pass over the (N, out, in, k, k) kernels to make them and one to sum their squares."""
+        weight = torch.addcmul(weight, weight, delta)  # theta (1 + delta), (N, out, in, k, k) by broadcasting
+        assert weight.shape[1:] == self.weight.shape, f"delta {tuple(delta.shape)} for weight {tuple(self.weight.shape)}"
+        weight = weight.expand(x.shape[0], -1, -1, -1, -1)
+        x = self._grouped(x * styles[:, :, None, None], weight)
+        if self.demodulate:  # sum_ik (s_i theta'_oik)^2 = sum_i s_i^2 sum_k theta'_oik^2
+            energy = torch.bmm(weight.square().sum(dim=(3, 4)), styles.square()[:, :, None])[:, :, 0]
+            x = x * torch.rsqrt(energy + 1e-8)[:, :, None, None]
+        return x
 
     def _forward_shared(self, x: Tensor, styles: Tensor, weight: Tensor) -> Tensor:
         """Same result with one weight for the batch: scale the input, convolve, scale the output."""

@@ -67,7 +67,7 @@ from fastapi import FastAPI, File, Form, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
-from PIL import Image
+from PIL import Image, ImageDraw
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 
@@ -586,21 +586,40 @@ def _add_images(app: FastAPI, retriever: Retriever, decoder: ThreadPoolExecutor)
             raise _ApiError(404, f"image {image_id}: has no stored masks")
         return png(png_bytes(placed_overlay(labels, *fit(image.width, image.height, IMAGE_SIDE))))
 
+def _compiled(retriever: Retriever) -> None:
+    """Compile the retriever's networks and search a drawn ellipse, so that the first request does
+    not wait for the compiler."""
+    retriever.models.compile()
+    side = retriever.models.resolution * 4
+    sketch = Image.new("L", (side, side), 255)
+    ImageDraw.Draw(sketch).ellipse((side // 4, side // 3, 3 * side // 4, 2 * side // 3), outline=0, width=3)
+    retriever.search(sketch, 1)
+
+
 def serve(workspace: str | Path | None, host: str, port: int, bundle: str | Path | None = None, db_url: str | None = None,
           token: str | None = None, device: str = "cpu", max_concurrent: int = 32,
           allowed_hosts: Iterable[str] | None = None, audit_log: str | Path | None = None,
-          batch_wait_ms: float = BATCH_WAIT_MS, max_batch: int = MAX_BATCH, refresh_s: float = REFRESH_S) -> None:
+          batch_wait_ms: float = BATCH_WAIT_MS, max_batch: int = MAX_BATCH, refresh_s: float = REFRESH_S,
+          compile_networks: bool = False) -> None:
     """`sketch2medi serve`: check the binding, open the workspace (one-line errors), run uvicorn.
     token: the access token every request must carry (`access_token()` reads it from the environment);
+    compile_networks: `SystemModels.compile` and one search to compile them before serving (with
+        max_batch 1 only);
     the other arguments as `create_app` takes them."""
     import uvicorn
 
     host = bind_host(host)
     check_bind(host, token)
+    if compile_networks and max_batch != 1:
+        # Each new batch size would compile anew, for tens of seconds, while its requests wait.
+        raise InputError("--compile searches one at a time: add --max-batch 1 (compiled networks would recompile for every new batch size)")
     audit = AuditLog(audit_log) if audit_log is not None else None  # refused before the networks load
     models = model_thread()
     retriever = models.submit(Retriever, workspace, bundle, db_url, device).result()  # loaded where it will run
     with retriever:
+        if compile_networks:
+            print("sketch2medi: compiling the networks (a minute or two the first time)", flush=True)
+            models.submit(_compiled, retriever).result()
         app = create_app(retriever, token=token, max_concurrent=max_concurrent, models=models, host=host,
                          allowed_hosts=allowed_hosts, audit_log=audit, batch_wait_ms=batch_wait_ms, max_batch=max_batch,
                          refresh_s=refresh_s)

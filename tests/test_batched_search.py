@@ -23,7 +23,7 @@ from retrieval.vector import ArchiveEmbedder
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
-from retrieval.server import SearchBatcher, create_app  # noqa: E402
+from retrieval.server import SearchBatcher, _compiled, create_app  # noqa: E402
 
 LOCAL = "http://localhost"
 
@@ -119,6 +119,16 @@ def test_one_request_alone_is_a_batch_of_one(indexed):
     alone = retriever.search(sketch, k=5)
     assert [(h.id, h.score, h.dice) for h in batched.results] == [(h.id, h.score, h.dice) for h in alone.results]  # the same code path
     assert retriever.search_many([]) == []
+
+
+def test_compiled_networks_find_what_the_eager_ones_find(indexed, tiny_chain):
+    retriever, _, _ = indexed
+    with Retriever(retriever.workspace.path, models=SystemModels(tiny_chain[1], "cpu")) as compiled:
+        _compiled(compiled)  # what `serve --compile` does before serving
+        for n in (2, 5):
+            eager, fast = retriever.search(drawn(indexed, n), k=5), compiled.search(drawn(indexed, n), k=5)
+            assert [h.id for h in fast.results] == [h.id for h in eager.results]
+            assert np.allclose([h.score for h in fast.results], [h.score for h in eager.results], atol=1e-4)
 
 
 class Batches:

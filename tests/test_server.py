@@ -258,6 +258,14 @@ def test_only_loopback_binds_without_a_token(tmp_path):
     assert result.returncode == 2 and "No such option: --token" in result.stderr  # a secret is never taken from the command line
 
 
+def test_compiled_networks_are_refused_with_batching(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "cli.py"), "serve", "--compile", "--workspace", str(tmp_path)],
+                            capture_output=True, text=True, cwd=ROOT, timeout=120)  # refused before the (missing) workspace is looked at
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == ("error: --compile searches one at a time: add --max-batch 1 "
+                                     "(compiled networks would recompile for every new batch size)")
+
+
 def test_the_access_token_comes_from_the_environment(monkeypatch):
     monkeypatch.delenv("SKETCH2MEDI_TOKEN", raising=False)
     assert access_token() is None

@@ -122,6 +122,7 @@ def test_demodulation_gives_unit_variance_outputs():
         variance = out.var(dim=(2, 3))
         assert ((variance > 0.8) & (variance < 1.2)).all(), variance
     assert torch.allclose(conv(x, w, fused=False), conv(x, w, fused=True), atol=1e-4)
+    assert torch.allclose(conv(x, w, delta=torch.zeros(4, 32, 64, 3, 3)), conv(x, w, fused=True), atol=1e-4)
     conv.demodulate = False  # control: without demodulation the variances are far from 1
     variance = conv(x, w)[:, :, 1:-1, 1:-1].var(dim=(2, 3))
     assert not ((variance > 0.8) & (variance < 1.2)).all()
@@ -151,14 +152,28 @@ def zero_deltas(G: Generator, batch: int, full: bool = True) -> dict[str, torch.
             for name, info in G.conv_layers().items()}
 
 
-def test_zero_deltas_reproduce_the_output_exactly():
+@pytest.mark.parametrize("up, demodulate", [(False, True), (True, True), (False, False)])
+def test_per_sample_offsets_give_the_kernels_theta_times_one_plus_delta(up, demodulate):
+    torch.manual_seed(1)
+    conv = ModulatedConv2d(6, 5, 3 if demodulate else 1, w_dim=8, demodulate=demodulate, up=up)
+    x, w = torch.randn(3, 6, 8, 8), torch.randn(3, 8)
+    delta = 0.3 * torch.randn(3, *conv.weight.shape)
+    out = conv(x, w, delta=delta)
+    for n in range(3):  # each sample through a plain layer whose weight is theta (1 + delta_n)
+        plain = ModulatedConv2d(6, 5, conv.weight.shape[-1], w_dim=8, demodulate=demodulate, up=up)
+        plain.load_state_dict(conv.state_dict())
+        with torch.no_grad():
+            plain.weight.mul_(1 + delta[n])
+        assert torch.allclose(out[n : n + 1], plain(x[n : n + 1], w[n : n + 1], fused=True), atol=1e-5)
+
+
+def test_zero_deltas_reproduce_the_output_up_to_rounding():
     G = seeded_generator().eval()
     ws = G.sample_ws(3, mixing=0.5)
-    reference = G(ws, fused_modconv=True)  # every layer on the grouped path, as layers with deltas
-    assert torch.equal(G(ws, weight_deltas=zero_deltas(G, 3)), reference)
-    assert torch.equal(G(ws, weight_deltas=zero_deltas(G, 3, full=False)), reference)  # (N, out, in, 1, 1)
-    # By default layers without deltas take the shared-weight path: equal up to rounding.
-    assert torch.allclose(G(ws, weight_deltas=zero_deltas(G, 3)), G(ws), atol=1e-5)
+    reference = G(ws)
+    assert torch.allclose(G(ws, weight_deltas=zero_deltas(G, 3)), reference, atol=1e-5)
+    assert torch.equal(G(ws, weight_deltas=zero_deltas(G, 3, full=False)), G(ws, weight_deltas=zero_deltas(G, 3)))  # (N, out, in, 1, 1)
+    assert torch.allclose(G(ws, fused_modconv=True), reference, atol=1e-5)  # StyleGAN2's fused form
     G.train()
     assert torch.allclose(G(ws, weight_deltas=zero_deltas(G, 3)), G(ws), atol=1e-5)
 
@@ -172,12 +187,12 @@ def test_a_delta_acts_only_through_its_layer_and_sample():
                 name = f"{block.name}.{layer}"
                 getattr(block, layer).register_forward_hook(lambda m, i, o, name=name: outputs.__setitem__(name, o))
     ws = G.sample_ws(2)
-    G(ws, fused_modconv=True)  # the grouped path everywhere, so that untouched samples are reproduced exactly
-    before = dict(outputs)
     info = G.conv_layers()["b16.conv1"]
+    G(ws, weight_deltas={"b16.conv1": torch.zeros(2, *info.shape)})  # the same paths, so that untouched samples are reproduced exactly
+    before = dict(outputs)
     delta = torch.zeros(2, *info.shape)
     delta[0] = 0.5 * torch.randn(info.shape)  # sample 0 only
-    image = G(ws, weight_deltas={"b16.conv1": delta}, fused_modconv=True)
+    image = G(ws, weight_deltas={"b16.conv1": delta})
     order = list(G.conv_layers())
     for name in order[: order.index("b16.conv1")]:
         assert torch.equal(outputs[name], before[name]), name
