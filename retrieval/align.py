@@ -63,8 +63,8 @@ def mask_outlines(label_maps: Sequence[np.ndarray], resolution: int) -> np.ndarr
 @lru_cache(maxsize=8)
 def alignment_matcher(resolution: int, alignment: Alignment) -> AlignedChamfer:
     """The alignment's matcher for sketches of `resolution` px, against no candidates yet (give
-    them with `AlignedChamfer.against`; kept, as it is the same for every query); it works at `alignment.reduction` where that divides the
-    resolution, else at full resolution."""
+    them with `AlignedChamfer.against`; kept, as it is the same for every query). It works at
+    `alignment.reduction` where that divides the resolution, else at full resolution."""
     reduction = alignment.reduction if resolution % alignment.reduction == 0 else 1
     return AlignedChamfer(np.zeros((0, resolution, resolution), np.uint8), alignment.grid, reduction)
 

@@ -65,7 +65,8 @@ class CandidateCache:
         missing = [i for i in dict.fromkeys(ids) if i not in found]
         if missing:
             blank, transforms, ink = template.spectra(outlines(self.label_maps(missing)))
-            found.update((image_id, (bool(blank[row]), transforms[row], ink[row])) for row, image_id in enumerate(missing))
+            found.update((image_id, (bool(blank[row]), transforms[row].clone(), ink[row].clone()))  # not views of the batch
+                         for row, image_id in enumerate(missing))
         self._keep(self._spectra, {(i, geometry): value for i, value in found.items()})
         rows = [found[i] for i in ids]
         if not rows:
