@@ -15,9 +15,9 @@ from typing import Callable
 
 import numpy as np
 import torch
-from PIL import Image
 
 from indexing.workspace import Workspace
+from retrieval.labelled import resized_labels
 from retrieval.oracle import AlignedChamfer
 
 DEFAULT_CAPACITY = 4096  # images; at 64 px about 25 KB each with the alignment's spectra
@@ -48,11 +48,7 @@ class CandidateCache:
         stored = self.workspace.masks_for(missing) if missing else {}
         for image_id in missing:
             labels = stored.get(image_id)
-            if labels is None:
-                labels = np.zeros(side, np.uint8)
-            elif labels.shape != side:
-                labels = np.asarray(Image.fromarray(labels).resize(side[::-1], Image.NEAREST))
-            found[image_id] = labels
+            found[image_id] = np.zeros(side, np.uint8) if labels is None else resized_labels(labels, self.resolution)
         self._keep(self._labels, found)
         return np.stack([found[i] for i in ids]) if ids else np.zeros((0, *side), np.uint8)
 

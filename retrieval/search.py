@@ -32,7 +32,7 @@ from indexing.workspace import check_bundle, open_workspace_for_search
 from retrieval.align import Alignment, alignment_matcher, alignment_scores, final_score, mask_outlines, matched_distances
 from retrieval.candidates import CandidateCache
 from retrieval.defaults import DEFAULT_CANDIDATES, DEFAULT_LAMBDA
-from retrieval.labelled import LabelWeights, check_classes, class_fields, class_match, labelled_scores
+from retrieval.labelled import LabelWeights, check_classes, class_fields, class_match, labelled_scores, resized_labels
 from retrieval.metrics import dice_matrix
 from retrieval.models import SystemModels
 from retrieval.quality import hit_features
@@ -462,7 +462,7 @@ class Retriever:
     def _reranked(self, found: list[tuple[int, float]], query: _Query, lam: float, alignment: Alignment | None) -> list[Candidate]:
         """(image id, similarity) pairs -> candidates by the final score (ties: lower id first)."""
         ids, side = [i for i, _ in found], (self.models.resolution,) * 2
-        labels = query.labels if query.labels.shape == side else np.asarray(Image.fromarray(query.labels).resize(side, Image.NEAREST))
+        labels = resized_labels(query.labels, side[0])
         stored = self.candidates.label_maps(ids)
         similarity = np.array([s for _, s in found], np.float64)
         dice = np.nan_to_num(dice_matrix(labels[None], stored, self.models.label_classes)[0]) if ids else np.zeros(0)
@@ -481,9 +481,7 @@ class Retriever:
     def _class_matched(self, ranked: list[Candidate], query: _Query, weights: LabelWeights) -> list[Candidate]:
         """The re-ranked candidates re-scored with the labelled sketch's per-class match (ties: lower id first)."""
         sketch = query.labelled
-        masks = self.workspace.masks_for([c.image_id for c in ranked])
-        blank = np.zeros_like(query.labels)
-        stored = [masks.get(c.image_id, blank) for c in ranked]
+        stored = list(self.candidates.label_maps([c.image_id for c in ranked]))  # read by `_reranked` just before
         fields = class_fields(stored, sketch.drawn, sketch.sketch.shape[0])
         match = class_match(sketch, query.labels, fields, stored, weights)
         scores = labelled_scores(np.array([c.score for c in ranked]), match, weights)
