@@ -277,6 +277,26 @@ def test_a_snapshot_of_an_encoder_run_exports_as_the_bundle_encoder(tiny_bundle,
         export_checkpoint(run, "moco", target)
 
 
+def test_encoder_phase_continues_an_exported_encoder(tiny_bundle, tmp_path):
+    data, bundle, _ = tiny_bundle
+    first = copy_networks(bundle, tmp_path / "first")
+    train_phase("encoder", data, first, "tiny", phase_options("tiny", "encoder", steps=4, snap_every=4), device="cpu", log=lambda m: None)
+    exported = load_network("encoder", first).state_dict()
+    later, messages = copy_networks(bundle, tmp_path / "later"), []
+    with pytest.raises(InputError, match="already has 4 steps; pass a larger --steps"):
+        train_phase("encoder", data, later, "tiny", phase_options("tiny", "encoder", steps=4), device="cpu", init_from=first, log=messages.append)
+    result = train_phase("encoder", data, later, "tiny", phase_options("tiny", "encoder", steps=6, snap_every=6, log_every=1),
+                         device="cpu", init_from=first, log=messages.append)
+    assert result.steps == 6 and f"continuing encoder of {first} at step 4" in messages
+    assert [json.loads(line)["step"] for line in (later / "encoder_metrics.jsonl").read_text().splitlines()] == [5, 6]
+    _, meta = load_checkpoint(later, "encoder")
+    assert meta["training"]["steps"] == 6 and meta["training"]["continued_from"] == str(first)
+    # Two steps on from the exported weights stay near them, nearer than an E trained in another run.
+    continued, fresh = load_network("encoder", later).state_dict(), load_network("encoder", bundle).state_dict()
+    name = "to_w.weight"
+    assert (continued[name] - exported[name]).abs().mean() < (fresh[name] - exported[name]).abs().mean()
+
+
 def test_phases_refuse_an_incomplete_bundle(tiny_bundle, tmp_path):
     data, bundle, _ = tiny_bundle
     only_c = copy_networks(bundle, tmp_path / "c", ("moco",))

@@ -172,12 +172,13 @@ def train_generator_command(
 
 
 def _train_phase_command(phase: str, data: Path, bundle: Path, preset: str, steps: int | None, batch: int | None,
-                         lr: float | None, split: str | None, device: str, threads: int, resume: bool, **extra) -> None:
+                         lr: float | None, split: str | None, device: str, threads: int, resume: bool, init_from: Path | None = None,
+                         **extra) -> None:
     from training.train_sketch2medi import phase_options, train_phase
 
     set_threads(threads)
     options = phase_options(preset, phase, steps=steps, batch=batch, lr=lr, **extra)
-    run = dict(data=data, bundle=bundle, preset=preset, options=options, split=split, device=device, resume=resume)
+    run = dict(data=data, bundle=bundle, preset=preset, options=options, split=split, device=device, resume=resume, init_from=init_from)
     if not is_main_process():
         train_phase(phase, **run, log=quiet)
         return
@@ -222,9 +223,11 @@ def train_encoder_command(
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     threads: int = typer.Option(0, "--threads", min=0, help=THREADS_HELP),
     resume: bool = typer.Option(False, "--resume", help="Continue the encoder checkpoint in --bundle."),
+    init_from: Path = typer.Option(None, "--init-from", help="Bundle whose exported E to continue training (its latent discriminator "
+                                   "and optimiser start afresh); --steps is then the total, counting its steps."),
 ):
     """Phase 1: train the sketch encoder E with the latent discriminator; works under torchrun."""
-    _train_phase_command("encoder", data, bundle, preset, steps, batch, lr, split, device, threads, resume,
+    _train_phase_command("encoder", data, bundle, preset, steps, batch, lr, split, device, threads, resume, init_from,
                          freehand=freehand, freehand_strength=freehand_strength, freehand_pool=freehand_pool,
                          contrastive=contrastive, adversarial=adversarial)
 
@@ -245,9 +248,11 @@ def train_refiner_command(
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     threads: int = typer.Option(0, "--threads", min=0, help=THREADS_HELP),
     resume: bool = typer.Option(False, "--resume", help="Continue the refiner checkpoint in --bundle."),
+    init_from: Path = typer.Option(None, "--init-from", help="Bundle whose exported H to continue training (its optimiser starts "
+                                   "afresh); --steps is then the total, counting its steps."),
 ):
     """Phase 2: train the refiner H with E, G, S frozen; works under torchrun."""
-    _train_phase_command("refiner", data, bundle, preset, steps, batch, lr, split, device, threads, resume,
+    _train_phase_command("refiner", data, bundle, preset, steps, batch, lr, split, device, threads, resume, init_from,
                          refine_steps=refine_steps, freehand=freehand, freehand_strength=freehand_strength, freehand_pool=freehand_pool)
 
 

@@ -190,6 +190,24 @@ class PhaseTrainer:
         meta = {"options": asdict(self.options), "step": self.step_count, "world_size": self.dist.world_size}
         save_checkpoint(bundle, f"{self.name}_checkpoint", self.states(), meta)
 
+    def continue_from(self, bundle: Path) -> int:
+        """Start from the bundle's exported network (E or H) and its recorded step count; the
+        optimiser (and E's latent discriminator, which is not exported) start afresh. Returns the step."""
+        network = self.network()
+        exported = load_network(self.name, bundle, self.device)
+        if exported.config != network.config:
+            raise InputError(f"{bundle}: its {self.name} was trained with another configuration; pass the same --preset to continue it")
+        network.load_state_dict(exported.state_dict())
+        broadcast_module(network, self.dist)
+        _, meta = load_checkpoint(bundle, self.name)
+        self.step_count = int(meta.get("training", {}).get("steps", 0))
+        self.reseed()
+        return self.step_count
+
+    def network(self) -> torch.nn.Module:
+        """The network this phase trains."""
+        raise NotImplementedError
+
     def load(self, bundle: Path) -> None:
         states, meta = load_checkpoint(bundle, f"{self.name}_checkpoint")
         self.load_states(states)
@@ -259,6 +277,9 @@ class EncoderTrainer(PhaseTrainer):
         stats.update({f"sim_{k}": v.item() for k, v in terms.items()}, loss=loss.item())
         self.step_count += 1
         return stats
+
+    def network(self):
+        return self.E
 
     def states(self):
         return {"E": self.E.state_dict(), "D": self.D.state_dict(), "E_opt": self.E_opt.state_dict(), "D_opt": self.D_opt.state_dict()}
@@ -335,6 +356,9 @@ class RefinerTrainer(PhaseTrainer):
         self.step_count += 1
         return stats
 
+    def network(self):
+        return self.H
+
     def states(self):
         return {"H": self.H.state_dict(), "H_opt": self.H_opt.state_dict()}
 
@@ -359,11 +383,14 @@ class RefinerTrainer(PhaseTrainer):
 
 def train_phase(phase: str, data: str | Path, bundle: str | Path, preset: str = "cpu", options: PhaseOptions | None = None,
                 split: str | None = "train", device: str = "auto", resume: bool = False, layers: list[str] | None = None,
+                init_from: str | Path | None = None,
                 on_step: Callable[[int, dict[str, float]], None] | None = None,
                 on_cache: Callable[[int, int], None] | None = None,
                 log: Callable[[str], None] = print) -> TrainResult:
     """Train E (`phase="encoder"`) or H (`"refiner"`) into `bundle`, which must hold C, S and G
-    (and E for the refiner). See the module docstring for what is written. The result's metrics
+    (and E for the refiner). `init_from`: a bundle whose exported network of this phase the run
+    continues, counting its steps (`options.steps` is then the total); its C, S and G must be the
+    ones in `bundle`. See the module docstring for what is written. The result's metrics
     hold the mean metrics of the first and the last logged window ("first_window", "last_window")."""
     if phase not in ("encoder", "refiner"):
         raise InputError(f"unknown phase {phase!r}")
@@ -396,6 +423,12 @@ def train_phase(phase: str, data: str | Path, bundle: str | Path, preset: str = 
         trainer.load(bundle)
         if dist.is_main:
             log(f"resumed {phase} training at step {trainer.step_count}")
+    elif init_from is not None:
+        continued = trainer.continue_from(Path(init_from))
+        if continued >= options.steps:
+            raise InputError(f"{init_from}: its {phase} already has {continued} steps; pass a larger --steps (the total)")
+        if dist.is_main:
+            log(f"continuing {phase} of {init_from} at step {continued}")
     if dist.is_main:
         log(f"training {phase} on {len(cache)} sketch/image pairs at {cache.resolution} px, batch {options.batch} over "
             f"{dist.world_size} process(es), device {device_} ({torch.get_num_threads()} threads); "
@@ -435,6 +468,8 @@ def train_phase(phase: str, data: str | Path, bundle: str | Path, preset: str = 
         summary = {"steps": trainer.step_count, "seconds": round(seconds, 1), "pairs": len(cache), "data": str(data),
                    "split": split, "preset": preset, "world_size": dist.world_size, "options": asdict(options),
                    "first_window": first, "last_window": last}
+        if init_from is not None:
+            summary["continued_from"] = str(init_from)
         trainer.finish(bundle, summary)
     dist.barrier()
     return TrainResult(trainer.step_count, seconds, bundle, stopped_early, {"first_window": first, "last_window": last})
