@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from generation.errors import InputError
 from generation.registry import NetworkSpec, register
 from generation.resnet import ResNet, ResNetConfig
-from generation.stylegan2 import EqualLinear, Generator
+from generation.stylegan2 import EqualLinear, FactoredDelta, Generator
 
 LayerShape = tuple[int, int, int, int]
 
@@ -96,7 +96,7 @@ class LayerCode(nn.Module):
 
 
 class KernelHead(nn.Module):
-    """Code (N, code_dim) -> full kernel offset (N, out, in, k, k), rank-r factorised."""
+    """Code (N, code_dim) -> kernel offset (N, out, in, k, k), rank-r factorised (`FactoredDelta`)."""
 
     def __init__(self, code_dim: int, shape: LayerShape, rank: int):
         super().__init__()
@@ -106,14 +106,13 @@ class KernelHead(nn.Module):
         self.coefficients = EqualLinear(code_dim, out_channels * rank)
         self.basis = nn.Parameter(torch.zeros(rank, in_channels * k * k))  # zero: H starts as the identity
 
-    def forward(self, code: Tensor) -> Tensor:
+    def forward(self, code: Tensor) -> FactoredDelta:
         out_channels, in_channels, k, _ = self.shape
-        a = self.coefficients(code).view(-1, out_channels, self.rank)
-        return (a @ self.basis).view(-1, out_channels, in_channels, k, k)
+        return FactoredDelta(self.coefficients(code).view(-1, out_channels, self.rank), self.basis, (in_channels, k, k))
 
 
 class Refiner(nn.Module):
-    """H: (sketch (N, 1, R, R), image (N, 3, R, R)) -> {layer name: Delta (N, out, in, k, k)}."""
+    """H: (sketch (N, 1, R, R), image (N, 3, R, R)) -> {layer name: Delta (N, out, in, k, k), factored}."""
 
     def __init__(self, config: RefinerConfig):
         super().__init__()
@@ -126,7 +125,7 @@ class Refiner(nn.Module):
         shapes = {_shape_key(shape): shape for _, shape in config.layers}
         self.heads = nn.ModuleDict({key: KernelHead(config.code_dim, shape, config.rank) for key, shape in shapes.items()})
 
-    def forward(self, sketches: Tensor, images: Tensor) -> dict[str, Tensor]:
+    def forward(self, sketches: Tensor, images: Tensor) -> dict[str, FactoredDelta]:
         size = self.config.resolution
         assert sketches.shape[1:] == (1, size, size) and images.shape[1:] == (3, size, size) and len(sketches) == len(images), \
             f"H expects sketches (N, 1, {size}, {size}) and images (N, 3, {size}, {size}), got {tuple(sketches.shape)}, {tuple(images.shape)}"
@@ -135,8 +134,8 @@ class Refiner(nn.Module):
                 for name, shape in self.config.layers}
 
 
-def accumulate(total: dict[str, Tensor] | None, deltas: dict[str, Tensor]) -> dict[str, Tensor]:
-    """sum_{i <= t} Delta_i, one step at a time."""
+def accumulate(total: dict[str, Tensor | FactoredDelta] | None, deltas: dict[str, FactoredDelta]) -> dict[str, Tensor | FactoredDelta]:
+    """sum_{i <= t} Delta_i, one step at a time (factored without gradients: `FactoredDelta`)."""
     return dict(deltas) if total is None else {name: total[name] + delta for name, delta in deltas.items()}
 
 

@@ -27,11 +27,13 @@ channels(R/2) -> channels(R), conv1 and torgb take channels(R). For the presets:
 Weight offsets for the refiner H (HyperStyle): `G(ws, weight_deltas={name: delta})` multiplies the
 named layer's weight theta by (1 + delta) per sample before modulation and demodulation. delta is
 (N, out, in, k, k) or broadcastable to it, e.g. (N, out, in, 1, 1) (per-channel, repeated over the
-kernel window) or (N, out, 1, 1, 1). Layers with a delta run as a grouped convolution with one
-weight per sample, the style scaling the input and the demodulation the output. Layers without a
-delta use one weight for the batch (the same scalings around a plain convolution). Both differ from
-StyleGAN2's fused form (the style and demodulation folded into each sample's kernel,
-`fused_modconv=True` for the layers without a delta) only by float rounding.
+kernel window) or (N, out, 1, 1, 1), or a `FactoredDelta` (the low-rank form H makes). Layers with
+a delta run as a grouped convolution with one weight per sample, the style scaling the input and
+the demodulation the output; without gradients, a factored delta's kernels are made and convolved
+one sample at a time instead, so that each stays in the CPU's cache. Layers without a delta use one
+weight for the batch (the same scalings around a plain convolution). All differ from StyleGAN2's
+fused form (the style and demodulation folded into each sample's kernel, `fused_modconv=True` for
+the layers without a delta) only by float rounding.
 """
 
 from __future__ import annotations
@@ -206,6 +208,42 @@ def truncate(w: Tensor, w_avg: Tensor, psi: float) -> Tensor:
     return w if psi == 1.0 else w_avg.lerp(w, psi)
 
 
+@dataclass(frozen=True)
+class FactoredDelta:
+    """A per-sample weight offset of rank r: delta[n, o] = sum_r coefficients[n, o, r] basis[r].
+
+    Offsets on one basis add by their coefficients, so H's steps sum without making full kernels;
+    with gradients they add as full kernels instead, so that each step's loss reaches the basis
+    only through its own offset, as it does for dense offsets."""
+
+    coefficients: Tensor  # (N, out, r)
+    basis: Tensor  # (r, in * k * k)
+    kernel: tuple[int, int, int]  # (in, k, k)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (*self.coefficients.shape[:2], *self.kernel)
+
+    @property
+    def ndim(self) -> int:
+        return 5
+
+    def dense(self) -> Tensor:
+        """(N, out, in, k, k)."""
+        return (self.coefficients @ self.basis).view(self.shape)
+
+    def detach(self) -> FactoredDelta:
+        return FactoredDelta(self.coefficients.detach(), self.basis.detach(), self.kernel)
+
+    def __add__(self, other):
+        if isinstance(other, FactoredDelta) and not torch.is_grad_enabled() and other.kernel == self.kernel and \
+                other.basis.data_ptr() == self.basis.data_ptr() and other.basis.shape == self.basis.shape:
+            return FactoredDelta(self.coefficients + other.coefficients, self.basis, self.kernel)
+        return self.dense() + (other.dense() if isinstance(other, FactoredDelta) else other)
+
+    __radd__ = __add__
+
+
 class ModulatedConv2d(nn.Module):
     """Conv whose input channels are scaled per sample by an affine map of w (the style).
 
@@ -223,7 +261,7 @@ class ModulatedConv2d(nn.Module):
         self.demodulate = demodulate
         self.up = up
 
-    def forward(self, x: Tensor, w: Tensor, delta: Tensor | None = None, fused: bool | None = None) -> Tensor:
+    def forward(self, x: Tensor, w: Tensor, delta: Tensor | FactoredDelta | None = None, fused: bool | None = None) -> Tensor:
         batch, in_channels, height, width = x.shape
         out_channels, _, k, _ = self.weight.shape
         assert in_channels == self.weight.shape[1] and w.shape[0] == batch, (tuple(x.shape), tuple(w.shape))
@@ -231,6 +269,10 @@ class ModulatedConv2d(nn.Module):
         weight = self.weight * self.weight_gain
         if delta is not None:
             assert delta.ndim == 5 and delta.shape[0] in (1, batch), f"delta {tuple(delta.shape)} for batch {batch}"
+            if isinstance(delta, FactoredDelta):
+                if not torch.is_grad_enabled():
+                    return self._forward_factored(x, styles, weight, delta)
+                delta = delta.dense()
             return self._forward_per_sample(x, styles, weight, delta)
         if not fused:  # one weight for the whole batch: the faster path (docs/BENCHMARKS.md)
             return self._forward_shared(x, styles, weight)
@@ -265,6 +307,19 @@ class ModulatedConv2d(nn.Module):
             energy = torch.bmm(weight.square().sum(dim=(3, 4)), styles.square()[:, :, None])[:, :, 0]
             x = x * torch.rsqrt(energy + 1e-8)[:, :, None, None]
         return x
+
+    def _forward_factored(self, x: Tensor, styles: Tensor, weight: Tensor, delta: FactoredDelta) -> Tensor:
+        """`_forward_per_sample` sample by sample: each kernel theta (1 + delta[n]) is made just
+        before its convolution, while it is in the cache (at batch 16 the (N, out, in, k, k) kernels
+        of the batched form are several MB per layer)."""
+        assert delta.shape[1:] == self.weight.shape, f"delta {tuple(delta.shape)} for weight {tuple(self.weight.shape)}"
+        flat, last = weight.reshape(weight.shape[0], -1), len(delta.coefficients) - 1
+        outputs = []
+        for n in range(len(x)):
+            offset = delta.coefficients[min(n, last)] @ delta.basis  # (out, in * k * k)
+            kernel = torch.addcmul(flat, flat, offset).view(self.weight.shape)
+            outputs.append(self._forward_shared(x[n : n + 1], styles[n : n + 1], kernel))
+        return torch.cat(outputs)
 
     def _forward_shared(self, x: Tensor, styles: Tensor, weight: Tensor) -> Tensor:
         """Same result with one weight for the batch: scale the input, convolve, scale the output."""

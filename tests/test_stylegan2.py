@@ -24,6 +24,7 @@ from generation.stylegan2 import (
     Discriminator,
     EqualConv2d,
     EqualLinear,
+    FactoredDelta,
     Generator,
     ModulatedConv2d,
     StyleGAN2Config,
@@ -210,6 +211,36 @@ def test_a_delta_acts_only_through_its_layer_and_sample():
         G(ws, weight_deltas={"b16.conv9": delta})
     with pytest.raises((RuntimeError, AssertionError)):
         G(ws, weight_deltas={"b32.conv1": delta})  # (32, 32, 3, 3) delta for a (16, 16, 3, 3) layer
+
+
+def test_a_factored_delta_acts_as_its_full_kernels_and_sums_by_coefficients():
+    G = seeded_generator().eval()
+    ws = G.sample_ws(3).detach()
+    torch.manual_seed(1)
+    deltas = {}
+    for name in ("b8.conv0", "b16.conv1"):  # an upsampling layer and a plain one
+        out, inp, k, _ = G.conv_layers()[name].shape
+        basis = torch.randn(4, inp * k * k) * 0.1
+        deltas[name] = [FactoredDelta(torch.randn(3, out, 4), basis, (inp, k, k)) for _ in range(2)]
+    with torch.no_grad():
+        summed = {name: a + b for name, (a, b) in deltas.items()}
+        assert all(isinstance(d, FactoredDelta) for d in summed.values())  # one basis: the coefficients add
+        dense = {name: a.dense() + b.dense() for name, (a, b) in deltas.items()}
+        assert torch.allclose(summed["b8.conv0"].dense(), dense["b8.conv0"], atol=1e-6)
+        image = G(ws, weight_deltas=summed)  # made and convolved sample by sample
+        assert torch.allclose(image, G(ws, weight_deltas=dense), atol=1e-5)
+        assert not torch.allclose(image, G(ws), atol=1e-3)
+        alone = G(ws[1:2], weight_deltas={n: FactoredDelta(d.coefficients[1:2], d.basis, d.kernel) for n, d in summed.items()})
+        assert torch.allclose(alone, image[1:2], atol=1e-5)
+    # With gradients they add as full kernels, and the gradient reaches the basis as through dense offsets.
+    basis = deltas["b16.conv1"][0].basis.clone().requires_grad_(True)
+    a, b = (FactoredDelta(d.coefficients, basis, d.kernel) for d in deltas["b16.conv1"])
+    total = a.detach() + b
+    assert isinstance(total, torch.Tensor) and torch.allclose(total, a.dense() + b.dense(), atol=1e-6)
+    G(ws, weight_deltas={"b16.conv1": total}).square().mean().backward()
+    factored_grad, basis.grad = basis.grad, None
+    G(ws, weight_deltas={"b16.conv1": a.dense().detach() + b.dense()}).square().mean().backward()
+    assert torch.allclose(factored_grad, basis.grad, atol=1e-6)
 
 
 def test_truncation_psi_zero_gives_w_avg_and_mixing_switches_styles():
