@@ -283,6 +283,8 @@ def test_encoder_phase_continues_an_exported_encoder(tiny_bundle, tmp_path):
     train_phase("encoder", data, first, "tiny", phase_options("tiny", "encoder", steps=4, snap_every=4), device="cpu", log=lambda m: None)
     exported = load_network("encoder", first).state_dict()
     later, messages = copy_networks(bundle, tmp_path / "later"), []
+    with pytest.raises(InputError, match="has no encoder.safetensors to continue"):
+        train_phase("encoder", data, later, "tiny", phase_options("tiny", "encoder", steps=6), device="cpu", init_from=tmp_path, log=messages.append)
     with pytest.raises(InputError, match="already has 4 steps; pass a larger --steps"):
         train_phase("encoder", data, later, "tiny", phase_options("tiny", "encoder", steps=4), device="cpu", init_from=first, log=messages.append)
     result = train_phase("encoder", data, later, "tiny", phase_options("tiny", "encoder", steps=6, snap_every=6, log_every=1),

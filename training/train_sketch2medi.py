@@ -405,6 +405,8 @@ def train_phase(phase: str, data: str | Path, bundle: str | Path, preset: str = 
             raise InputError(f"{bundle}: has no {needed}.safetensors; train {what} into this bundle first")
     if phase == "refiner" and not network_exists(bundle, "encoder"):
         raise InputError(f"{bundle}: has no encoder.safetensors; train E first (`train encoder`)")
+    if init_from is not None and not network_exists(init_from, phase):
+        raise InputError(f"{init_from}: has no {phase}.safetensors to continue; pass a bundle with a trained {phase}")
     if checkpoint_exists(bundle, f"{phase}_checkpoint") and not resume:
         raise InputError(f"{bundle}: already holds a {phase} training checkpoint; pass --resume to continue it")
 
