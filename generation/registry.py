@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -100,6 +101,17 @@ def network_exists(directory: str | Path, name: str) -> bool:
     if name not in _NETWORKS:
         raise InputError(f"unknown network {name!r}; choose one of {', '.join(NETWORK_NAMES)}")
     return checkpoint_exists(directory, name)
+
+
+def network_training(name: str, directory: str | Path) -> dict[str, Any]:
+    """The `training` record of DIR/<name>.json (what its run saved; empty where there is none),
+    read without its weights, e.g. for a run that continues a network `load_network` loaded."""
+    path = Path(directory) / f"{network_spec(name).name}.json"
+    try:
+        record = json.loads(path.read_text()).get("training", {})
+    except (ValueError, OSError, AttributeError) as error:
+        raise InputError(f"{path}: damaged ({error}); re-export or re-download the bundle")
+    return record if isinstance(record, dict) else {}
 
 
 def save_network(name: str, model: Any, directory: str | Path, meta: dict[str, Any] | None = None) -> None:

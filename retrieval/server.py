@@ -586,6 +586,7 @@ def _add_images(app: FastAPI, retriever: Retriever, decoder: ThreadPoolExecutor)
             raise _ApiError(404, f"image {image_id}: has no stored masks")
         return png(png_bytes(placed_overlay(labels, *fit(image.width, image.height, IMAGE_SIDE))))
 
+
 def _compiled(retriever: Retriever) -> None:
     """Compile the retriever's networks and search a drawn ellipse, so that the first request does
     not wait for the compiler."""

@@ -34,7 +34,7 @@ from generation.checkpoints import checkpoint_exists, load_checkpoint, save_chec
 from generation.device import Distributed, init_distributed, pick_device
 from generation.errors import InputError
 from generation.images import image_grid, save_png
-from generation.registry import load_network, network_config, network_exists, save_network
+from generation.registry import load_network, network_config, network_exists, network_training, save_network
 from generation.stylegan2 import Discriminator, Generator, StyleGAN2Config
 from training.diffaugment import diff_augment, parse_policy, random_xflip
 from training.loop import StopFlag, TrainResult, append_metrics, assert_same_weights, autocast, broadcast_module, optimise
@@ -232,8 +232,7 @@ class GANTrainer:
             raise InputError(f"{bundle}: its G was trained with {asdict(G.config)}; pass the same --preset to continue it")
         for module in (self.G, self.G_ema):
             module.load_state_dict(G.state_dict())
-        _, meta = load_checkpoint(bundle, "generator")
-        self.nimg = round(float(meta.get("training", {}).get("kimg", 0.0)) * 1000)
+        self.nimg = round(float(network_training("generator", bundle).get("kimg", 0.0)) * 1000)
         if not network_exists(bundle, "discriminator"):
             return "G; D starts untrained: the bundle has no discriminator.safetensors"
         self.D.load_state_dict(load_network("discriminator", bundle).state_dict())

@@ -31,7 +31,7 @@ from generation.freehand import MAX_STRENGTH, freehand_sketch
 from generation.images import image_grid, save_png
 from generation.moco import FeatureNetwork
 from generation.refiner import Refiner, accumulate
-from generation.registry import load_network, network_config, network_exists, save_network
+from generation.registry import load_network, network_config, network_exists, network_training, save_network
 from generation.resnet import load_backbone_weights
 from generation.sketch import sketch_to_tensor
 from generation.stylegan2 import Generator
@@ -199,8 +199,7 @@ class PhaseTrainer:
             raise InputError(f"{bundle}: its {self.name} was trained with another configuration; pass the same --preset to continue it")
         network.load_state_dict(exported.state_dict())
         broadcast_module(network, self.dist)
-        _, meta = load_checkpoint(bundle, self.name)
-        self.step_count = int(meta.get("training", {}).get("steps", 0))
+        self.step_count = int(network_training(self.name, bundle).get("steps", 0))
         self.reseed()
         return self.step_count
 
