@@ -30,14 +30,49 @@ def test_random_similarity_keeps_drawings_binary_and_moves_them():
     assert not torch.equal(moved, sketches) and moved.sum() > 0
 
 
-@pytest.fixture(scope="module")
-def trained_domain(tiny_chain, tmp_path_factory):
+def test_the_classifier_is_the_mean_of_its_towers_and_reads_one_tower_files():
+    torch.manual_seed(0)
+    model = SketchDomainClassifier(DomainConfig(32, (8, 16), members=2)).eval()
+    sketches = (torch.rand(3, 1, 32, 32) > 0.9).float()
+    with torch.no_grad():
+        assert torch.allclose(model(sketches), (model.towers[0](sketches) + model.towers[1](sketches)) / 2)
+        one = SketchDomainClassifier(DomainConfig(32, (8, 16))).eval()
+        legacy = {key.removeprefix("towers.0."): value for key, value in one.state_dict().items()}  # blocks.*, head.*
+        assert set(legacy) and not any(key.startswith("towers") for key in legacy)
+        reloaded = SketchDomainClassifier(DomainConfig(32, (8, 16))).eval()
+        reloaded.load_state_dict(legacy)
+        assert torch.equal(reloaded(sketches), one(sketches))
+    with pytest.raises(InputError, match="members 0 must be at least 1"):
+        DomainConfig(32, (8, 16), members=0)
+
+
+def _bundle_with_generator(tiny_chain, tmp_path_factory, name):
     import shutil
 
     data, bundle, _ = tiny_chain
-    target = tmp_path_factory.mktemp("domain")
+    target = tmp_path_factory.mktemp(name)
     for suffix in (".json", ".safetensors"):
         shutil.copy(bundle / f"generator{suffix}", target / f"generator{suffix}")
+    return data, target
+
+
+def test_each_tower_is_trained_as_a_one_tower_run_of_its_own_seed(tiny_chain, tmp_path_factory):
+    data, both = _bundle_with_generator(tiny_chain, tmp_path_factory, "towers")
+    _, second = _bundle_with_generator(tiny_chain, tmp_path_factory, "second")
+    options = DomainOptions(steps=20, batch=16, drawings=1, negatives="none")
+    quiet = {"split": "train", "log": lambda message: None}
+    result = train_domain(data, both, "tiny", options, members=2, **quiet)
+    train_domain(data, second, "tiny", DomainOptions(steps=20, batch=16, drawings=1, negatives="none", seed=1), **quiet)
+    towers, alone = load_network("domain", both).towers, load_network("domain", second).towers
+    assert len(towers) == 2 and len(alone) == 1 and result.steps == 40
+    assert all(torch.equal(a, b) for a, b in zip(towers[1].state_dict().values(), alone[0].state_dict().values()))
+    assert not torch.equal(towers[0].head.weight, towers[1].head.weight)
+    assert len(json.loads((both / "domain.json").read_text())["training"]["towers"]) == 2
+
+
+@pytest.fixture(scope="module")
+def trained_domain(tiny_chain, tmp_path_factory):
+    data, target = _bundle_with_generator(tiny_chain, tmp_path_factory, "domain")
     options = DomainOptions(steps=400, batch=32, drawings=2, negatives="none")
     return data, target, train_domain(data, target, "tiny", options, split="train", log=lambda message: None)
 

@@ -289,8 +289,9 @@ def train_all_command(
 def train_domain_command(
     data: Path = typer.Option(..., "--data", help="Dataset folder with masks (the archive's anatomy)."),
     bundle: Path = typer.Option(..., "--bundle", help="Bundle with G; domain.safetensors is written into it."),
-    preset: str = typer.Option("cpu", "--preset", help="tiny (tests) | cpu (about 18 minutes on one thread) | paper (256 px)."),
-    steps: int = typer.Option(None, "--steps", min=1, help="Training steps (default: the preset's)."),
+    preset: str = typer.Option("cpu", "--preset", help="tiny (tests) | cpu (about 55 minutes on one thread) | paper (256 px)."),
+    steps: int = typer.Option(None, "--steps", min=1, help="Training steps of each tower (default: the preset's)."),
+    members: int = typer.Option(None, "--members", min=1, help="Towers whose logits are averaged, each of its own seed (default: the preset's, 3 for cpu)."),
     negatives: str = typer.Option("phantom", "--negatives", help="The other anatomy drawn as out of domain besides scribbles: phantom "
                                   "(generated phantoms), a dataset folder with masks, or none (scribbles alone; for a phantom archive)."),
     negative_seed: int = typer.Option(None, "--negative-seed", min=0, help="Seed of the out-of-domain drawings (default 5)."),
@@ -301,15 +302,17 @@ def train_domain_command(
     another anatomy or a scribble; fit the calibration again afterwards (`python -m retrieval.calibrate fit`)."""
     import sys
 
+    from generation.registry import network_config
     from training.train_domain import domain_options, train_domain
 
     set_threads(threads)
     options = domain_options(preset, steps=steps, negative_seed=negative_seed, negatives=negatives)
     with progress_bar() as progress:
-        task = progress.add_task(f"domain ({preset})", total=options.steps)
+        towers = members or network_config("domain", preset).members
+        task = progress.add_task(f"domain ({preset})", total=options.steps * towers)
         result = train_domain(data, bundle, preset, options, split, command=" ".join(["sketch2medi", *sys.argv[1:]]),
                               on_step=lambda step, loss: progress.update(task, completed=step, description=f"domain loss {loss:.3f}"),
-                              log=literal_printer(progress.console))
+                              log=literal_printer(progress.console), members=towers)
     echo_result(result, f"step {result.steps}", f"trained the sketch-domain classifier for {result.steps} steps", "domain.safetensors")
 
 

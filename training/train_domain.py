@@ -9,15 +9,17 @@ with `negatives` "none", scribbles alone (for a phantom archive, for instance). 
 an upload (`retrieval.search.load_sketch`). The phantom and scribble seeds (`negative_seed`) are
 streams of their own, apart from those `retrieval.calibrate` fits and measures with.
 
-Both pools are drawn once (seeded); a tenth of each is held out and its accuracy reported (drawings
-of the same masks as the training ones, so a check of the fit, not of how it generalises). Each
-step trains on a batch of half in-domain, half out-of-domain drawings (binary cross-entropy, Adam),
-each moved by a random similarity transform (`random_similarity`: rotation up to 15 degrees, scale
-0.8-1.25, shift up to a tenth of the frame). Without it the classifier learns the training videos'
-exact shapes: on the `val` video it called 65 % of the in-domain drawings out of domain, with it
-31 % (docs/RESULTS.md).
-A run takes a few minutes on one CPU thread, so it is not checkpointed: an interrupted run is
-started again.
+The classifier averages `members` towers (`generation.domain`); tower k is trained exactly as a
+one-tower run of seed `seed + k` would be: its own in-domain drawings, initialisation, batches and
+transforms; the out-of-domain drawings are the same for all. Both pools are drawn once per tower
+(seeded); a tenth of each is held out and its accuracy reported (drawings of the same masks as the
+training ones, so a check of the fit, not of how it generalises). Each step trains on a batch of
+half in-domain, half out-of-domain drawings (binary cross-entropy, Adam), each moved by a random
+similarity transform (`random_similarity`: rotation up to 15 degrees, scale 0.8-1.25, shift up to a
+tenth of the frame). Without it the classifier learns the training videos' exact shapes: on the
+`val` video it called 65 % of the in-domain drawings out of domain, with it 31 % (docs/RESULTS.md).
+A run takes about 18 minutes per tower on one CPU thread, so it is not checkpointed: an interrupted
+run is started again.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from generation.dataset import ImageDataset
-from generation.domain import SketchDomainClassifier
+from generation.domain import DomainConfig, DomainTower, SketchDomainClassifier
 from generation.errors import InputError
 from generation.freehand import MAX_STRENGTH, freehand_sketch
 from generation.phantom import image_seed, phantom_anatomy, phantom_mask
@@ -47,7 +49,7 @@ HELD_OUT = 0.1  # share of each pool kept out of training
 
 @dataclass(frozen=True)
 class DomainOptions:
-    steps: int = 16000  # 8,000 flagged 3 of the 33 drawn-from-memory `val` sketches, this 2; 32,000 no fewer (docs/RESULTS.md)
+    steps: int = 16000  # per tower; one tower of 8,000 flagged 3 of the 33 drawn-from-memory `val` sketches, this 2; 32,000 no fewer (docs/RESULTS.md)
     batch: int = 64  # half in domain, half out
     lr: float = 1e-3
     drawings: int = 3  # in-domain drawings per mask
@@ -134,27 +136,55 @@ def random_similarity(sketches: torch.Tensor, rng: np.random.Generator) -> torch
 
 def train_domain(data: str | Path, bundle: str | Path, preset: str = "cpu", options: DomainOptions | None = None, split: str = "train",
                  command: str = "", on_step: Callable[[int, float], None] | None = None,
-                 log: Callable[[str], None] = print) -> TrainResult:
-    """Train BUNDLE/domain.safetensors at the resolution of the bundle's G; returns what it did
-    (metrics: held-out accuracy in and out of domain, pool sizes)."""
+                 log: Callable[[str], None] = print, members: int | None = None) -> TrainResult:
+    """Train BUNDLE/domain.safetensors at the resolution of the bundle's G, `members` towers (default:
+    the preset's), tower k exactly as a one-tower run of seed `options.seed + k`; returns what it did
+    (metrics: held-out accuracy in and out of domain, the towers' mean, and pool sizes). `on_step`
+    counts the steps of all towers."""
     options = options or domain_options(preset)
     bundle, start = Path(bundle), time.perf_counter()
     resolution = load_network("generator", bundle).config.resolution
     dataset = ImageDataset(data, split)
     if not dataset.has_masks:
         raise InputError(f"{data}: the in-domain drawings are drawn from the masks, and some are missing")
-    torch.manual_seed(options.seed)
-    positives = in_domain_pool(dataset, options.drawings, resolution, options.seed)
-    negatives = out_of_domain_pool(len(positives), resolution, options.negative_seed, options.negatives)
-    log(f"training the sketch-domain classifier on {len(positives)} drawings of {split} masks and {len(negatives)} "
-        f"of {'scribbles' if options.negatives == 'none' else options.negatives + ' drawings and scribbles'} at {resolution} px")
-    rng = np.random.default_rng(options.seed)
+    config = network_config("domain", preset, resolution=resolution)
+    config = replace(config, members=members or config.members)
+    model, towers, negatives = SketchDomainClassifier(config), [], {}
+    for member in range(config.members):
+        seed = options.seed + member
+        torch.manual_seed(seed)
+        positives = in_domain_pool(dataset, options.drawings, resolution, seed)
+        if len(positives) not in negatives:  # the same out-of-domain drawings for every tower
+            negatives[len(positives)] = out_of_domain_pool(len(positives), resolution, options.negative_seed, options.negatives)
+        log(f"training tower {member + 1} of {config.members} of the sketch-domain classifier on {len(positives)} drawings of {split} "
+            f"masks and {len(positives)} of {'scribbles' if options.negatives == 'none' else options.negatives + ' drawings and scribbles'} "
+            f"at {resolution} px")
+        offset = member * options.steps
+        tower, metrics = _train_tower(config, positives, negatives[len(positives)], options, seed,
+                                      on_step and (lambda step, loss: on_step(offset + step, loss)))
+        model.towers[member] = tower
+        towers.append(metrics)
+        log(f"held out: {metrics['held_out_accuracy_in']:.3f} of in-domain and {metrics['held_out_accuracy_out']:.3f} "
+            f"of out-of-domain drawings classified right")
+    metrics = {key: float(np.mean([tower[key] for tower in towers])) for key in towers[0]}
+    metrics.update(towers=towers, in_domain=len(positives), out_of_domain=len(negatives[len(positives)]))
+    seconds = time.perf_counter() - start
+    save_network("domain", model.eval(), bundle, {"training": {"data": str(data), "split": split, "preset": preset, "options": asdict(options),
+                                                              "seconds": round(seconds, 1), "command": command, **metrics}})
+    return TrainResult(options.steps * config.members, seconds, bundle, False, metrics)
+
+
+def _train_tower(config: DomainConfig, positives: np.ndarray, negatives: np.ndarray, options: DomainOptions, seed: int,
+                 on_step: Callable[[int, float], None] | None) -> tuple[DomainTower, dict[str, float]]:
+    """One tower trained from `seed` (torch's generator seeded by the caller before the pools were
+    drawn); returns it in eval mode and its held-out accuracies and losses."""
+    rng = np.random.default_rng(seed)
     held = {name: rng.permutation(len(pool)) for name, pool in (("in", positives), ("out", negatives))}
     cut = {name: max(1, int(HELD_OUT * len(order))) for name, order in held.items()}
     train = {"in": positives[held["in"][cut["in"]:]], "out": negatives[held["out"][cut["out"]:]]}
     test = {"in": positives[held["in"][: cut["in"]]], "out": negatives[held["out"][: cut["out"]]]}
-    model = SketchDomainClassifier(network_config("domain", preset, resolution=resolution)).train()
-    optimiser = torch.optim.Adam(model.parameters(), lr=options.lr)
+    tower = DomainTower(config).train()
+    optimiser = torch.optim.Adam(tower.parameters(), lr=options.lr)
     half = options.batch // 2
     labels = torch.cat([torch.ones(half), torch.zeros(half)])
     losses = []
@@ -163,21 +193,15 @@ def train_domain(data: str | Path, bundle: str | Path, preset: str = "cpu", opti
         sketches = sketch_to_tensor(batch)
         if options.augment:
             sketches = random_similarity(sketches, rng)
-        loss = F.binary_cross_entropy_with_logits(model(sketches), labels)
+        loss = F.binary_cross_entropy_with_logits(tower(sketches), labels)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
         losses.append(loss.item())
         if on_step:
             on_step(step, float(np.mean(losses[-25:])))
-    model.eval()
+    tower.eval()
     with torch.no_grad():
-        accuracy = {name: float(((model(sketch_to_tensor(pool)) > 0) == (name == "in")).float().mean())
-                    for name, pool in test.items()}
-    metrics = {"held_out_accuracy_in": accuracy["in"], "held_out_accuracy_out": accuracy["out"], "in_domain": len(positives),
-               "out_of_domain": len(negatives), "first_loss": float(np.mean(losses[:25])), "last_loss": float(np.mean(losses[-25:]))}
-    seconds = time.perf_counter() - start
-    save_network("domain", model, bundle, {"training": {"data": str(data), "split": split, "preset": preset, "options": asdict(options),
-                                                       "seconds": round(seconds, 1), "command": command, **metrics}})
-    log(f"held out: {accuracy['in']:.3f} of in-domain and {accuracy['out']:.3f} of out-of-domain drawings classified right")
-    return TrainResult(options.steps, seconds, bundle, False, metrics)
+        accuracy = {name: float(((tower(sketch_to_tensor(pool)) > 0) == (name == "in")).float().mean()) for name, pool in test.items()}
+    return tower, {"held_out_accuracy_in": accuracy["in"], "held_out_accuracy_out": accuracy["out"],
+                   "first_loss": float(np.mean(losses[:25])), "last_loss": float(np.mean(losses[-25:]))}
