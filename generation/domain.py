@@ -13,9 +13,8 @@ bundle's resolution. One tower: `len(channels)` times Conv 3x3 stride 2 + BatchN
 (R -> R / 2^len), then the mean and the maximum over positions concatenated (a stroke anywhere
 counts, and so does how much of the frame is drawn), then Linear to one logit. The classifier is
 the mean logit of `members` towers, each trained on its own drawings from its own seed: one tower
-learns its few thousand drawings by heart, and its logit for a drawing can move by more than 10 when
-one stroke is left out, so single towers of different seeds disagree on the sloppiest real
-drawings; their mean does not (docs/RESULTS.md).
+learns its few thousand drawings by heart, so towers of different seeds refuse different ones of
+the sloppiest real drawings, and their mean refuses fewer (docs/RESULTS.md).
 
     preset  R    channels                    members  parameters
     tiny    32   8, 16                       1        1.3k

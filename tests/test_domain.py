@@ -113,3 +113,17 @@ def test_a_calibration_fitted_with_another_domain_classifier_is_refused(trained_
     with pytest.raises(InputError, match="fitted with another sketch-domain classifier"):
         load_calibration(bundle, "id")
     (bundle / "calibration.json").unlink()
+
+
+def test_train_domain_command_takes_members_and_seed(tiny_chain, tmp_path_factory):
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    data, bundle = _bundle_with_generator(tiny_chain, tmp_path_factory, "command")
+    result = CliRunner().invoke(app, ["train", "domain", "--data", str(data), "--bundle", str(bundle), "--preset", "tiny",
+                                      "--steps", "5", "--members", "2", "--seed", "3", "--negatives", "none", "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    record = json.loads((bundle / "domain.json").read_text())
+    assert record["config"]["members"] == 2 and record["training"]["options"]["seed"] == 3 and len(record["training"]["towers"]) == 2
+    assert "for 10 steps" in result.output

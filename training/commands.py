@@ -295,6 +295,7 @@ def train_domain_command(
     negatives: str = typer.Option("phantom", "--negatives", help="The other anatomy drawn as out of domain besides scribbles: phantom "
                                   "(generated phantoms), a dataset folder with masks, or none (scribbles alone; for a phantom archive)."),
     negative_seed: int = typer.Option(None, "--negative-seed", min=0, help="Seed of the out-of-domain drawings (default 5)."),
+    seed: int = typer.Option(None, "--seed", min=0, help="Seed of the first tower; tower k has seed + k (default 0)."),
     split: str = typer.Option("train", "--split", help="Split of split.csv whose masks are drawn."),
     threads: int = typer.Option(0, "--threads", min=0, help=THREADS_HELP),
 ):
@@ -306,7 +307,7 @@ def train_domain_command(
     from training.train_domain import domain_options, train_domain
 
     set_threads(threads)
-    options = domain_options(preset, steps=steps, negative_seed=negative_seed, negatives=negatives)
+    options = domain_options(preset, steps=steps, negative_seed=negative_seed, negatives=negatives, seed=seed)
     with progress_bar() as progress:
         towers = members or network_config("domain", preset).members
         task = progress.add_task(f"domain ({preset})", total=options.steps * towers)
