@@ -5,7 +5,7 @@
 The images of `--data` (its images/ folder if it has one; the first `--limit` files if given) are
 indexed into a new workspace (`--workspace`, default a temporary folder that is deleted afterwards),
 exactly as `cli.py index` does (index kind auto), after one untimed warm-up batch through the
-networks. With `--threads` torch and faiss threads, this process measures:
+networks. With `--threads` torch and faiss threads and `--precision` (as `index --precision`), this process measures:
 
   index_run      wall seconds and images/s of the whole `index_folders` call, split into
                  embed (`embed_images`: S, E, C and the fused vector), load (reading and decoding the
@@ -92,10 +92,12 @@ def time_parts(models: SystemModels, images: list[np.ndarray], batch_size: int, 
     for first in range(0, len(images), batch_size):
         batch = images[first : first + batch_size]
         clock = time.perf_counter()
-        sketches, _ = m.S.synthesize([square_resize(image, m.S.config.size) for image in batch], size)
+        with m.archive_autocast():
+            sketches, _ = m.S.synthesize([square_resize(image, m.S.config.size) for image in batch], size)
         clock = lap("S", clock)
         pixels = torch.from_numpy(np.stack([square_resize(image, size) for image in batch])).permute(0, 3, 1, 2)
-        embeddings = m.C.embed(pixels.float().to(m.device) / 127.5 - 1)
+        with m.archive_autocast():
+            embeddings = m.C.embed(pixels.float().to(m.device) / 127.5 - 1).float()
         clock = lap("C", clock)
         sketches = np.stack([normalize_synthesized(sketch) for sketch in sketches])
         clock = lap("sketch_normalize", clock)
@@ -116,7 +118,7 @@ def run(args: argparse.Namespace) -> dict:
         raise SystemExit(f"{root}: no images")
     if args.workspace is not None and args.workspace.exists() and any(args.workspace.iterdir()):
         raise SystemExit(f"{args.workspace}: not empty; the benchmark indexes into a new workspace")
-    models = SystemModels(args.bundle, "cpu")
+    models = SystemModels(args.bundle, "cpu", args.precision)
     embedder = ArchiveEmbedder(models)
     sample = [load(path) for path in files[: args.part_images]]
     archive_parts(models, sample[: args.batch_size])  # warm-up: allocator, oneDNN primitive caches
@@ -148,6 +150,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="index only the first N images")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--part-images", type=int, default=256, help="images for the per-part timing")
+    p.add_argument("--precision", default="float32", choices=["float32", "bfloat16"], help="of S and C, as `index --precision`")
     add_common_arguments(p)
     return p
 

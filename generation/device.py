@@ -8,11 +8,14 @@ group (gloo on CPU, nccl on GPU); otherwise everything is a no-op and rank 0 of 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from generation.errors import InputError
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,32 @@ def pick_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+PRECISIONS = ("float32", "bfloat16")
+
+
+def bfloat16_supported(device: torch.device) -> bool:
+    """Whether `device` computes in bfloat16 natively: a GPU that has it, or a CPU with AVX-512 BF16
+    or AMX (elsewhere oneDNN emulates bfloat16, slower than float32)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def check_precision(precision: str, device: torch.device) -> None:
+    """Refuse, in one line, a precision that is unknown or that `device` cannot compute natively."""
+    if precision not in PRECISIONS:
+        raise InputError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if precision == "bfloat16" and not bfloat16_supported(device):
+        raise InputError(f"no native bfloat16 on this {device.type.upper()} (a CPU needs AVX-512 BF16 or AMX); use --precision float32")
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """The networks' autocast for `precision` (a no-op for float32)."""
+    if precision == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 def is_main_process() -> bool:

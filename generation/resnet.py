@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 # depth -> (block kind, blocks per stage), as in He et al. 2016.
@@ -52,7 +54,19 @@ def make_norm(kind: str, channels: int) -> nn.Module:
     if kind == "batch":
         return nn.BatchNorm2d(channels)
     # 32 groups is the GroupNorm default; narrow trunks (width 16/32) need a divisor of the width.
-    return nn.GroupNorm(math.gcd(32, channels), channels)
+    return GroupNorm(math.gcd(32, channels), channels)
+
+
+class GroupNorm(nn.GroupNorm):
+    """`nn.GroupNorm` that normalises a channels-last CPU tensor in the contiguous layout and
+    returns it channels-last: PyTorch's CPU kernel for channels-last input is up to 10x slower in
+    float32 and 20x in bfloat16 at the sizes of S's heads (docs/BENCHMARKS.md, indexing)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.device.type != "cpu" or x.is_contiguous():
+            return super().forward(x)
+        out = F.group_norm(x.contiguous(), self.num_groups, self.weight, self.bias, self.eps)
+        return out.contiguous(memory_format=torch.channels_last)
 
 
 class BasicBlock(nn.Module):

@@ -99,6 +99,7 @@ class EvaluationOptions:
     sketches: str | None = None  # a folder of drawn sketches (sketches/NAME.png) to query with instead
     labelled: tuple[LabelWeights, ...] = ()  # a full_labelled row per weighting (simulated queries only)
     methods: tuple[str, ...] | None = None  # only these rows (None: all); full_labelled rows come with `labelled`
+    precision: str = "float32"  # of S and C on the archive, as `index --precision` (`SystemModels`)
 
     def labelled_rows(self) -> dict[str, LabelWeights]:
         if len(self.labelled) == 1:
@@ -317,8 +318,9 @@ class Baseline:
 def evaluate(data: str | Path, split: str = "test", bundle: str | Path | None = None, options: EvaluationOptions | None = None,
              device: str = "auto", on_progress: Callable[[str, int, int], None] | None = None) -> dict:
     """Run the protocol of the module docstring; returns a JSON-ready report."""
-    models = SystemModels(bundle, device)
-    options = with_bundle_recipe(options or EvaluationOptions(), models)
+    options = options or EvaluationOptions()
+    models = SystemModels(bundle, device, options.precision)
+    options = with_bundle_recipe(options, models)
     progress = on_progress or (lambda stage, done, total: None)
     dataset = ImageDataset(data)
     split_names = {sample.name for sample in ImageDataset(data, split).samples}

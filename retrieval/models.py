@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from functools import cached_property
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import numpy as np
 import torch
 
 from generation.bundle import bundle_id_of, default_bundle, network_entries
-from generation.device import pick_device
+from generation.device import autocast, check_precision, pick_device
 from generation.errors import InputError
 from generation.moco import FeatureNetwork
 from generation.pipeline import Sketch2MedI
@@ -21,11 +22,19 @@ from retrieval.quality import Calibration, load_calibration
 
 class SystemModels:
     """Every network of a bundle: the Sketch2MedI pipeline (G, E, H), S and C, and the bundle's
-    match-quality calibration when it has one (`retrieval.quality`)."""
+    match-quality calibration when it has one (`retrieval.quality`).
 
-    def __init__(self, bundle: str | Path | None = None, device: str | torch.device = "auto"):
+    `precision` is that of S and C on archive images (`retrieval.vector.archive_parts`, what
+    indexing computes): float32, or bfloat16 where the device has it natively
+    (`generation.device.bfloat16_supported`): faster, and the few instances whose score sits at
+    S's threshold can appear or go (docs/BENCHMARKS.md, indexing). E stays float32: it is cheap.
+    """
+
+    def __init__(self, bundle: str | Path | None = None, device: str | torch.device = "auto", precision: str = "float32"):
         self.bundle = Path(bundle) if bundle is not None else default_bundle()
         self.device = pick_device(device) if isinstance(device, str) else device
+        check_precision(precision, self.device)
+        self.precision = precision
         self.sketch2medi = Sketch2MedI.from_bundle(self.bundle, self.device)
         for name in ("synthesizer", "moco"):  # refuse before loading either
             if not network_exists(self.bundle, name):
@@ -44,6 +53,10 @@ class SystemModels:
         for network in (pipeline.E, pipeline.G, pipeline.H, self.C.encoder.backbone, self.S):
             if network is not None:
                 network.compile()
+
+    def archive_autocast(self) -> contextlib.AbstractContextManager:
+        """The autocast `archive_parts` runs its networks under (`precision`)."""
+        return autocast(self.device, self.precision)
 
     @cached_property
     def calibration(self) -> Calibration | None:

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from generation.resnet import ResNet, ResNetConfig, adapt_first_conv, load_backbone_weights
+from generation.resnet import GroupNorm, ResNet, ResNetConfig, adapt_first_conv, load_backbone_weights
 
 
 @pytest.mark.parametrize("depth", [18, 34, 50, 101])
@@ -85,3 +85,18 @@ def test_adapt_first_conv_preserves_flat_response():
         adapted = adapt_first_conv(weight, channels)
         assert adapted.shape == (6, channels, 3, 3)
         assert torch.allclose(adapted.sum(dim=1), weight.sum(dim=1), atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_group_norm_of_a_channels_last_tensor_matches_torch_and_keeps_its_layout(dtype):
+    torch.manual_seed(0)
+    reference = torch.nn.GroupNorm(8, 32)
+    torch.nn.init.normal_(reference.weight), torch.nn.init.normal_(reference.bias)
+    norm = GroupNorm(8, 32)
+    norm.load_state_dict(reference.state_dict())  # same parameters, same checkpoint keys
+    x = torch.randn(4, 32, 12, 12).to(dtype).contiguous(memory_format=torch.channels_last).requires_grad_()
+    out = norm(x)
+    assert out.dtype == dtype and out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, reference(x))
+    out.square().sum().backward()
+    assert norm.weight.grad is not None and x.grad.shape == x.shape

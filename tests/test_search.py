@@ -2,17 +2,21 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from typer.testing import CliRunner
 
 from cli import app
 from generation.bundle import write_manifest
 from generation.dataset import ImageDataset
+from generation.device import bfloat16_supported
 from generation.errors import InputError
 from generation.images import load_rgb, square_resize
+from generation.phantom import write_phantom_dataset
 from indexing.ingest import index_folders
 from indexing.workspace import open_workspace_for_search
 from retrieval.align import Alignment, aligned_distances, alignment_scores
@@ -22,6 +26,7 @@ from retrieval.search import Retriever
 from retrieval.vector import ArchiveEmbedder, VectorRecipe, fuse_vectors, sketch_field
 
 runner = CliRunner()
+PHANTOM_BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "phantom"
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +82,37 @@ def test_own_synthesized_sketch_finds_its_image_first(tiny_chain, models, tmp_pa
             result = retriever.search(own_sketch(models, dataset.image(i)), k=3, rerank=False)
             assert result.results[0].path == str(dataset.samples[i].image_path), i
             assert result.results[0].similarity == pytest.approx(1.0, abs=1e-4)
+
+
+@pytest.mark.skipif(not bfloat16_supported(torch.device("cpu")), reason="this CPU has no native bfloat16 (AVX-512 BF16 or AMX)")
+def test_a_bfloat16_index_finds_each_image_by_its_float32_sketch(tmp_path):
+    """`index --precision bfloat16` with the shipped phantom bundle: S and C on the archive in
+    bfloat16, the queries in float32. (A mask whose score sits at S's threshold may flip, so single
+    vectors can move by more than rounding; the median does not.)"""
+    data = tmp_path / "phantom"
+    write_phantom_dataset(data, 24, 128, 5)
+    dataset = ImageDataset(data)
+    images = [dataset.image(i) for i in range(len(dataset))]
+    float32_models, bfloat16_models = (SystemModels(PHANTOM_BUNDLE, "cpu", precision) for precision in ("float32", "bfloat16"))
+    float32, bfloat16 = (ArchiveEmbedder(m).embed_images(images) for m in (float32_models, bfloat16_models))
+    assert bfloat16.vectors.dtype == np.float32 and bfloat16.vectors.shape == float32.vectors.shape
+    assert np.median((bfloat16.vectors * float32.vectors).sum(1)) > 0.999
+    assert np.mean([(a != b).mean() for a, b in zip(bfloat16.label_maps, float32.label_maps)]) < 0.005
+    index_folders(data / "images", tmp_path / "ws", ArchiveEmbedder(bfloat16_models), batch_size=8)
+    with Retriever(tmp_path / "ws", models=float32_models) as retriever:
+        for i, image in enumerate(images):
+            assert retriever.search(own_sketch(float32_models, image), k=3).results[0].path == str(dataset.samples[i].image_path), i
+
+
+def test_a_precision_the_machine_lacks_is_refused_before_any_network_loads(tiny_chain, tmp_path, monkeypatch):
+    data, bundle, _ = tiny_chain
+    monkeypatch.setattr("generation.device.bfloat16_supported", lambda device: False)
+    for precision, message in (("bfloat16", "error: no native bfloat16 on this CPU (a CPU needs AVX-512 BF16 or AMX); use --precision float32"),
+                               ("float16", "error: unknown precision 'float16'; choose one of float32, bfloat16")):
+        result = runner.invoke(app, ["index", str(data / "images"), "--workspace", str(tmp_path / "ws"), "--bundle", str(bundle),
+                                     "--device", "cpu", "--precision", precision])
+        assert result.exit_code == 2 and result.output.strip() == message, result.output
+    assert not (tmp_path / "ws").exists()
 
 
 def test_images_up_to_1024_px_get_the_vectors_of_their_full_pixels(tiny_chain, models, tmp_path):
