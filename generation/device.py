@@ -71,10 +71,20 @@ def _leave_process_group() -> None:
 
 
 def pick_device(name: str = "auto") -> torch.device:
-    """`auto` is the GPU when there is one, else the CPU."""
+    """`auto` is the GPU when there is one, else the CPU; a GPU that torch cannot see is refused."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise InputError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {name}: torch sees no CUDA GPU here; use --device cpu (or auto)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise InputError(f"--device {name}: torch sees {torch.cuda.device_count()} CUDA GPU(s), numbered from 0")
+    return device
 
 
 PRECISIONS = ("float32", "bfloat16")
@@ -93,7 +103,7 @@ def check_precision(precision: str, device: torch.device) -> None:
     if precision not in PRECISIONS:
         raise InputError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     if precision == "bfloat16" and not bfloat16_supported(device):
-        raise InputError(f"no native bfloat16 on this {device.type.upper()} (a CPU needs AVX-512 BF16 or AMX); use --precision float32")
+        raise InputError(f"no native bfloat16 on this {'GPU' if device.type == 'cuda' else 'CPU'} (a CPU needs AVX-512 BF16 or AMX); use --precision float32")
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:

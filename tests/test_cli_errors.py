@@ -147,3 +147,14 @@ def test_help_is_whole_at_80_columns():
     listing = " ".join(runner.invoke(app, ["--help"], env={"COLUMNS": "80"}, terminal_width=80).output.split())
     assert "demo Generate a phantom archive, index it, sketch one image free-hand, search, show the results." in listing
     assert "train Train the networks (each writes safetensors + JSON into a bundle folder)." in listing
+
+
+def test_a_device_torch_cannot_use_is_refused_in_one_line(tiny_chain, tmp_path, monkeypatch):
+    data, bundle, _ = tiny_chain
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    for device, message in (("cuda", "--device cuda: torch sees no CUDA GPU here; use --device cpu (or auto)"),
+                            ("cuda:1", "--device cuda:1: torch sees no CUDA GPU here"),
+                            ("tpu", "unknown device 'tpu'; use auto, cpu, cuda or cuda:N"),
+                            ("mps", "unknown device 'mps'")):
+        refused(runner.invoke(app, ["index", str(data / "images"), "--workspace", str(tmp_path / "ws"), "--bundle", str(bundle), "--device", device]), message)
+    assert not (tmp_path / "ws").exists()
