@@ -263,7 +263,7 @@ def train_all_command(
     data: Path = typer.Option(..., "--data", help="Dataset folder with images/ and masks/ (see docs/DATA.md)."),
     out: Path = typer.Option(..., "--out", help="Bundle folder; an existing one is completed where it stopped."),
     preset: str = typer.Option("cpu", "--preset", help="tiny (tests) | cpu (about 4 hours on 2 CPU cores, G the longest) | paper (256 px) "
-                               "| gpu (256 px, sized for about 10 minutes on one data-centre GPU)."),
+                               "| gpu (256 px, sized for about 10 minutes on one data-centre GPU; S alone took 7.5 minutes on an H200: docs/TRAINING.md)."),
     split: str = typer.Option("train", "--split", help="Split to train on (the val split, if any, picks S's best epoch)."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     threads: int = typer.Option(0, "--threads", min=0, help="CPU threads (0 = torch's default)."),

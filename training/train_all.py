@@ -36,13 +36,14 @@ BUDGETS = {
                  synthesizer_options=dict(batch=4, lr=3e-3, warmup_steps=5)),
     "cpu": dict(moco_steps=None, synthesizer_images=40_000, synthesizer_size=128, generator_kimg=120.0, synthesizer_options={}),
     "paper": dict(moco_steps=None, synthesizer_images=400_000, synthesizer_size=256, generator_kimg=6000.0, synthesizer_options={}),
-    # About 10 minutes on one H100/H200 for the chain at 256 px. The sizes are estimates from the
-    # networks' FLOPs, not measurements: bench/gpu_chain.sh logs every stage's wall time to re-size them.
+    # Sized from the networks' FLOPs for about 10 minutes on one H100/H200 for the chain at 256 px.
+    # Measured on an H200 (docs/TRAINING.md): C 1.7 min, S 7.5 min with the GPU idle, its batches
+    # being built on the CPU; bench/gpu_chain.sh logs every stage's wall time to re-size them.
     "gpu": dict(
         networks="cpu",  # C, S, E, H: the cpu preset's ResNet-18s at width 32; wider trunks would not fit 10 min with G at 256 px
         moco_steps=1000,  # ~1.5 min: 256k images (two views each), 6.7x the cpu preset's 38k
         moco_options=dict(batch_size=256, image_size=256),  # the chain's 256 px; a batch that fills the GPU
-        synthesizer_images=40_000,  # ~1.5 min: S builds its targets on the CPU per image, which bounds its speed; cpu's budget
+        synthesizer_images=40_000,  # cpu's budget; estimated ~1.5 min, measured 7.5 on an H200: S builds its targets on the CPU per image
         synthesizer_size=256,  # S sees what the archive holds, at G's resolution
         synthesizer_options=dict(batch=32),  # 4x the cpu preset's 8 images per step
         # G: 256 px, widths 256 (4-32 px), 128, 64, 32 (256 px), 256-d w; ~1/12 of config-f's FLOPs,
