@@ -36,6 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.machine import add_common_arguments, describe, finish, measure_peak, peak_rss_mib, set_threads  # noqa: E402
+from generation.device import PRECISIONS  # noqa: E402
 from generation.images import (
     find_images,  # noqa: E402
     square_resize,  # noqa: E402
@@ -150,7 +151,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="index only the first N images")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--part-images", type=int, default=256, help="images for the per-part timing")
-    p.add_argument("--precision", default="float32", choices=["float32", "bfloat16"], help="of S and C, as `index --precision`")
+    p.add_argument("--precision", default="float32", choices=PRECISIONS, help="of S and C, as `index --precision`")
     add_common_arguments(p)
     return p
 

@@ -144,9 +144,9 @@ class ArchiveParts:
 def archive_parts(models: SystemModels, images: list[np.ndarray]) -> ArchiveParts:
     """What indexing computes per archive image (any size; centre-cropped to a square, as in training)."""
     m, size = models, models.resolution
+    pixels = torch.from_numpy(np.stack([square_resize(image, size) for image in images])).permute(0, 3, 1, 2)
     with m.archive_autocast():
         sketches, labels = m.S.synthesize([square_resize(image, m.S.config.size) for image in images], size)
-        pixels = torch.from_numpy(np.stack([square_resize(image, size) for image in images])).permute(0, 3, 1, 2)
         embeddings = m.C.embed(pixels.float().to(m.device) / 127.5 - 1)
     sketches = np.stack([normalize_synthesized(sketch) for sketch in sketches])
     codes = m.sketch2medi.E(sketch_to_tensor(sketches).to(m.device))
