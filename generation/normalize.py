@@ -65,6 +65,12 @@ def sketch_ink(image: Image.Image) -> np.ndarray:
 
 def clean_strokes(ink: np.ndarray, name: str = "sketch") -> np.ndarray:
     """Boolean stroke mask from an ink map; raises InputError for empty sketches and photographs."""
+    return _clean_strokes(ink, name)[0]
+
+
+def _clean_strokes(ink: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """`clean_strokes`, and the strokes' skeleton where the photograph test thinned them at full size
+    (None where it thinned a reduced copy), for `normalize_sketch` to reuse."""
     side = max(ink.shape)
     if ink.max() < 0.15:
         raise InputError(f"{name}: the sketch is empty; draw the outlines of the anatomy as lines")
@@ -81,19 +87,28 @@ def clean_strokes(ink: np.ndarray, name: str = "sketch") -> np.ndarray:
     strokes = morphology.remove_small_objects(strokes, max_size=speck - 1, connectivity=2)
     if not strokes.any():
         raise InputError(f"{name}: the sketch is empty (only specks); draw the outlines of the anatomy as lines")
-    if strokes.mean() > 0.3 or mean_stroke_width(strokes) > 0.05 * side:
-        raise InputError(
-            f"{name}: looks like a photograph or filled shapes, not a line sketch; draw outlines only"
-        )
-    return strokes
+    if strokes.mean() > 0.3:
+        raise _filled(name)
+    factor = max(1, max(strokes.shape) // WIDTH_SIDE)
+    skeleton = morphology.thin(strokes) if factor == 1 else None
+    if mean_stroke_width(strokes, skeleton) > 0.05 * side:
+        raise _filled(name)
+    return strokes, skeleton
 
 
-def mean_stroke_width(strokes: np.ndarray) -> float:
+def _filled(name: str) -> InputError:
+    return InputError(f"{name}: looks like a photograph or filled shapes, not a line sketch; draw outlines only")
+
+
+def mean_stroke_width(strokes: np.ndarray, skeleton: np.ndarray | None = None) -> float:
     """Mean width in pixels of a boolean stroke mask: its area over its skeleton's length. Above
     WIDTH_SIDE per side, measured on the mask reduced by a whole factor f (a block is ink if any of
     its pixels is) and scaled back by f: for line drawings within f pixels of the full-size measure;
-    filled shapes, thinned to a few pixels there, come out far wider, as the photograph test wants."""
+    filled shapes, thinned to a few pixels there, come out far wider, as the photograph test wants.
+    `skeleton`: `morphology.thin(strokes)` if already computed (only used at factor 1)."""
     factor = max(1, max(strokes.shape) // WIDTH_SIDE)
+    if factor == 1 and skeleton is not None:
+        return strokes.sum() / max(1, int(skeleton.sum()))
     if factor > 1:
         height, width = (-(-n // factor) * factor for n in strokes.shape)
         padded = np.zeros((height, width), bool)
@@ -125,10 +140,11 @@ def resize_strokes(strokes: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(coverage) > 0.05
 
 
-def redraw_canonical(strokes: np.ndarray) -> np.ndarray:
-    """Thin to one-pixel lines (ends kept, unlike skeletonize) and redraw at the canonical width."""
+def redraw_canonical(strokes: np.ndarray, skeleton: np.ndarray | None = None) -> np.ndarray:
+    """Thin to one-pixel lines (ends kept, unlike skeletonize) and redraw at the canonical width.
+    `skeleton`: `morphology.thin(strokes)` if already computed."""
     size = strokes.shape[0]
-    skeleton = morphology.thin(strokes)
+    skeleton = morphology.thin(strokes) if skeleton is None else skeleton
     width = line_width(size)
     lines = morphology.dilation(skeleton, np.ones((width, width), bool)) if width > 1 else skeleton
     return np.where(lines, INK, PAPER).astype(np.uint8)
@@ -138,8 +154,11 @@ def normalize_sketch(image: Image.Image | np.ndarray, size: int = 256, name: str
     """Canonical sketch (size, size) uint8 from a PIL image or array of any mode, polarity and size."""
     if isinstance(image, np.ndarray):
         image = Image.fromarray(image)
-    strokes = clean_strokes(sketch_ink(image), name)
-    canonical = redraw_canonical(resize_strokes(pad_to_square(strokes), size))
+    strokes, skeleton = _clean_strokes(sketch_ink(image), name)
+    if strokes.shape == (size, size) and skeleton is not None:  # a synthesized sketch: thinned once
+        canonical = redraw_canonical(strokes, skeleton)
+    else:
+        canonical = redraw_canonical(resize_strokes(pad_to_square(strokes), size))
     if not (canonical == INK).any():
         raise InputError(f"{name}: the sketch is empty at {size} px; draw larger outlines")
     return canonical

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -268,8 +268,7 @@ class SOLOv2(nn.Module):
                 chunk = images[start : start + batch_size]
                 batch = torch.stack([_resize_image(image, self.config.size) for image in chunk]).to(device)
                 output = self(self.normalize(batch).contiguous(memory_format=torch.channels_last))
-                for i, image in enumerate(chunk):
-                    results.append(postprocess(output, i, self.config, image.shape[:2], min_score, mask_size))
+                results += postprocess(output, self.config, [image.shape[:2] for image in chunk], min_score, mask_size)
         finally:
             self.train(was_training)
         return results
@@ -377,26 +376,73 @@ def matrix_nms(masks: Tensor, labels: Tensor, scores: Tensor, kernel: str = "gau
     return scores * decay.min(0).values
 
 
-def postprocess(output: SOLOv2Output, index: int, config: SOLOv2Config, out_shape: tuple[int, int], min_score: float = 0.0,
-                mask_size: int | None = None) -> list[Instance]:
-    """Instances of image `index` of a batch output with score >= `min_score`, masks resized to
-    `out_shape`, then area-resized to (mask_size, mask_size) if given (`_area_resize`)."""
-    heats = [points_nms(c[index : index + 1].sigmoid())[0] for c in output.categories]
-    scores_all = torch.cat([h.flatten(1).T for h in heats])  # (cells, C)
-    kernels = torch.cat([k[index].flatten(1).T for k in output.kernels])  # (cells, E)
-    strides = torch.cat([torch.full((g * g,), s, dtype=torch.float32) for g, s in zip(config.grids, LEVEL_STRIDES)])
+def postprocess(output: SOLOv2Output, config: SOLOv2Config, out_shapes: Sequence[tuple[int, int]], min_score: float = 0.0,
+                mask_size: int | None = None) -> list[list[Instance]]:
+    """Instances of each image of a batch output with score >= `min_score`, image i's masks resized
+    to `out_shapes[i]`, then area-resized to (mask_size, mask_size) if given (`_area_resize`).
+
+    Candidates are chosen image by image (their numbers differ); the work that does not depend on
+    them, the cell maxima and the masks' resizing, runs once for the batch, as the per-image calls
+    of many small operations cost more than the arithmetic.
+    """
+    count = output.mask_features.shape[0]
+    assert len(out_shapes) == count, f"{len(out_shapes)} output shapes for a batch of {count}"
+    heats = [points_nms(c.sigmoid()) for c in output.categories]
+    scores_all = torch.cat([h.flatten(2) for h in heats], 2).transpose(1, 2)  # (N, cells, C)
+    kernels_all = torch.cat([k.flatten(2) for k in output.kernels], 2).transpose(1, 2)  # (N, cells, E)
+    strides = torch.cat([torch.full((g * g,), s, dtype=torch.float32) for g, s in zip(config.grids, LEVEL_STRIDES)]).to(scores_all.device)
+    kept = [_select_instances(scores_all[i], kernels_all[i], output.mask_features[i], strides, config, min_score) for i in range(count)]
+    results: list[list[Instance]] = [[] for _ in range(count)]
+    for shape, members in _resize_groups(out_shapes, [0 if k is None else len(k[1]) for k in kept], config.size):
+        probabilities = torch.cat([kept[i][0] for i in members])
+        full = F.interpolate(probabilities[None], size=(config.size, config.size), mode="bilinear", align_corners=False)
+        if shape != (config.size, config.size):
+            full = F.interpolate(full, size=shape, mode="bilinear", align_corners=False)
+        masks = full[0] > config.mask_threshold
+        masks = masks.cpu().numpy() if mask_size is None else _area_resize(masks, mask_size)
+        first = 0
+        for i in members:
+            _, scores, classes = kept[i]
+            last = first + len(scores)
+            results[i] = [Instance(int(c) + 1, m, float(s)) for c, m, s in zip(classes.tolist(), masks[first:last], scores.tolist())]
+            first = last
+    return results
+
+
+def _resize_groups(out_shapes: Sequence[tuple[int, int]], counts: Sequence[int], size: int,
+                   budget: int = 1 << 24) -> Iterator[tuple[tuple[int, int], list[int]]]:
+    """The images with instances, grouped for one resize each: same output shape, and at most
+    `budget` resized pixels a group (beyond one image), so large images do not multiply memory."""
+    for shape in dict.fromkeys(tuple(shape) for shape in out_shapes):
+        group: list[int] = []
+        pixels = 0
+        for i in (i for i in range(len(counts)) if tuple(out_shapes[i]) == shape and counts[i]):
+            cost = counts[i] * max(size * size, shape[0] * shape[1])
+            if group and pixels + cost > budget:
+                yield shape, group
+                group, pixels = [], 0
+            group.append(i)
+            pixels += cost
+        if group:
+            yield shape, group
+
+
+def _select_instances(scores_all: Tensor, kernels: Tensor, features: Tensor, strides: Tensor, config: SOLOv2Config,
+                      min_score: float) -> tuple[Tensor, Tensor, Tensor] | None:
+    """One image's instances before resizing: (mask probabilities (K, size/4, size/4), scores (K,),
+    classes (K,)) sorted by score, or None if none survives. scores_all (cells, C) after the cell
+    maxima, kernels (cells, E), features (E, size/4, size/4)."""
     cells, classes = torch.nonzero(scores_all > config.score_threshold, as_tuple=True)
     if len(cells) == 0:
-        return []
+        return None
     scores = scores_all[cells, classes]
-    features = output.mask_features[index]
     probabilities = torch.einsum("ke,ehw->khw", kernels[cells], features).sigmoid()
     binary = probabilities > config.mask_threshold
     areas = binary.flatten(1).sum(1).float()
     # Drop masks smaller than the level's stride (in 1/4-scale pixels), scaled like the ranges.
-    keep = areas > strides.to(areas.device)[cells] * (config.size / PUBLISHED_SIZE)
+    keep = areas > strides[cells] * (config.size / PUBLISHED_SIZE)
     if not keep.any():
-        return []
+        return None
     probabilities, binary, areas, scores, classes = probabilities[keep], binary[keep], areas[keep], scores[keep], classes[keep]
     maskness = (probabilities * binary).flatten(1).sum(1) / areas
     scores = scores * maskness
@@ -406,15 +452,9 @@ def postprocess(output: SOLOv2Output, index: int, config: SOLOv2Config, out_shap
     keep = scores >= max(config.update_threshold, min_score)
     probabilities, scores, classes = probabilities[keep], scores[keep], classes[keep]
     order = scores.argsort(descending=True)[: config.max_instances]
-    probabilities, scores, classes = probabilities[order], scores[order], classes[order]
-    if len(scores) == 0:
-        return []
-    full = F.interpolate(probabilities[None], size=(config.size, config.size), mode="bilinear", align_corners=False)
-    if tuple(out_shape) != (config.size, config.size):
-        full = F.interpolate(full, size=tuple(out_shape), mode="bilinear", align_corners=False)
-    masks = full[0] > config.mask_threshold
-    masks = masks.cpu().numpy() if mask_size is None else _area_resize(masks, mask_size)
-    return [Instance(int(c) + 1, m, float(s)) for c, m, s in zip(classes.tolist(), masks, scores.tolist())]
+    if len(order) == 0:
+        return None
+    return probabilities[order], scores[order], classes[order]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -170,6 +170,15 @@ class ImageRecord:
     meta: FileMeta = field(default_factory=FileMeta)  # of the first path
 
 
+# The statements an index run executes per file, built once: bound parameters instead of values
+# baked into a new statement each time, whose cache key SQLAlchemy would otherwise rebuild per row.
+_INSERT_IMAGE = images_table.insert()
+_INSERT_FILE = files_table.insert()
+_FIND_IMAGE = sa.select(images_table.c.id).where(
+    images_table.c.sha256 == sa.bindparam("sha256"), images_table.c.frame == sa.bindparam("frame")
+)
+
+
 def encode_label_map(label_map: np.ndarray) -> list[tuple[int, bytes]]:
     """(class index, zlib(packbits(mask))) for each class present in a uint8 label map (0 = background)."""
     return [
@@ -344,11 +353,10 @@ class Catalog:
         label_map = np.asarray(label_map, np.uint8)
         with self._connect() as c:
             image_id = c.execute(
-                images_table.insert().values(
-                    sha256=sha256, frame=frame, width=width, height=height, modality=modality,
-                    added_at=datetime.now(timezone.utc), vector=vector.tobytes(),
-                    mask_height=label_map.shape[0], mask_width=label_map.shape[1],
-                )
+                _INSERT_IMAGE,
+                dict(sha256=sha256, frame=frame, width=width, height=height, modality=modality,
+                     added_at=datetime.now(timezone.utc), vector=vector.tobytes(),
+                     mask_height=label_map.shape[0], mask_width=label_map.shape[1]),
             ).inserted_primary_key[0]  # fmt: skip
             masks = encode_label_map(label_map)
             if masks:
@@ -363,9 +371,10 @@ class Catalog:
     ) -> None:  # fmt: skip
         with self._connect() as c:
             c.execute(
-                files_table.insert().values(path=path, frame=frame, image_id=image_id, size=size, mtime_ns=mtime_ns,
-                                            inode=inode, ctime_ns=ctime_ns, **(meta or FileMeta()).values())  # fmt: skip
-            )
+                _INSERT_FILE,
+                dict(path=path, frame=frame, image_id=image_id, size=size, mtime_ns=mtime_ns, inode=inode, ctime_ns=ctime_ns,
+                     **(meta or FileMeta()).values()),
+            )  # fmt: skip
 
     def touch_file(
         self, path: str, size: int, mtime_ns: int, inode: int | None = None, ctime_ns: int | None = None, meta: FileMeta | None = None
@@ -409,9 +418,7 @@ class Catalog:
     def find(self, sha256: str, frame: int) -> int | None:
         """The id of the image with this content, if any."""
         with self._connect() as c:
-            return c.execute(
-                sa.select(images_table.c.id).where(images_table.c.sha256 == sha256, images_table.c.frame == frame)
-            ).scalar()
+            return c.execute(_FIND_IMAGE, {"sha256": sha256, "frame": frame}).scalar()
 
     def entries(self) -> dict[str, list[FileEntry]]:
         """Every indexed path and its entries (one per frame)."""

@@ -54,5 +54,22 @@ def test_contours_meeting_the_frame_stay_open():
     assert np.allclose(ring[0], ring[-1])
 
 
+def test_contours_are_those_of_the_whole_frame_point_for_point():
+    """contour_strokes traces within each mask's box: the strokes must equal the whole frame's."""
+    from skimage import measure
+
+    rng = np.random.default_rng(0)
+    masks = [ndimage.binary_opening(rng.random((48, 64)) < 0.35) for _ in range(20)]
+    masks += [np.pad(np.ones((10, 7), bool), ((0, 38), (57, 0))), np.ones((48, 64), bool), np.zeros((48, 64), bool)]
+    masks[0][:, :] = False
+    masks[0][0, 3] = True  # one pixel on the top edge
+    for mask in masks:
+        whole = [c[:, ::-1].astype(np.float32) for c in measure.find_contours(mask.astype(np.float32), 0.5) if len(c) >= 2]
+        strokes = contour_strokes(mask)
+        assert len(strokes) == len(whole)
+        for stroke, expected in zip(strokes, whole):
+            np.testing.assert_array_equal(stroke, expected)
+
+
 def test_empty_mask_gives_blank_paper():
     assert (sketch_from_mask(np.zeros((32, 32), np.uint8)) == PAPER).all()

@@ -237,6 +237,30 @@ def test_predictions_and_sketch_in_canonical_format(overfit):
     assert np.all(model.synthesize(images[:1], 64, min_score=1.01)[0] == PAPER)
 
 
+def test_a_batch_gives_the_instances_of_each_image_alone(overfit, monkeypatch):
+    """postprocess works on a whole batch output at once; each image's instances must be those of its
+    own slice of that output, also across output shapes and when the masks are resized in groups."""
+    import generation.solov2 as solov2
+
+    model, images, _, _ = overfit
+    batch = np.concatenate([images, images[::-1]])
+    with torch.no_grad():
+        output = model(SOLOv2.normalize(torch.from_numpy(batch).permute(0, 3, 1, 2)))
+    shapes = [(64, 64), (80, 96), (64, 64), (80, 96)]
+    budget = solov2._resize_groups.__defaults__[0]
+    for groups_budget in (budget, 1):  # 1: every image resized on its own
+        monkeypatch.setattr(solov2._resize_groups, "__defaults__", (groups_budget,))
+        for mask_size in (None, 32):
+            together = solov2.postprocess(output, model.config, shapes, 0.1, mask_size)
+            for i, instances in enumerate(together):
+                alone = solov2.postprocess(solov2.SOLOv2Output(*[[t[i : i + 1] for t in part] if isinstance(part, list) else part[i : i + 1]
+                                                                 for part in output]), model.config, shapes[i : i + 1], 0.1, mask_size)[0]
+                assert instances and [(j.class_index, j.score) for j in instances] == [(j.class_index, j.score) for j in alone]
+                for got, want in zip(instances, alone):
+                    np.testing.assert_array_equal(got.mask, want.mask)
+                    assert got.mask.shape == (shapes[i] if mask_size is None else (32, 32))
+
+
 def test_bad_input_raises_input_error(overfit):
     model = overfit[0]
     with pytest.raises(InputError):
