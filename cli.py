@@ -9,7 +9,12 @@ import typer
 from generation.device import is_main_process, set_threads
 from generation.errors import InputError
 from retrieval.defaults import DEFAULT_CANDIDATES, DEFAULT_LAMBDA, DEFAULT_WEIGHTS
-from training.commands import DEVICE_HELP, PRECISION_HELP, train_app
+from training.commands import (
+    COMPILE_ARCHIVE_HELP,
+    DEVICE_HELP,
+    PRECISION_HELP,
+    train_app,
+)
 from training.console import (
     ProgressLines,
     WholeHelpGroup,
@@ -180,6 +185,7 @@ def evaluate(
     out: Path = typer.Option(None, "--out", help="Also write the JSON report to this file."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     precision: str = typer.Option("float32", "--precision", help=PRECISION_HELP),
+    compile_networks: bool = typer.Option(False, "--compile", help=COMPILE_ARCHIVE_HELP),
 ):
     """Measure retrieval (Recall@k, MRR, median rank) and generation quality against ablations and baselines."""
     import json
@@ -200,7 +206,8 @@ def evaluate(
                                 recipe=VectorRecipe.parse(weights) if weights else None,
                                 sketches=str(sketches) if sketches else None,
                                 labelled=parse_label_weights(label_weights) if label_weights else (LabelWeights(),) if labelled else (),
-                                methods=tuple(methods.split(",")) if methods else None, precision=precision)
+                                methods=tuple(methods.split(",")) if methods else None, precision=precision,
+                                compile_archive=compile_networks)
     unknown = [m for m in options.methods or () if m not in METHODS]
     if unknown:
         raise InputError(f"--methods: no method {unknown[0]!r}; choose from {', '.join(METHODS)}")
@@ -261,10 +268,12 @@ def index(
     timeout: float = typer.Option(30.0, "--timeout", min=0.001, help="DICOMweb: seconds the server has to answer each request."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     precision: str = typer.Option("float32", "--precision", help=PRECISION_HELP),
+    compile_networks: bool = typer.Option(False, "--compile", help=COMPILE_ARCHIVE_HELP),
 ):
     """Add images to the archive: S's masks, the synthesized sketch's field and E's code, C's embedding; incremental."""
     import functools
 
+    from generation.device import init_distributed
     from indexing.dicomweb import DicomWebFilters, is_dicomweb
     from indexing.ingest import index_dicomweb, index_folders
     from retrieval.models import SystemModels
@@ -276,7 +285,10 @@ def index(
     if not servers and (auth or modality or study_date or study_uid):
         raise InputError("--auth, --modality, --study-date and --study-uid are for a DICOMweb server (dicomweb+http://...)")
     filters = DicomWebFilters(tuple(modality or ()), study_date, study_uid)  # checked before any network is loaded
-    embedder = ArchiveEmbedder(SystemModels(bundle, device, precision), VectorRecipe.parse(weights) if weights else None)  # None: the bundle's
+    models = SystemModels(bundle, device, precision)
+    if compile_networks:
+        models.compile_archive(-(-batch_size // init_distributed(models.device).world_size))  # each rank's share of a batch
+    embedder = ArchiveEmbedder(models, VectorRecipe.parse(weights) if weights else None)  # None: the bundle's
     options = dict(db_url=db_url, batch_size=batch_size, index_kind=index_kind, tag=tag)
     if servers:
         run = functools.partial(index_dicomweb, servers[0], workspace, embedder, auth=auth, filters=filters, timeout=timeout, **options)

@@ -5,7 +5,8 @@
 The images of `--data` (its images/ folder if it has one; the first `--limit` files if given) are
 indexed into a new workspace (`--workspace`, default a temporary folder that is deleted afterwards),
 exactly as `cli.py index` does (index kind auto), after one untimed warm-up batch through the
-networks. With `--threads` torch and faiss threads and `--precision` (as `index --precision`), this process measures:
+networks. With `--threads` torch and faiss threads, `--precision` (as `index --precision`) and
+`--compile` (as `index --compile`; the untimed warm-up compiles), this process measures:
 
   index_run      wall seconds and images/s of the whole `index_folders` call, split into
                  embed (`embed_images`: S, E, C and the fused vector), load (reading and decoding the
@@ -18,6 +19,11 @@ networks. With `--threads` torch and faiss threads and `--precision` (as `index 
                  masks to sketches and label maps), C (pixels and C.embed), sketch_normalize (each
                  synthesized sketch normalised as a query), E (E on the sketches), field (sketch_field), fuse (fuse_vectors).
   peak_rss_mib   this process's peak RSS, recorded before the machine peak is measured.
+
+Under torchrun (`torchrun --standalone --nproc-per-node 2 bench/bench_index.py ... --threads 1`)
+every rank embeds its share of each batch, as `index` does; rank 0 times the run, times the parts
+on its share of a batch, and reports every rank's peak RSS at the end of the run
+(`peak_rss_mib_per_rank`).
   target         >= 20 images/s.
 """
 
@@ -36,7 +42,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.machine import add_common_arguments, describe, finish, measure_peak, peak_rss_mib, set_threads  # noqa: E402
-from generation.device import PRECISIONS  # noqa: E402
+from generation.device import PRECISIONS, init_distributed  # noqa: E402
 from generation.images import (
     find_images,  # noqa: E402
     square_resize,  # noqa: E402
@@ -119,26 +125,42 @@ def run(args: argparse.Namespace) -> dict:
         raise SystemExit(f"{root}: no images")
     if args.workspace is not None and args.workspace.exists() and any(args.workspace.iterdir()):
         raise SystemExit(f"{args.workspace}: not empty; the benchmark indexes into a new workspace")
+    ranks = init_distributed()
     models = SystemModels(args.bundle, "cpu", args.precision)
+    share = -(-args.batch_size // ranks.world_size)  # the images each rank embeds per batch
+    if args.compile:
+        models.compile_archive(share)
     embedder = ArchiveEmbedder(models)
     sample = [load(path) for path in files[: args.part_images]]
-    archive_parts(models, sample[: args.batch_size])  # warm-up: allocator, oneDNN primitive caches
+    archive_parts(models, sample[:share])  # warm-up: allocator, oneDNN primitive caches, compiling
+    if ranks.enabled:
+        torch.distributed.barrier()
+    if not ranks.is_main:  # the other ranks embed their shares of the run, report their memory and stop
+        index_folders(files, Path(tempfile.gettempdir()), embedder, batch_size=args.batch_size)
+        torch.distributed.all_gather_object([None] * ranks.world_size, peak_rss_mib())
+        return {}
     workspace = args.workspace or Path(tempfile.mkdtemp(prefix="bench_index_"))
     try:
         run_result = index_run(files, workspace, embedder, args.batch_size)
     finally:
         if args.workspace is None:
             shutil.rmtree(workspace, ignore_errors=True)
-    parts = time_parts(models, sample, args.batch_size, embedder.recipe)
+    rss_ranks = [peak_rss_mib()]
+    if ranks.enabled:
+        rss_ranks = [None] * ranks.world_size
+        torch.distributed.all_gather_object(rss_ranks, peak_rss_mib())
+    parts = time_parts(models, sample, share, embedder.recipe)
     rss = peak_rss_mib()
     return {
         "benchmark": "index",
         "config": {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items() if key != "out"},
         "machine": describe(args.threads),
         "peak": measure_peak(args.threads, args.matmul_size, args.copy_mb),
+        "ranks": ranks.world_size,
         "index_run": run_result,
         "parts_ms_per_image": {**parts, "images": len(sample), "sum": round(sum(parts.values()), 3)},
         "peak_rss_mib": rss,
+        "peak_rss_mib_per_rank": rss_ranks,  # at the end of the run, before the per-part timing
         "target": {"min_images_per_s": TARGET_IMAGES_PER_S, "met": run_result["images_per_s"] >= TARGET_IMAGES_PER_S},
     }
 
@@ -152,13 +174,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--part-images", type=int, default=256, help="images for the per-part timing")
     p.add_argument("--precision", default="float32", choices=PRECISIONS, help="of S and C, as `index --precision`")
+    p.add_argument("--compile", action="store_true", help="networks compiled, as `index --compile` (compiled in the untimed warm-up)")
     add_common_arguments(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parser().parse_args(argv)
-    return finish("bench/bench_index.py", argv, args, run(args))
+    result = run(args)
+    return finish("bench/bench_index.py", argv, args, result) if result else result
 
 
 if __name__ == "__main__":

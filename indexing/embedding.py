@@ -20,12 +20,14 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+import torch
 import torch.distributed
 
 from generation.device import init_distributed
@@ -54,22 +56,37 @@ class Embedder(Protocol):
         ...
 
 
+def _load(item: Item) -> tuple[np.ndarray, tuple[int, int]] | str:
+    _, path, frame = item
+    try:
+        return load_reduced(path, frame)
+    except InputError as error:
+        return reason(path, error)
+    except Exception as error:  # an odd file must not end the run
+        return f"cannot read ({type(error).__name__}: {error})"
+
+
 def embed_files(embedder: Embedder, items: list[Item]) -> dict[Key, Embedded]:
-    """Load and embed some entries, one decode at a time, each image reduced as it is decoded
-    (`indexing.files.load_reduced`); an unreadable one gives the reason instead. The recorded
-    (height, width) is the entry's own."""
+    """Load and embed some entries, each image reduced as it is decoded (`indexing.files.load_reduced`);
+    an unreadable one gives the reason instead. The recorded (height, width) is the entry's own.
+
+    The files are decoded on as many threads as torch uses (at most 4; the decoders release the
+    GIL), so a process with one thread, as under torchrun, decodes one at a time."""
+    threads = max(1, min(4, torch.get_num_threads(), len(items)))
+    if threads > 1:
+        with ThreadPoolExecutor(threads) as pool:
+            loaded = list(pool.map(_load, items))
+    else:
+        loaded = [_load(item) for item in items]
     results: dict[Key, Embedded] = {}
     keys, images, sizes = [], [], []
-    for key, path, frame in items:
-        try:
-            image, size = load_reduced(path, frame)
-            images.append(image)
-            sizes.append(size)
+    for (key, _, _), outcome in zip(items, loaded):
+        if isinstance(outcome, str):
+            results[key] = outcome
+        else:
+            images.append(outcome[0])
+            sizes.append(outcome[1])
             keys.append(key)
-        except InputError as error:
-            results[key] = reason(path, error)
-        except Exception as error:  # an odd file must not end the run
-            results[key] = f"cannot read ({type(error).__name__}: {error})"
     if not images:
         return results
     batch = embedder.embed_images(images)

@@ -100,6 +100,7 @@ class EvaluationOptions:
     labelled: tuple[LabelWeights, ...] = ()  # a full_labelled row per weighting (simulated queries only)
     methods: tuple[str, ...] | None = None  # only these rows (None: all); full_labelled rows come with `labelled`
     precision: str = "float32"  # of S and C on the archive, as `index --precision` (`SystemModels`)
+    compile_archive: bool = False  # S and C compiled for the archive, as `index --compile` (`SystemModels.compile_archive`)
 
     def labelled_rows(self) -> dict[str, LabelWeights]:
         if len(self.labelled) == 1:
@@ -320,6 +321,8 @@ def evaluate(data: str | Path, split: str = "test", bundle: str | Path | None = 
     """Run the protocol of the module docstring; returns a JSON-ready report."""
     options = options or EvaluationOptions()
     models = SystemModels(bundle, device, options.precision)
+    if options.compile_archive:
+        models.compile_archive(options.batch)
     options = with_bundle_recipe(options, models)
     progress = on_progress or (lambda stage, done, total: None)
     dataset = ImageDataset(data)

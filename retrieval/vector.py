@@ -139,10 +139,29 @@ class ArchiveParts:
     labels: np.ndarray  # uint8 (N, R, R) S's label maps
     sketches: np.ndarray  # uint8 (N, R, R) normalised synthesized sketches
 
+    def __getitem__(self, rows: slice) -> ArchiveParts:
+        return ArchiveParts(self.embeddings[rows], self.codes[rows], self.fields[rows], self.labels[rows], self.sketches[rows])
+
+    @staticmethod
+    def concat(parts: list[ArchiveParts]) -> ArchiveParts:
+        return ArchiveParts(torch.cat([p.embeddings for p in parts]), torch.cat([p.codes for p in parts]),
+                            torch.cat([p.fields for p in parts]), np.concatenate([p.labels for p in parts]),
+                            np.concatenate([p.sketches for p in parts]))
+
 
 @torch.no_grad()
 def archive_parts(models: SystemModels, images: list[np.ndarray]) -> ArchiveParts:
-    """What indexing computes per archive image (any size; centre-cropped to a square, as in training)."""
+    """What indexing computes per archive image (any size; centre-cropped to a square, as in training).
+
+    With S and C compiled for batches of `models.archive_batch` (`SystemModels.compile_archive`),
+    the images go through in batches of exactly that size, the last one padded with copies of its
+    last image (dropped from the result), so that they compile once.
+    """
+    batch = models.archive_batch
+    if batch is not None and images and len(images) != batch:
+        if len(images) > batch:
+            return ArchiveParts.concat([archive_parts(models, images[start : start + batch]) for start in range(0, len(images), batch)])
+        return archive_parts(models, images + [images[-1]] * (batch - len(images)))[: len(images)]
     m, size = models, models.resolution
     pixels = torch.from_numpy(np.stack([square_resize(image, size) for image in images])).permute(0, 3, 1, 2)
     with m.archive_autocast():

@@ -23,7 +23,13 @@ from retrieval.align import Alignment, aligned_distances, alignment_scores
 from retrieval.metrics import dice_per_image
 from retrieval.models import SystemModels
 from retrieval.search import Retriever
-from retrieval.vector import ArchiveEmbedder, VectorRecipe, fuse_vectors, sketch_field
+from retrieval.vector import (
+    ArchiveEmbedder,
+    VectorRecipe,
+    archive_parts,
+    fuse_vectors,
+    sketch_field,
+)
 
 runner = CliRunner()
 PHANTOM_BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "phantom"
@@ -102,6 +108,36 @@ def test_a_bfloat16_index_finds_each_image_by_its_float32_sketch(tmp_path):
     with Retriever(tmp_path / "ws", models=float32_models) as retriever:
         for i, image in enumerate(images):
             assert retriever.search(own_sketch(float32_models, image), k=3).results[0].path == str(dataset.samples[i].image_path), i
+
+
+def test_compiled_archive_networks_run_whole_batches_and_agree_with_eager(tiny_chain):
+    """`index --compile`: S and C compiled for one batch size, every call padded to it (a new size
+    would compile again), the padding dropped, and the parts those of the uncompiled networks up to
+    float rounding."""
+    data, bundle, _ = tiny_chain
+    dataset = ImageDataset(data)
+    images = [dataset.image(i) for i in range(7)]
+    eager, compiled = SystemModels(bundle, "cpu"), SystemModels(bundle, "cpu")
+    compiled.compile_archive(4)
+    sizes = []
+    for network in (compiled.S, compiled.C.encoder.backbone):
+        network.register_forward_pre_hook(lambda module, args: sizes.append((type(module).__name__, args[0].shape[0])))
+    want, got = archive_parts(eager, images), archive_parts(compiled, images)
+    assert sorted(set(sizes)) == [("ResNet", 4), ("SOLOv2", 4)]  # 7 images: 4, then 3 padded to 4
+    assert got.codes.shape == want.codes.shape and len(got.labels) == 7
+    assert torch.nn.functional.cosine_similarity(got.embeddings, want.embeddings).min() > 0.999
+    assert torch.nn.functional.cosine_similarity(got.codes, want.codes).min() > 0.99
+    assert np.mean(got.labels != want.labels) < 0.01
+
+
+def test_index_compile_compiles_for_each_ranks_share_of_a_batch(tiny_chain, tmp_path, monkeypatch):
+    data, bundle, _ = tiny_chain
+    batches = []
+    monkeypatch.setattr(SystemModels, "compile_archive", lambda self, batch_size: batches.append(batch_size))
+    result = runner.invoke(app, ["index", str(data / "images"), "--workspace", str(tmp_path / "ws"), "--bundle", str(bundle),
+                                 "--device", "cpu", "--batch-size", "6", "--compile"])
+    assert result.exit_code == 0, result.output
+    assert batches == [6]
 
 
 def test_a_precision_the_machine_lacks_is_refused_before_any_network_loads(tiny_chain, tmp_path, monkeypatch):

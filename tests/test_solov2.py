@@ -240,7 +240,7 @@ def test_predictions_and_sketch_in_canonical_format(overfit):
 def test_a_batch_gives_the_instances_of_each_image_alone(overfit, monkeypatch):
     """postprocess works on a whole batch output at once; each image's instances must be those of its
     own slice of that output, also across output shapes and when the masks are resized in groups."""
-    import generation.solov2 as solov2
+    from generation import solov2
 
     model, images, _, _ = overfit
     batch = np.concatenate([images, images[::-1]])

@@ -20,6 +20,9 @@ train_app = typer.Typer(cls=WholeHelpGroup, no_args_is_help=True, rich_markup_mo
 DEVICE_HELP = "auto (the GPU if there is one) | cpu | cuda | cuda:N"
 PRECISION_HELP = ("float32 | bfloat16: S and C on the archive images in bfloat16, on a GPU or a CPU with AVX-512 BF16 or AMX: "
                   "faster indexing, a few of S's masks differ (docs/BENCHMARKS.md, indexing).")
+COMPILE_ARCHIVE_HELP = ("Compile S and C with torch.compile for the archive images: faster indexing of large archives, after "
+                        "about a minute of compiling the first time (seconds later: the compiled code is cached on disk); a few "
+                        "of S's masks differ (docs/BENCHMARKS.md, indexing).")
 THREADS_HELP = "CPU threads per process (0 = torch's default; use 1 on a machine shared with other jobs)."
 PHASE_HELP = "tiny (tests) | cpu (2 CPU cores) | paper (ResNet-50 E, ResNet-34 H)."
 
