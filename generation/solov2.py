@@ -361,19 +361,26 @@ def matrix_nms(masks: Tensor, labels: Tensor, scores: Tensor, kernel: str = "gau
         return scores
     assert masks.shape[0] == labels.shape[0] == k
     assert bool((scores[:-1] >= scores[1:]).all()), "matrix_nms needs scores sorted in descending order"
-    flat = masks.reshape(k, -1).float()
-    areas = flat.sum(1)
-    inter = flat @ flat.T
-    union = areas[:, None] + areas[None, :] - inter
-    iou = (inter / union.clamp(min=1e-6)).triu(diagonal=1)  # iou[i, j]: i scores higher than j
-    same = (labels[:, None] == labels[None, :]).float().triu(diagonal=1)
+    return _matrix_nms_batch(masks.reshape(1, k, -1), labels[None], scores[None], kernel, sigma)[0]
+
+
+def _matrix_nms_batch(masks: Tensor, labels: Tensor, scores: Tensor, kernel: str, sigma: float) -> Tensor:
+    """`matrix_nms` of N images at once: masks (N, K, H*W), labels (N, K), scores (N, K), each
+    image's candidates sorted by descending score. Padding (all-zero masks, any label, after an
+    image's candidates) changes nothing: its IoU with every mask is 0."""
+    flat = masks.float()
+    areas = flat.sum(2)
+    inter = flat @ flat.transpose(1, 2)
+    union = areas[:, :, None] + areas[:, None, :] - inter
+    iou = (inter / union.clamp(min=1e-6)).triu(diagonal=1)  # iou[n, i, j]: i scores higher than j
+    same = (labels[:, :, None] == labels[:, None, :]).float().triu(diagonal=1)
     decay_iou = iou * same
-    compensate = decay_iou.max(0).values[:, None].expand(k, k)  # row i: how suppressed i itself is
+    compensate = decay_iou.max(1).values[:, :, None].expand_as(decay_iou)  # row i: how suppressed i itself is
     if kernel == "gaussian":
         decay = torch.exp(-sigma * (decay_iou**2 - compensate**2))
     else:
         decay = (1 - decay_iou) / (1 - compensate).clamp(min=1e-6)
-    return scores * decay.min(0).values
+    return scores * decay.min(1).values
 
 
 def postprocess(output: SOLOv2Output, config: SOLOv2Config, out_shapes: Sequence[tuple[int, int]], min_score: float = 0.0,
@@ -391,7 +398,7 @@ def postprocess(output: SOLOv2Output, config: SOLOv2Config, out_shapes: Sequence
     scores_all = torch.cat([h.flatten(2) for h in heats], 2).transpose(1, 2)  # (N, cells, C)
     kernels_all = torch.cat([k.flatten(2) for k in output.kernels], 2).transpose(1, 2)  # (N, cells, E)
     strides = torch.cat([torch.full((g * g,), s, dtype=torch.float32) for g, s in zip(config.grids, LEVEL_STRIDES)]).to(scores_all.device)
-    kept = [_select_instances(scores_all[i], kernels_all[i], output.mask_features[i], strides, config, min_score) for i in range(count)]
+    kept = _select_instances(scores_all, kernels_all, output.mask_features, strides, config, min_score)
     results: list[list[Instance]] = [[] for _ in range(count)]
     for shape, members in _resize_groups(out_shapes, [0 if k is None else len(k[1]) for k in kept], config.size):
         probabilities = torch.cat([kept[i][0] for i in members])
@@ -428,33 +435,54 @@ def _resize_groups(out_shapes: Sequence[tuple[int, int]], counts: Sequence[int],
 
 
 def _select_instances(scores_all: Tensor, kernels: Tensor, features: Tensor, strides: Tensor, config: SOLOv2Config,
-                      min_score: float) -> tuple[Tensor, Tensor, Tensor] | None:
-    """One image's instances before resizing: (mask probabilities (K, size/4, size/4), scores (K,),
-    classes (K,)) sorted by score, or None if none survives. scores_all (cells, C) after the cell
-    maxima, kernels (cells, E), features (E, size/4, size/4)."""
-    cells, classes = torch.nonzero(scores_all > config.score_threshold, as_tuple=True)
-    if len(cells) == 0:
-        return None
-    scores = scores_all[cells, classes]
-    probabilities = torch.einsum("ke,ehw->khw", kernels[cells], features).sigmoid()
+                      min_score: float) -> list[tuple[Tensor, Tensor, Tensor] | None]:
+    """Each image's instances before resizing: (mask probabilities (K, size/4, size/4), scores (K,),
+    classes (K,)) sorted by score, or None if none survives. scores_all (N, cells, C) after the cell
+    maxima, kernels (N, cells, E), features (N, E, size/4, size/4).
+
+    The candidates of all images are filtered together, as one flat list ordered by image; each
+    image's masks are predicted from its own kernels, and Matrix NMS runs on them padded to the
+    largest image's count."""
+    count = scores_all.shape[0]
+    image, cells, classes = torch.nonzero(scores_all > config.score_threshold, as_tuple=True)
+    if len(image) == 0:
+        return [None] * count
+    scores = scores_all[image, cells, classes]
+    per_image = torch.bincount(image, minlength=count).tolist()
+    picked = kernels[image, cells].split(per_image)
+    probabilities = torch.cat([torch.einsum("ke,ehw->khw", k, f).sigmoid() for k, f in zip(picked, features)])
     binary = probabilities > config.mask_threshold
     areas = binary.flatten(1).sum(1).float()
     # Drop masks smaller than the level's stride (in 1/4-scale pixels), scaled like the ranges.
     keep = areas > strides[cells] * (config.size / PUBLISHED_SIZE)
-    if not keep.any():
-        return None
-    probabilities, binary, areas, scores, classes = probabilities[keep], binary[keep], areas[keep], scores[keep], classes[keep]
+    image, probabilities, binary, areas, scores, classes = image[keep], probabilities[keep], binary[keep], areas[keep], scores[keep], classes[keep]
     maskness = (probabilities * binary).flatten(1).sum(1) / areas
     scores = scores * maskness
-    order = scores.argsort(descending=True)[: config.nms_pre]
-    probabilities, binary, scores, classes = probabilities[order], binary[order], scores[order], classes[order]
-    scores = matrix_nms(binary, classes, scores, config.nms_kernel, config.nms_sigma)
+    order, rank = _by_image_and_score(image, scores, count, config.nms_pre)
+    image, probabilities, binary, scores, classes = image[order], probabilities[order], binary[order], scores[order], classes[order]
+    width = int(rank.max()) + 1 if len(rank) else 0
+    padded_masks = binary.new_zeros((count, width, binary[0].numel() if len(binary) else 0))
+    padded_labels = classes.new_full((count, width), -1)
+    padded_scores = scores.new_zeros((count, width))
+    padded_masks[image, rank], padded_labels[image, rank], padded_scores[image, rank] = binary.flatten(1), classes, scores
+    scores = _matrix_nms_batch(padded_masks, padded_labels, padded_scores, config.nms_kernel, config.nms_sigma)[image, rank]
     keep = scores >= max(config.update_threshold, min_score)
-    probabilities, scores, classes = probabilities[keep], scores[keep], classes[keep]
-    order = scores.argsort(descending=True)[: config.max_instances]
-    if len(order) == 0:
-        return None
-    return probabilities[order], scores[order], classes[order]
+    image, probabilities, scores, classes = image[keep], probabilities[keep], scores[keep], classes[keep]
+    order, _ = _by_image_and_score(image, scores, count, config.max_instances)
+    image, probabilities, scores, classes = image[order], probabilities[order], scores[order], classes[order]
+    survivors = torch.bincount(image, minlength=count).tolist()
+    return [None if n == 0 else parts for n, parts in
+            zip(survivors, zip(probabilities.split(survivors), scores.split(survivors), classes.split(survivors)))]
+
+
+def _by_image_and_score(image: Tensor, scores: Tensor, count: int, limit: int) -> tuple[Tensor, Tensor]:
+    """(order, rank): the candidates ordered by image, then by descending score, at most `limit` an
+    image, and each one's place within its image."""
+    by_score = scores.argsort(descending=True, stable=True)
+    order = by_score[image[by_score].argsort(stable=True)]
+    starts = torch.cumsum(torch.bincount(image, minlength=count), 0) - torch.bincount(image, minlength=count)
+    rank = torch.arange(len(order), device=image.device) - starts[image[order]]
+    return order[rank < limit], rank[rank < limit]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -202,6 +202,29 @@ def test_matrix_nms_decays_duplicate_and_keeps_distinct():
     assert matrix_nms(masks, torch.tensor([0, 1, 0]), scores)[1] == pytest.approx(0.8)
 
 
+def test_matrix_nms_of_padded_images_equals_each_image_alone():
+    """postprocess runs Matrix NMS on all images at once, each padded to the largest count."""
+    from generation import solov2
+
+    rng = torch.Generator().manual_seed(0)
+    images = []
+    for count in (5, 2, 1):
+        masks = torch.rand(count, 12, 12, generator=rng) > 0.5
+        masks[1:] |= masks[:1]  # overlapping, so that scores decay
+        labels = torch.zeros(count, dtype=torch.long)
+        labels[4:] = 1  # the first image's last mask: another class, not suppressed by the others
+        images.append((masks, labels, torch.sort(torch.rand(count, generator=rng), descending=True).values))
+    width = max(len(scores) for _, _, scores in images)
+    padded = [torch.zeros(3, width, 144, dtype=torch.bool), torch.full((3, width), -1), torch.zeros(3, width)]
+    for i, (masks, labels, scores) in enumerate(images):
+        padded[0][i, : len(scores)], padded[1][i, : len(scores)], padded[2][i, : len(scores)] = masks.flatten(1), labels, scores
+    together = solov2._matrix_nms_batch(*padded, "gaussian", 2.0)
+    for i, (masks, labels, scores) in enumerate(images):
+        alone = matrix_nms(masks, labels, scores)
+        assert (alone < scores).any() or len(scores) == 1
+        torch.testing.assert_close(together[i, : len(scores)], alone, rtol=0, atol=0)
+
+
 def test_overfits_two_synthetic_images(overfit):
     model, images, masks, losses = overfit
     assert losses[-1] < 0.1 * losses[0]
