@@ -455,13 +455,15 @@ def _select_instances(scores_all: Tensor, kernels: Tensor, features: Tensor, str
     areas = binary.flatten(1).sum(1).float()
     # Drop masks smaller than the level's stride (in 1/4-scale pixels), scaled like the ranges.
     keep = areas > strides[cells] * (config.size / PUBLISHED_SIZE)
+    if not keep.any():
+        return [None] * count
     image, probabilities, binary, areas, scores, classes = image[keep], probabilities[keep], binary[keep], areas[keep], scores[keep], classes[keep]
     maskness = (probabilities * binary).flatten(1).sum(1) / areas
     scores = scores * maskness
     order, rank = _by_image_and_score(image, scores, count, config.nms_pre)
     image, probabilities, binary, scores, classes = image[order], probabilities[order], binary[order], scores[order], classes[order]
-    width = int(rank.max()) + 1 if len(rank) else 0
-    padded_masks = binary.new_zeros((count, width, binary[0].numel() if len(binary) else 0))
+    width = int(rank.max()) + 1
+    padded_masks = binary.new_zeros((count, width, binary[0].numel()))
     padded_labels = classes.new_full((count, width), -1)
     padded_scores = scores.new_zeros((count, width))
     padded_masks[image, rank], padded_labels[image, rank], padded_scores[image, rank] = binary.flatten(1), classes, scores

@@ -284,6 +284,18 @@ def test_a_batch_gives_the_instances_of_each_image_alone(overfit, monkeypatch):
                     assert got.mask.shape == (shapes[i] if mask_size is None else (32, 32))
 
 
+def test_candidates_whose_masks_are_all_too_small_give_no_instances(overfit):
+    from generation import solov2
+
+    model, images, _, _ = overfit
+    with torch.no_grad():
+        output = model(SOLOv2.normalize(torch.from_numpy(images).permute(0, 3, 1, 2)))
+    # Every cell a confident candidate, every mask empty (kernels 0: probability 0.5, not above it).
+    output = output._replace(categories=[torch.full_like(c, 10.0) for c in output.categories],
+                             kernels=[torch.zeros_like(k) for k in output.kernels])
+    assert solov2.postprocess(output, model.config, [(64, 64)] * len(images), 0.35, 32) == [[] for _ in images]
+
+
 def test_bad_input_raises_input_error(overfit):
     model = overfit[0]
     with pytest.raises(InputError):
