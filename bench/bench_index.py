@@ -19,12 +19,12 @@ networks. With `--threads` torch and faiss threads, `--precision` (as `index --p
                  masks to sketches and label maps), C (pixels and C.embed), sketch_normalize (each
                  synthesized sketch normalised as a query), E (E on the sketches), field (sketch_field), fuse (fuse_vectors).
   peak_rss_mib   this process's peak RSS, recorded before the machine peak is measured.
+  target         >= 20 images/s.
 
 Under torchrun (`torchrun --standalone --nproc-per-node 2 bench/bench_index.py ... --threads 1`)
 every rank embeds its share of each batch, as `index` does; rank 0 times the run, times the parts
-on its share of a batch, and reports every rank's peak RSS at the end of the run
+in batches of its share, and reports every rank's peak RSS at the end of the run
 (`peak_rss_mib_per_rank`).
-  target         >= 20 images/s.
 """
 
 from __future__ import annotations

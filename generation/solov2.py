@@ -388,9 +388,8 @@ def postprocess(output: SOLOv2Output, config: SOLOv2Config, out_shapes: Sequence
     """Instances of each image of a batch output with score >= `min_score`, image i's masks resized
     to `out_shapes[i]`, then area-resized to (mask_size, mask_size) if given (`_area_resize`).
 
-    Candidates are chosen image by image (their numbers differ); the work that does not depend on
-    them, the cell maxima and the masks' resizing, runs once for the batch, as the per-image calls
-    of many small operations cost more than the arithmetic.
+    The whole batch goes through each step at once (`_select_instances`, then one resize per group
+    of images): per-image calls of many small operations cost more than their arithmetic.
     """
     count = output.mask_features.shape[0]
     assert len(out_shapes) == count, f"{len(out_shapes)} output shapes for a batch of {count}"
@@ -482,7 +481,8 @@ def _by_image_and_score(image: Tensor, scores: Tensor, count: int, limit: int) -
     image, and each one's place within its image."""
     by_score = scores.argsort(descending=True, stable=True)
     order = by_score[image[by_score].argsort(stable=True)]
-    starts = torch.cumsum(torch.bincount(image, minlength=count), 0) - torch.bincount(image, minlength=count)
+    per_image = torch.bincount(image, minlength=count)
+    starts = torch.cumsum(per_image, 0) - per_image
     rank = torch.arange(len(order), device=image.device) - starts[image[order]]
     return order[rank < limit], rank[rank < limit]
 
